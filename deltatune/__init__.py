@@ -1,0 +1,53 @@
+"""deltatune: fine-tune pretrained models with any established method, behind one config, CLI and Python API.
+
+    import deltatune
+    config = deltatune.load_config("examples/minilm_rotten_tomatoes.yaml", ["train.lr=3e-5"])
+    summary = deltatune.train(config)
+
+    method = deltatune.apply(model, {"name": "freeze", "last_n_blocks": 2})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from deltatune.config.loader import load_config, method_config, parse_config
+from deltatune.config.schema import DataConfig, MethodConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
+from deltatune.errors import UserError
+from deltatune.methods import available_methods, register_method
+from deltatune.methods.base import Method
+
+__version__ = "0.1.0"
+
+
+def apply(model: nn.Module, config: MethodConfig | dict[str, Any], family: str = "auto") -> Method:
+    """Apply a fine-tuning method to `model` in place; returns the method object (for its saved state)."""
+    from deltatune.methods import get_method
+    from deltatune.models.families import family_of
+
+    method_cfg = method_config(config)
+    method = get_method(method_cfg.name)(method_cfg)
+    method.apply(model, family_of(model, family))
+    return method
+
+
+def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Run the training a config describes; returns the run summary."""
+    from deltatune.runner import train as run_training
+
+    return run_training(config, resume=resume)
+
+
+def evaluate_run(run_dir: str) -> dict[str, dict[str, float]]:
+    """Metrics of a finished run on its saved validation/test splits."""
+    from deltatune.runner import evaluate_run as run_evaluation
+
+    return run_evaluation(run_dir)
+
+
+__all__ = [
+    "DataConfig", "Method", "MethodConfig", "ModelConfig", "RunConfig", "SplitConfig", "TrainConfig", "UserError",
+    "apply", "available_methods", "evaluate_run", "load_config", "parse_config", "register_method", "train",
+]

@@ -1,0 +1,185 @@
+"""Strict config parsing: YAML files, `key.sub=value` overrides and plain dicts all become the same dataclasses.
+
+Strict means an unknown key, a wrong type or an unparsable value is a `UserError` that names the key, what was
+expected and the valid keys, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from deltatune.config.schema import MethodConfig, RunConfig
+from deltatune.errors import UserError, closest_names
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or start from the defaults), apply CLI overrides, and parse strictly."""
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for override in overrides or []:
+        apply_override(raw, override)
+    return parse_config(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in `path`; a UserError for a missing file, bad YAML or a non-mapping document."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found; give the path to a YAML file (see examples/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model:, data:, method:, train:)")
+    return data
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` inside the nested dict `raw`; the value is read as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {override!r} is not key=value; write e.g. train.lr=3e-5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a nested dict, strictly."""
+    raw = dict(raw)
+    # Resolve the method section even when absent, so the saved config names the method's every option.
+    raw.setdefault("method", {})
+    return _build(RunConfig, raw, "")
+
+
+def method_config(raw: dict[str, Any] | MethodConfig) -> MethodConfig:
+    """A method's config object from a dict like {"name": "freeze", "last_n_blocks": 2} (or pass one through)."""
+    if isinstance(raw, MethodConfig):
+        return raw
+    return _build_method(raw, "method")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain, YAML-ready dict (tuples become lists) of any config dataclass."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{path or 'config'} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(raw, list(fields), path)
+    values = {}
+    for name, value in raw.items():
+        key_path = f"{path}.{name}" if path else name
+        hint = hints[name]
+        if hint is MethodConfig:
+            values[name] = _build_method(value, key_path)
+        else:
+            values[name] = _coerce(value, hint, key_path)
+    return cls(**values)
+
+
+def _build_method(raw: Any, path: str) -> MethodConfig:
+    from deltatune.methods import get_method
+
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping with at least `name:`, got {raw!r}")
+    method = get_method(str(raw.get("name", MethodConfig.name)))
+    return _build(method.config_class, raw, path)
+
+
+def _reject_unknown(raw: dict[str, Any], valid: list[str], path: str) -> None:
+    for key in raw:
+        if key not in valid:
+            hint = closest_names(str(key), valid, limit=1)
+            where = f"in {path}" if path else "at the top level"
+            guess = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise UserError(f"unknown key {key!r} {where}{guess}; valid keys: {', '.join(valid)}")
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check/convert one value against its type annotation."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, options[0], path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value] if origin is list else value
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"{path} must be a list, got {value!r}")
+        items = [_coerce(item, args[0] if origin is list else args[min(i, len(args) - 1)], f"{path}[{i}]")
+                 for i, item in enumerate(value)]
+        if origin is tuple and len(args) != len(items) and args[-1] is not Ellipsis:
+            raise UserError(f"{path} must have {len(args)} items, got {len(items)}")
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    return _coerce_scalar(value, hint, path)
+
+
+def _coerce_scalar(value: Any, hint: Any, path: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{path} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"{path} must be a number, got {value!r}")
+        try:
+            number = float(value) if hint is float else _to_int(value)
+        except (TypeError, ValueError):
+            kind, example = ("a number", "3e-5") if hint is float else ("a whole number", "8")
+            raise UserError(f"{path} must be {kind}, got {value!r}; write e.g. {path}={example}") from None
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{path} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _to_int(value: Any) -> int:
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)

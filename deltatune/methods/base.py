@@ -1,0 +1,60 @@
+"""What every fine-tuning method provides.
+
+A method is composed onto any `nn.Module` rather than being a model subclass, so methods combine and the same
+model class serves every method. Architecture knowledge (which names are blocks, attention, the head) comes from
+the `Family` table passed in, never from the method itself.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.config.schema import MethodConfig
+from deltatune.models.families import Family
+
+
+class Method:
+    """Base class: subclass, set `config_class` and `description`, implement `apply`, and register."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    def apply(self, model: nn.Module, family: Family) -> None:
+        """Change `model` in place: set `requires_grad` and/or add the method's own modules."""
+        raise NotImplementedError(f"{type(self).__name__} must implement apply()")
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Everything this method changes: saved as the run's weights and reloaded by `load_trainable_state`.
+
+        The default is every parameter that trains, which suits selective methods; methods that add modules
+        may narrow or extend it.
+        """
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Put weights saved by `trainable_state` back into a model this method was applied to."""
+        params = dict(model.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"saved weights name parameters this model lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+
+
+def set_trainable(model: nn.Module, keep) -> int:
+    """Freeze every parameter, then unfreeze those whose name satisfies `keep(name)`; returns how many train."""
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(keep(name)))
+        count += param.numel() if param.requires_grad else 0
+    return count

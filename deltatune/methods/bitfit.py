@@ -1,0 +1,37 @@
+"""BitFit (Ben Zaken et al., 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
+Language-models"): only the bias terms train, plus the new task head.
+
+Update: for every layer y = W x + b, W stays frozen and only b moves; about 0.1% of a BERT's parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from deltatune.config.schema import MethodConfig
+from deltatune.errors import UserError
+from deltatune.methods import register_method
+from deltatune.methods.base import Method, set_trainable
+from deltatune.models.families import Family
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    name: str = "bitfit"
+    train_head: bool = True  # a freshly initialised head must train or the model cannot learn the task
+
+
+@register_method("bitfit")
+class BitFit(Method):
+    description = "train only bias terms (and the task head)"
+    config_class = BitFitConfig
+
+    def apply(self, model: nn.Module, family: Family) -> None:
+        config: BitFitConfig = self.config  # type: ignore[assignment]
+        trained = set_trainable(
+            model, lambda name: name.endswith(".bias") or (config.train_head and family.is_head(name))
+        )
+        if trained == 0:
+            raise UserError("method bitfit found no bias parameters in this model; choose another method")

@@ -1,0 +1,26 @@
+"""Full fine-tuning: every parameter trains (the baseline every other method is measured against)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from deltatune.config.schema import MethodConfig
+from deltatune.methods import register_method
+from deltatune.methods.base import Method, set_trainable
+from deltatune.models.families import Family
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    name: str = "full"
+
+
+@register_method("full")
+class FullFineTuning(Method):
+    description = "every parameter trains"
+    config_class = FullConfig
+
+    def apply(self, model: nn.Module, family: Family) -> None:
+        set_trainable(model, lambda name: True)

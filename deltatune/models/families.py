@@ -1,0 +1,120 @@
+"""Architecture facts, one small table entry per model family.
+
+Methods select modules through these facts ("the last 2 blocks", "the attention projections", "the head")
+instead of hard-coding names, so a method written once works on BERT, Llama and EfficientNet alike. Patterns are
+regular expressions searched in full parameter/module names, so a wrapper prefix (e.g. `backbone.`) is harmless.
+
+Adding a family is one `Family(...)` entry below; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from deltatune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where things are in one architecture.
+
+    block: regex whose first group captures the index of the repeated block (transformer layer, CNN stage block).
+    attention / mlp: regexes for the linear layers inside a block's attention and feed-forward parts.
+    head: regexes for the task head, which is new (or replaced) and trains under every method.
+    after_blocks: regexes for what sits between the last block and the head (a final norm, a CNN's conv head);
+        it trains together with the last blocks.
+    detect: model_type values (transformers) or class names that identify the family.
+    """
+
+    name: str
+    block: str
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+    head: tuple[str, ...]
+    after_blocks: tuple[str, ...] = ()
+    detect: tuple[str, ...] = ()
+
+    def block_index(self, name: str) -> int | None:
+        """The block number a parameter/module name belongs to, or None outside the blocks."""
+        match = re.search(self.block, name)
+        return int(match.group(1)) if match else None
+
+    def num_blocks(self, model: nn.Module) -> int:
+        """How many repeated blocks the model has (1 + the largest index seen)."""
+        indices = [self.block_index(name) for name, _ in model.named_parameters()]
+        found = [i for i in indices if i is not None]
+        return max(found) + 1 if found else 0
+
+    def is_head(self, name: str) -> bool:
+        return any(re.search(pattern, name) for pattern in self.head)
+
+    def is_after_blocks(self, name: str) -> bool:
+        # Blocks reuse names like `_bn1`, so anything inside a block is never "after" the blocks.
+        if self.block_index(name) is not None:
+            return False
+        return any(re.search(pattern, name) for pattern in self.after_blocks)
+
+    def is_attention(self, name: str) -> bool:
+        return self.block_index(name) is not None and any(re.search(p, name) for p in self.attention)
+
+    def is_mlp(self, name: str) -> bool:
+        return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp)
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family(
+            name="bert",
+            block=r"(?:^|\.)encoder\.layer\.(\d+)\.",
+            attention=(r"attention\.self\.(query|key|value)$", r"attention\.output\.dense$"),
+            mlp=(r"intermediate\.dense$", r"\d+\.output\.dense$"),
+            # The pooler feeds only the classification head, so it is head-side, not backbone.
+            head=(r"(?:^|\.)classifier\.", r"(?:^|\.)pooler\."),
+            detect=("bert",),
+        ),
+        Family(
+            name="llama",
+            block=r"(?:^|\.)layers\.(\d+)\.",
+            attention=(r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$",),
+            mlp=(r"mlp\.(gate_proj|up_proj|down_proj)$",),
+            head=(r"(?:^|\.)lm_head\.", r"(?:^|\.)score\."),
+            after_blocks=(r"(?:^|\.)model\.norm\.",),
+            detect=("llama", "mistral", "qwen2"),
+        ),
+        Family(
+            name="efficientnet",
+            block=r"(?:^|\.)_blocks\.(\d+)\.",
+            attention=(r"_se_(reduce|expand)$",),  # squeeze-and-excitation is the CNN's channel attention
+            mlp=(r"_(expand|depthwise|project)_conv$",),
+            head=(r"(?:^|\.)_fc\.",),
+            after_blocks=(r"(?:^|\.)_conv_head\.", r"(?:^|\.)_bn1\."),
+            detect=("EfficientNet",),
+        ),
+        Family(
+            # Fallback for unknown models: blocks found by the common container names, the head by common names.
+            name="generic",
+            block=r"(?:^|\.)(?:layers|layer|h|blocks|block|stages)\.(\d+)\.",
+            attention=(r"(q_proj|k_proj|v_proj|o_proj|query|key|value|c_attn|qkv)$",),
+            mlp=(r"(fc1|fc2|up_proj|down_proj|gate_proj|c_fc|c_proj|dense)$",),
+            head=(r"(?:^|\.)(classifier|head|lm_head|score|fc)\.",),
+        ),
+    )
+}
+
+
+def family_of(model: nn.Module, name: str = "auto") -> Family:
+    """The family entry for `model`: by explicit name, else by transformers' model_type or the class names inside."""
+    if name != "auto":
+        if name not in FAMILIES:
+            raise UserError(f"unknown model.family {name!r}; valid: auto, {', '.join(FAMILIES)}")
+        return FAMILIES[name]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    class_names = {type(module).__name__ for module in model.modules()}
+    for family in FAMILIES.values():
+        if model_type in family.detect or class_names & set(family.detect):
+            return family
+    return FAMILIES["generic"]

@@ -1,0 +1,237 @@
+"""The one training loop. Every objective (classification, SFT, and later reward, DPO, PPO, distillation) runs
+through `fit`; the loop knows nothing about tasks or methods beyond the `Objective` and `Method` interfaces.
+
+Determinism: the order of examples in epoch e is a permutation seeded by (seed, e), and checkpoints carry the
+RNG state, so a run killed and resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from deltatune.config.schema import TrainConfig
+from deltatune.methods.base import Method
+from deltatune.objectives.base import Objective
+from deltatune.training.checkpoint import prune_checkpoints, step_checkpoints, write_checkpoint_dir
+from deltatune.training.run_dir import RunDir
+from deltatune.training.schedule import make_scheduler
+from deltatune.training.state import (
+    LoopState,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    weights_to_save,
+)
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class Batches:
+    """Examples plus how to turn a list of them into tensors."""
+
+    examples: list[dict]
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+
+    def epoch(self, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+        """Index lists of the shuffled micro-batches of one epoch; identical for the same (seed, epoch)."""
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def in_order(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(self.examples), batch_size):
+            yield self.collate(self.examples[start : start + batch_size])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager:
+    """Mixed precision where it pays: bf16 autocast on CUDA by default; fp32 on CPU (bf16 is ~7x slower there)."""
+    if dtype_name == "auto":
+        dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype_name == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Train mode, except BatchNorm layers whose parameters are frozen: "frozen" must also freeze their running
+    statistics, or a head-only CNN run would silently change the backbone."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def evaluate(
+    model: nn.Module, objective: Objective, data: Batches, cfg: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    """The objective's metrics over one split, in eval mode, without gradients."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast_context(device, cfg.dtype):
+        metrics = objective.evaluate(model, (to_device(b, device) for b in data.in_order(cfg.eval_batch_size)))
+    if was_training:
+        set_train_mode(model)
+    return metrics
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as is standard for transformers."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
+    )
+
+
+def plan_steps(num_examples: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    micro_batches = math.ceil(num_examples / cfg.batch_size)
+    per_epoch = math.ceil(micro_batches / cfg.gradient_accumulation)
+    total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * per_epoch)
+    return per_epoch, max(1, total)
+
+
+class TrainingLoop:
+    """Runs the optimizer steps of one run, evaluating, checkpointing and stopping early as configured."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        objective: Objective,
+        train_data: Batches,
+        validation_data: Batches | None,
+        cfg: TrainConfig,
+        run_dir: RunDir,
+        device: torch.device,
+    ) -> None:
+        self.model, self.method, self.objective, self.cfg = model, method, objective, cfg
+        self.train_data, self.validation_data, self.run_dir, self.device = train_data, validation_data, run_dir, device
+        self.steps_per_epoch, self.total_steps = plan_steps(len(train_data.examples), cfg)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup, cfg.schedule)
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.save_every = cfg.save_every or self.eval_every
+        self.metric = objective.main_metric if cfg.metric == "auto" else cfg.metric
+        self.state = LoopState()
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint; False when there is none."""
+        found = step_checkpoints(self.run_dir.checkpoints)
+        if not found:
+            return False
+        step, path = found[-1]
+        self.state = load_training_checkpoint(path, self.model, self.method, self.optimizer, self.scheduler)
+        self.run_dir.truncate_metrics_after(step)
+        return True
+
+    def run(self) -> LoopState:
+        from tqdm.auto import tqdm
+
+        set_train_mode(self.model)
+        progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.cfg.progress,
+                        desc="train", unit="step", dynamic_ncols=True)
+        while self.state.step < self.total_steps and not self.state.stopped_early:
+            groups = self._epoch_groups()
+            while self.state.group < len(groups) and self.state.step < self.total_steps:
+                loss, stats = self._optimizer_step(groups[self.state.group])
+                self.state.group += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                self._after_step(loss, stats)
+                if self.state.stopped_early:
+                    break
+            if self.state.group >= len(groups):
+                self.state.epoch, self.state.group = self.state.epoch + 1, 0
+        progress.close()
+        return self.state
+
+    def _epoch_groups(self) -> list[list[list[int]]]:
+        micro = self.train_data.epoch(self.cfg.batch_size, self.cfg.seed, self.state.epoch)
+        k = self.cfg.gradient_accumulation
+        return [micro[i : i + k] for i in range(0, len(micro), k)]
+
+    def _optimizer_step(self, group: list[list[int]]) -> tuple[float, dict[str, float]]:
+        """Forward/backward over the group's micro-batches (gradients accumulate), clip, step."""
+        started = time.perf_counter()
+        total_loss, stats, tokens = 0.0, {}, 0
+        for indices in group:
+            batch = to_device(self.train_data.collate([self.train_data.examples[i] for i in indices]), self.device)
+            with autocast_context(self.device, self.cfg.dtype):
+                loss, stats = self.objective.loss(self.model, batch)
+            # Each micro-batch carries 1/len(group) of the step's loss, so accumulation equals one big batch.
+            (loss / len(group)).backward()
+            total_loss += float(loss) / len(group)
+            tokens += self.objective.tokens_in(batch)
+        if self.cfg.max_grad_norm:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.seconds += time.perf_counter() - started
+        self.state.tokens += tokens
+        stats["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - started)
+        return total_loss, stats
+
+    def _after_step(self, loss: float, stats: dict[str, float]) -> None:
+        step = self.state.step
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            self.run_dir.log({"type": "train", "step": step, "epoch": self._epoch_progress(), "loss": loss,
+                              "lr": self.scheduler.get_last_lr()[0], **stats})
+        if self.validation_data is not None and (step % self.eval_every == 0 or step == self.total_steps):
+            self._evaluate_and_track()
+        if step % self.save_every == 0 or step == self.total_steps or self.state.stopped_early:
+            save_training_checkpoint(self.run_dir.checkpoints / f"step-{step:08d}", self.model, self.method,
+                                     self.optimizer, self.scheduler, self.state)
+            prune_checkpoints(self.run_dir.checkpoints, KEEP_CHECKPOINTS)
+
+    def _epoch_progress(self) -> float:
+        return round(self.state.step / self.steps_per_epoch, 4)
+
+    def _evaluate_and_track(self) -> None:
+        metrics = evaluate(self.model, self.objective, self.validation_data, self.cfg, self.device)
+        self.run_dir.log({"type": "eval", "split": "validation", "step": self.state.step,
+                          "epoch": self._epoch_progress(), **metrics})
+        if self.metric not in metrics:
+            from deltatune.errors import UserError
+
+            raise UserError(f"train.metric {self.metric!r} is not reported by this objective; choose from "
+                            f"{', '.join(metrics)}")
+        value = metrics[self.metric]
+        greater = self.objective.greater_is_better if self.cfg.metric == "auto" else self.metric != "loss"
+        best = self.state.best_metric
+        if best is None or (value > best if greater else value < best):
+            self.state.best_metric, self.state.best_step = value, self.state.step
+            self.state.evaluations_without_improvement = 0
+            write_checkpoint_dir(self.run_dir.best, {"model": weights_to_save(self.model, self.method)},
+                                 {"step": self.state.step, self.metric: value})
+        else:
+            self.state.evaluations_without_improvement += 1
+            patience = self.cfg.early_stopping_patience
+            if patience is not None and self.state.evaluations_without_improvement >= patience:
+                self.state.stopped_early = True

@@ -1,0 +1,84 @@
+"""The run directory: everything a run leaves behind, in one place.
+
+    config.yaml        the fully resolved config (every default spelled out)
+    splits.json        row indices of train/validation/test, so `deltatune eval` uses the same test split
+    metrics.jsonl      one JSON object per logged step and per evaluation
+    checkpoints/       step-N/ directories for --resume (newest few kept)
+    best/              trainable weights of the best validation score so far
+    weights/           the final trainable weights (+ method config) the run produced
+    summary.json/.md   headline numbers
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from deltatune.training.checkpoint import fsync_dir, write_json_atomic
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.best = self.path / "best"
+        self.weights = self.path / "weights"
+        self.metrics_file = self.path / "metrics.jsonl"
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config_dict: dict[str, Any]) -> None:
+        import yaml
+
+        text = yaml.safe_dump(config_dict, sort_keys=False)
+        tmp = self.path / ".config.yaml.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.path / "config.yaml")
+        fsync_dir(self.path)
+
+    def write_splits(self, splits: dict[str, list[int]]) -> None:
+        write_json_atomic(self.path / "splits.json", splits)
+
+    def read_splits(self) -> dict[str, list[int]] | None:
+        path = self.path / "splits.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one metrics record and flush it to disk, so a killed run keeps what it logged."""
+        with open(self.metrics_file, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """On resume, drop records the killed run logged after its last checkpoint (they will be logged again)."""
+        if not self.metrics_file.exists():
+            return
+        kept = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_file)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+        lines = [f"# Run {self.path.name}", ""]
+        for key, value in summary.items():
+            lines.append(f"- **{key}**: {_fmt(value)}")
+        (self.path / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={_fmt(item)}" for key, item in value.items())
+    return str(value)

@@ -1,0 +1,96 @@
+"""What the training loop must remember to continue exactly where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+
+import torch
+from torch import nn
+
+from deltatune.methods.base import Method
+from deltatune.training.checkpoint import (
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_checkpoint_dir,
+    write_checkpoint_dir,
+)
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current pass over the training data
+    group: int = 0  # accumulation groups of the current epoch already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    evaluations_without_improvement: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0  # training time, summed across resumes
+    tokens: int = 0
+
+
+def weights_to_save(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
+    """The method's trainable weights plus the buffers of modules that train (e.g. BatchNorm running stats),
+    which change during training just like parameters do."""
+    weights = dict(method.trainable_state(model))
+    for module_name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                if buffer_name not in module._non_persistent_buffers_set:
+                    weights[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer
+    return weights
+
+
+def load_weights(model: nn.Module, method: Method, weights: dict[str, torch.Tensor]) -> None:
+    """Inverse of `weights_to_save`."""
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name in [name for name in weights if name in buffers]:
+            buffers[name].copy_(weights.pop(name))
+    method.load_trainable_state(model, weights)
+
+
+def save_training_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: LoopState,
+) -> None:
+    optimizer_tensors, optimizer_rest = optimizer_to_tensors(optimizer)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    write_checkpoint_dir(
+        directory,
+        {"model": weights_to_save(model, method), "optimizer": optimizer_tensors, "rng": rng},
+        {"loop": dataclasses.asdict(state), "optimizer": optimizer_rest, "scheduler": scheduler_state},
+    )
+
+
+def load_training_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> LoopState:
+    tensors, state = read_checkpoint_dir(directory)
+    load_weights(model, method, dict(tensors["model"]))
+    device = next(model.parameters()).device
+    optimizer_state = optimizer_from_tensors(
+        {k: v.to(device) for k, v in tensors.get("optimizer", {}).items()}, state["optimizer"]
+    )
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    rng = tensors["rng"]
+    torch.set_rng_state(rng["cpu"])
+    cuda_states = [rng[f"cuda{i}"] for i in range(len(rng) - 1) if f"cuda{i}" in rng]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return LoopState(**state["loop"])

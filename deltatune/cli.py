@@ -45,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file (see examples/)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-5 method.name=bitfit")
     train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
-    train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="report the test metrics of a finished run")
     evaluate.add_argument("run_dir", help="the run directory printed by `deltatune train`")
-    evaluate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     evaluate.set_defaults(handler=_eval)
 
     methods = commands.add_parser("methods", help="list the registered fine-tuning methods")

@@ -52,7 +52,7 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
     task = resolve_task(config.model)
     objective = get_objective(config.train.objective, task)()
     method = get_method(config.method.name)(config.method)
-    data = build_datasets(config.data, task, load_processor(config.model), splits)
+    data = build_datasets(config.data, task, load_processor(config.model), splits, config.model.num_labels)
     num_labels = config.model.num_labels or data.num_labels
     if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "

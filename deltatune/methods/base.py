@@ -52,9 +52,14 @@ class Method:
 
 
 def set_trainable(model: nn.Module, keep) -> int:
-    """Freeze every parameter, then unfreeze those whose name satisfies `keep(name)`; returns how many train."""
+    """Freeze every parameter, then unfreeze those whose name satisfies `keep(name)`; returns how many train.
+
+    Tied weights (e.g. an LM head sharing the embedding matrix) have several names; the tensor trains when any
+    of its names is kept, so "train the head" works on tied models too.
+    """
+    kept = {id(param) for name, param in model.named_parameters(remove_duplicate=False) if keep(name)}
     count = 0
-    for name, param in model.named_parameters():
-        param.requires_grad_(bool(keep(name)))
+    for param in model.parameters():
+        param.requires_grad_(id(param) in kept)
         count += param.numel() if param.requires_grad else 0
     return count

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deltatune.config.schema import TrainConfig
+from deltatune.errors import UserError
 from deltatune.methods.base import Method
 from deltatune.objectives.base import Objective
 from deltatune.training.checkpoint import prune_checkpoints, step_checkpoints, write_checkpoint_dir
@@ -30,6 +31,7 @@ from deltatune.training.state import (
 )
 
 KEEP_CHECKPOINTS = 2
+LOWER_IS_BETTER = ("loss", "perplexity")  # any other validation metric counts as higher-is-better
 
 
 @dataclass
@@ -184,7 +186,7 @@ class TrainingLoop:
                 loss, stats = self.objective.loss(self.model, batch)
             # Each micro-batch carries 1/len(group) of the step's loss, so accumulation equals one big batch.
             (loss / len(group)).backward()
-            total_loss += float(loss) / len(group)
+            total_loss += loss.item() / len(group)
             tokens += self.objective.tokens_in(batch)
         if self.cfg.max_grad_norm:
             params = [p for p in self.model.parameters() if p.requires_grad]
@@ -218,12 +220,10 @@ class TrainingLoop:
         self.run_dir.log({"type": "eval", "split": "validation", "step": self.state.step,
                           "epoch": self._epoch_progress(), **metrics})
         if self.metric not in metrics:
-            from deltatune.errors import UserError
-
             raise UserError(f"train.metric {self.metric!r} is not reported by this objective; choose from "
                             f"{', '.join(metrics)}")
         value = metrics[self.metric]
-        greater = self.objective.greater_is_better if self.cfg.metric == "auto" else self.metric != "loss"
+        greater = self.objective.greater_is_better if self.cfg.metric == "auto" else self.metric not in LOWER_IS_BETTER
         best = self.state.best_metric
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.best_step = value, self.state.step

@@ -1,0 +1,93 @@
+"""The bad-input catalogue: each mistake gives one line on stderr naming the fix, exit code 2, no traceback,
+and nothing already written is changed."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deltatune.cli import main
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A directory holding a good data file, a config using it, and an earlier run's files that must survive."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"example {i}", "label": i % 2} for i in range(20)]
+    write_jsonl(tmp_path / "good.jsonl", rows)
+    earlier = tmp_path / "runs" / "earlier"
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text("model: {name: minilm-l6}\n")
+    (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    return tmp_path
+
+
+def config_file(root: Path, text: str) -> str:
+    path = root / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = "model: {name: 'tests.tiny_models:tiny_bert', task: classification}\noutput_dir: runs\n"
+
+CASES = {
+    "bad yaml": ("train: {lr: [1, 2\n", [], r"invalid YAML at line"),
+    "unknown key": (BASE + "train: {learning_rate: 0.1}\n", [], r"unknown key 'learning_rate' in train.*valid keys"),
+    "missing config file": (None, [], r"not found; give the path to a YAML file"),
+    "missing data file": (BASE + "data: {name: nope.jsonl}\n", [], r"nope\.jsonl"),
+    "missing column": (BASE + "data: {name: good.jsonl, text_column: sentence}\n", [], r"sentence"),
+    "empty dataset": (BASE + "data: {name: empty.jsonl}\n", [], r"empty|no rows"),
+    "label out of range": (BASE + "data: {name: bad_labels.jsonl}\nmodel: {name: 'tests.tiny_models:tiny_bert', "
+                           "task: classification, num_labels: 2}\n", [], r"label"),
+    "unknown model alias": ("model: {name: minilm-l7, task: classification}\ndata: {name: good.jsonl}\n", [],
+                            r"minilm-l7.*minilm-l6"),
+    "unknown method": (BASE + "data: {name: good.jsonl}\n", ["method.name=lorax"], r"unknown method 'lorax'"),
+    "non-numeric lr": (BASE + "data: {name: good.jsonl}\n", ["train.lr=fast"], r"train.lr must be a number"),
+    "existing run dir": (BASE + "data: {name: good.jsonl}\nrun_name: earlier\n", [], r"already exists.*--resume"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_harmless(case, workspace, capsys):
+    text, overrides, message = CASES[case]
+    (workspace / "empty.jsonl").write_text("")
+    write_jsonl(workspace / "bad_labels.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 7}] * 5)
+    before = tree_digest(workspace / "runs")
+    path = config_file(workspace, text) if text is not None else str(workspace / "absent.yaml")
+    code = main(["train", path, *overrides, "train.progress=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    import re
+
+    assert re.search(message, err), err
+    assert tree_digest(workspace / "runs") == before
+
+
+def test_debug_flag_shows_the_traceback(workspace, capsys):
+    path = config_file(workspace, BASE + "train: {lr: fast}\n")
+    assert main(["--debug", "train", path]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_real_process_exit_code_and_stderr(workspace):
+    path = config_file(workspace, "train: {lr: fast}\n")
+    result = subprocess.run([sys.executable, "-m", "deltatune", "train", path], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: train.lr must be a number, got 'fast'; write e.g. train.lr=3e-5"
+    ]

@@ -1,0 +1,140 @@
+"""Checkpoint files, schedules and loop pieces, tested on toy modules."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deltatune.config.schema import TrainConfig
+from deltatune.methods.full import FullConfig, FullFineTuning
+from deltatune.training.checkpoint import (
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    prune_checkpoints,
+    read_checkpoint_dir,
+    step_checkpoints,
+    write_checkpoint_dir,
+)
+from deltatune.training.loop import Batches, make_optimizer, plan_steps, set_train_mode
+from deltatune.training.schedule import lr_multiplier
+from deltatune.training.state import LoopState, load_training_checkpoint, save_training_checkpoint
+
+
+def test_checkpoint_dir_round_trip_and_no_pickle(tmp_path):
+    tensors = {"model": {"w": torch.randn(3, 4)}, "rng": {"cpu": torch.get_rng_state()}}
+    write_checkpoint_dir(tmp_path / "step-00000001", tensors, {"step": 1})
+    loaded, state = read_checkpoint_dir(tmp_path / "step-00000001")
+    assert torch.equal(loaded["model"]["w"], tensors["model"]["w"])
+    assert state == {"step": 1}
+    files = sorted(p.name for p in (tmp_path / "step-00000001").iterdir())
+    assert files == ["model.safetensors", "rng.safetensors", "state.json"]
+
+
+def test_overwriting_a_checkpoint_keeps_a_complete_copy(tmp_path, monkeypatch):
+    target = tmp_path / "best"
+    write_checkpoint_dir(target, {"model": {"w": torch.zeros(2)}}, {"v": 1})
+
+    # Simulate a kill right after the old copy was moved aside: the reader must still find a whole checkpoint.
+    import deltatune.training.checkpoint as checkpoint
+
+    real_replace = checkpoint.os.replace
+    calls = []
+
+    def crash_on_second_rename(src, dst):
+        calls.append((src, dst))
+        if str(src).endswith(".best.tmp"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint_dir(target, {"model": {"w": torch.ones(2)}}, {"v": 2})
+    monkeypatch.undo()
+    tensors, state = read_checkpoint_dir(target)
+    assert state == {"v": 1} and torch.equal(tensors["model"]["w"], torch.zeros(2))
+
+
+def test_temporary_directories_are_not_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        write_checkpoint_dir(tmp_path / f"step-{step:08d}", {"m": {"x": torch.zeros(1)}}, {"s": step})
+    (tmp_path / ".step-00000004.tmp").mkdir()
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [1, 2, 3]
+    prune_checkpoints(tmp_path, keep=2)
+    assert [s for s, _ in step_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_optimizer_state_survives_safetensors_round_trip():
+    model = nn.Linear(3, 2)
+    optimizer = make_optimizer(model, TrainConfig(lr=0.1))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    tensors, rest = optimizer_to_tensors(optimizer)
+    json.dumps(rest)  # everything outside the tensors must be JSON
+    fresh = make_optimizer(nn.Linear(3, 2), TrainConfig(lr=0.1))
+    fresh.load_state_dict(optimizer_from_tensors(tensors, rest))
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(fresh.state_dict()["state"][0][key]))
+
+
+def test_training_checkpoint_restores_weights_optimizer_scheduler_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout(0.5), nn.Linear(3, 1))
+    method = FullFineTuning(FullConfig())
+    method.apply(model, None)
+    optimizer = make_optimizer(model, TrainConfig(lr=0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    model(torch.randn(8, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    save_training_checkpoint(tmp_path / "ck", model, method, optimizer, scheduler, LoopState(step=1, epoch=0, group=1))
+    expected_next_random = torch.rand(3)
+
+    torch.manual_seed(123)
+    other = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout(0.5), nn.Linear(3, 1))
+    method.apply(other, None)
+    other_optimizer = make_optimizer(other, TrainConfig(lr=0.1))
+    other_scheduler = torch.optim.lr_scheduler.LambdaLR(other_optimizer, lambda step: 1.0 / (step + 1))
+    state = load_training_checkpoint(tmp_path / "ck", other, method, other_optimizer, other_scheduler)
+    assert state.step == 1 and state.group == 1
+    assert torch.equal(torch.rand(3), expected_next_random)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)  # running mean/var of the BatchNorm included
+    assert other_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_warms_up_then_decays(schedule):
+    values = [lr_multiplier(step, 100, 10, schedule) for step in range(100)]
+    assert values[0] < values[5] < values[9] <= 1.0
+    assert max(values) <= 1.0
+    if schedule == "constant":
+        assert values[-1] == 1.0
+    else:
+        assert values[-1] < 0.05
+    if schedule == "cosine":
+        assert lr_multiplier(55, 100, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_epoch_order_is_seeded_and_covers_every_example():
+    data = Batches(list(range(10)), collate=lambda xs: xs)
+    first = data.epoch(batch_size=3, seed=1, epoch=0)
+    assert first == data.epoch(batch_size=3, seed=1, epoch=0)
+    assert first != data.epoch(batch_size=3, seed=1, epoch=1)
+    assert sorted(i for batch in first for i in batch) == list(range(10))
+    assert [len(b) for b in first] == [3, 3, 3, 1]
+
+
+def test_plan_steps_counts_accumulation_and_fractional_epochs():
+    assert plan_steps(100, TrainConfig(batch_size=10, gradient_accumulation=3, epochs=2)) == (4, 8)
+    assert plan_steps(100, TrainConfig(batch_size=10, epochs=0.5)) == (10, 5)
+    assert plan_steps(100, TrainConfig(batch_size=10, max_steps=7)) == (10, 7)
+
+
+def test_frozen_batchnorm_stays_in_eval_mode():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Linear(1, 1), nn.BatchNorm1d(1))
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    set_train_mode(model)
+    assert model[1].training is False and model[3].training is True and model[0].training is True

@@ -34,8 +34,8 @@ class Objective:
         return len(next(iter(batch.values())))
 
 
-def model_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def model_logits(model: nn.Module, batch: dict[str, Any], **options: Any) -> torch.Tensor:
     """Logits from a transformers model (an output object) or a plain module returning a tensor."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    output = model(**inputs)
+    output = model(**inputs, **options)
     return output if isinstance(output, torch.Tensor) else output.logits

@@ -19,6 +19,12 @@ from deltatune.objectives.base import Objective, model_logits
 IGNORE_INDEX = -100
 
 
+def lm_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # Without a KV cache object transformers derives a block-diagonal mask from restarting position_ids, which is
+    # what keeps packed examples from attending to each other; training never needs the cache anyway.
+    return model_logits(model, batch, use_cache=False)
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits[:, t] against labels[:, t+1], skipping IGNORE_INDEX positions."""
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
@@ -33,13 +39,13 @@ class SupervisedFineTuning(Objective):
     greater_is_better = False
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return next_token_loss(model_logits(model, batch), batch["labels"]), {}
+        return next_token_loss(lm_logits(model, batch), batch["labels"]), {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         total, tokens = 0.0, 0
         for batch in batches:
-            total += float(next_token_loss(model_logits(model, batch), batch["labels"], reduction="sum"))
+            total += float(next_token_loss(lm_logits(model, batch), batch["labels"], reduction="sum"))
             tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if tokens == 0:
             return {}

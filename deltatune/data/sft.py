@@ -1,0 +1,156 @@
+"""Causal-LM supervised fine-tuning data: chat-template rendering, prompt masking, packing and collation.
+
+Only response tokens are trained: labels are -100 on the system/user/template tokens and hold the real ids on the
+assistant's reply including the end-of-turn token after it (so the model learns to stop). Labels are *unshifted*
+(labels[t] == input_ids[t] where supervised); the model or the objective shifts them by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deltatune.data.text import pad_token_id
+from deltatune.errors import UserError
+
+IGNORE_INDEX = -100
+Example = dict[str, list[int]]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer can render conversations itself."""
+    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
+
+
+def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids without the tokenizer's own special tokens (the template already wrote them as text)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _split_templated(tokenizer: Any, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per pair, using the chat template.
+
+    The prompt part is the prompt-only conversation rendered with ``add_generation_prompt=True``: exactly what the
+    model sees at inference before it starts answering. When the full conversation's tokens start with those ids we
+    cut there. If tokenisation merges tokens across the boundary but the *text* still starts with the prompt part,
+    the remainder is tokenised on its own (which is what generation would produce after the prompt). Templates that
+    render the prompt differently once a reply follows fall back to the longest common token prefix.
+    """
+    user = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    prefixes = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in user]
+    fulls = [
+        tokenizer.apply_chat_template(m + [{"role": "assistant", "content": response}], tokenize=False)
+        for m, response in zip(user, responses)
+    ]
+    prefix_ids, full_ids = _ids(tokenizer, prefixes), _ids(tokenizer, fulls)
+    pairs: list[tuple[list[int], list[int]]] = []
+    for prefix_text, full_text, prefix, full in zip(prefixes, fulls, prefix_ids, full_ids):
+        if full[: len(prefix)] == prefix:
+            pairs.append((prefix, full[len(prefix):]))
+        elif full_text.startswith(prefix_text):
+            pairs.append((prefix, _ids(tokenizer, [full_text[len(prefix_text):]])[0]))
+        else:
+            common = 0
+            while common < min(len(prefix), len(full)) and prefix[common] == full[common]:
+                common += 1
+            pairs.append((full[:common], full[common:]))
+    return pairs
+
+
+def _split_plain(tokenizer: Any, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Fallback without a chat template: "prompt\\n" then the response and an end token (eos, else sep)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    end = getattr(tokenizer, "eos_token_id", None)
+    end = end if end is not None else getattr(tokenizer, "sep_token_id", None)
+    head = [bos] if bos is not None else []
+    tail = [end] if end is not None else []
+    prefix_ids = _ids(tokenizer, [prompt + "\n" for prompt in prompts])
+    response_ids = _ids(tokenizer, responses)
+    return [(head + prefix, response + tail) for prefix, response in zip(prefix_ids, response_ids)]
+
+
+def _truncate(prefix: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Fit prompt + response into max_length while keeping some supervised tokens.
+
+    Plain right-truncation is used whenever the prompt leaves room for at least one response token. A prompt too long
+    for that would leave an example with nothing to learn, so it is cut from the *left* (keeping the text next to the
+    reply) to leave half of max_length for the response.
+    """
+    room = max_length - len(prefix) if len(prefix) < max_length else max_length // 2
+    keep_response = min(len(response), room)
+    keep_prefix = min(len(prefix), max_length - keep_response)
+    return prefix[len(prefix) - keep_prefix:], response[:keep_response]
+
+
+def encode_sft(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> list[Example]:
+    """Examples {"input_ids", "labels"} with -100 on every prompt/template token."""
+    if max_length < 2:
+        raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 512 for chat data)")
+    split = _split_templated if has_chat_template(tokenizer) else _split_plain
+    examples: list[Example] = []
+    for prefix, response in split(tokenizer, prompts, responses):
+        prefix, response = _truncate(prefix, response, max_length)
+        examples.append({"input_ids": prefix + response, "labels": [IGNORE_INDEX] * len(prefix) + response})
+    return examples
+
+
+def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedily concatenate examples, in order, into sequences of at most max_length tokens.
+
+    Each packed example gets position_ids restarting at 0 for every original example: transformers (>= 5, see
+    ``find_packed_sequence_indices`` in masking_utils) turns restarting positions into a block-diagonal causal mask
+    when no attention_mask is passed, so examples never attend to each other. The first token of every packed
+    sub-example gets label -100: after the model's one-token shift, that label would be predicted from the previous
+    example's last token, a cross-boundary loss the unpacked example never has.
+    """
+    packed: list[Example] = []
+    current: Example = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        length = len(example["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + length > max_length:
+            packed.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += example["input_ids"]
+        current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        current["position_ids"] += list(range(length))
+    if current["input_ids"]:
+        packed.append(current)
+    return packed
+
+
+@dataclass
+class CausalLMCollator:
+    """Right-pads SFT batches; packed batches (with position_ids) get no attention_mask.
+
+    Unpacked: input_ids padded with the pad id (eos when there is none), labels with -100, plus attention_mask.
+    Packed: input_ids, labels, position_ids only. Padding is appended as one more "example" whose positions
+    restart at 0, so the block-diagonal mask keeps real tokens from ever seeing it. The model must be called with
+    ``use_cache=False`` for packed batches: transformers skips packed-sequence detection when a KV cache is present.
+    """
+
+    pad_id: int
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        longest = max(len(example["input_ids"]) for example in batch)
+        input_ids, labels, extra = [], [], []
+        packed = "position_ids" in batch[0]
+        for example in batch:
+            pad = longest - len(example["input_ids"])
+            input_ids.append(list(example["input_ids"]) + [self.pad_id] * pad)
+            labels.append(list(example["labels"]) + [IGNORE_INDEX] * pad)
+            if packed:
+                extra.append(list(example["position_ids"]) + list(range(pad)))
+            else:
+                extra.append([1] * len(example["input_ids"]) + [0] * pad)
+        out = {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+        out["position_ids" if packed else "attention_mask"] = torch.tensor(extra, dtype=torch.long)
+        return out
+
+
+def sft_collator(tokenizer: Any) -> CausalLMCollator:
+    """The collate function for SFT batches from this tokenizer."""
+    return CausalLMCollator(pad_token_id(tokenizer))

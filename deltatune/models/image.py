@@ -1,0 +1,85 @@
+"""Image models: the preprocessing description, the `pixel_values=` wrapper, and the EfficientNet-Lite0 loader."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltatune.errors import UserError
+
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1] at 224x224 (see shared/ASSETS.md).
+EFFICIENTNET_LITE0 = {"image_size": 224, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+@dataclass
+class ImageProcessor:
+    """How images must be prepared for a model: resize to `image_size` squared, scale to [0, 1], then
+    `(x - mean) / std` per channel; `channels` is 3 for RGB, 1 for grayscale."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int = 3
+
+
+class ImageClassifier(nn.Module):
+    """Lets a CNN that takes the image tensor positionally be called as `model(pixel_values=x)` -> logits tensor,
+    like transformers models are called with keyword batches.
+
+    Parameter names gain the `backbone.` prefix (e.g. `backbone._fc.weight`).
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixel_values)
+
+
+def takes_pixel_values(model: nn.Module) -> bool:
+    """Whether `model.forward` already accepts `pixel_values=` (transformers image models, wrapped CNNs)."""
+    try:
+        return "pixel_values" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def efficientnet_processor() -> ImageProcessor:
+    """Preprocessing for EfficientNet-Lite0."""
+    return ImageProcessor(**EFFICIENTNET_LITE0)
+
+
+def load_efficientnet(weights: Path, num_labels: int) -> ImageClassifier:
+    """EfficientNet-Lite0 with its ImageNet weights and a new final Linear of `num_labels` outputs, wrapped."""
+    from efficientnet_lite_pytorch import EfficientNet  # model code only; the weights package is read by path
+
+    # Load the full ImageNet model (the library asserts that no key is missing), then swap the head, so the new
+    # head is fresh even when num_labels happens to be 1000.
+    with contextlib.redirect_stdout(io.StringIO()):  # the library prints "Loaded pretrained weights ..."
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights), num_classes=1000)
+    model._fc = nn.Linear(model._fc.in_features, num_labels)
+    return ImageClassifier(model)
+
+
+def processor_from_directory(directory: Path) -> ImageProcessor:
+    """An ImageProcessor from a transformers image model's preprocessor_config.json."""
+    path = directory / "preprocessor_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"image model {directory} has no readable preprocessor_config.json ({exc}); save the "
+                        f"image processor there with save_pretrained") from exc
+    size = config.get("size", config.get("crop_size", 224))
+    if isinstance(size, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
+        size = size.get("height") or size.get("shortest_edge") or max(size.values())
+    mean = tuple(config.get("image_mean", (0.5, 0.5, 0.5)))
+    std = tuple(config.get("image_std", (0.5, 0.5, 0.5)))
+    return ImageProcessor(image_size=int(size), mean=mean, std=std, channels=len(mean))

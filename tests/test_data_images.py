@@ -1,0 +1,112 @@
+"""Image classification data: aliases, image folders, lazy decoding and per-batch resizing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deltatune.config.schema import DataConfig, SplitConfig
+from deltatune.data import ImageProcessor, build_datasets
+from deltatune.data.images import ImageCollator, array_to_chw
+from deltatune.errors import UserError
+
+
+def write_image_folder(root: Path, per_class: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for index, (name, count) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            size = (6 + i, 5)  # sizes differ, so the collate must resize images one by one
+            Image.fromarray(np.full((size[1], size[0], 3), 100 * index, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_mnist_examples_stay_small_and_collate_normalises() -> None:
+    processor = ImageProcessor(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), channels=3)
+    bundle = build_datasets(DataConfig(name="mnist-5k"), "image-classification", processor)
+    assert [len(bundle.train), len(bundle.validation), len(bundle.test)] == [4000, 500, 500]
+    assert bundle.num_labels == 10 and bundle.label_names == [str(d) for d in range(10)]
+    example = bundle.train[0]
+    assert example["image"].dtype == torch.uint8 and example["image"].shape == (1, 28, 28)  # raw, not resized
+    batch = bundle.collate(bundle.train[:8])
+    assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].tolist() == [e["labels"] for e in bundle.train[:8]]
+    assert batch["pixel_values"].min() >= -1.0 and batch["pixel_values"].max() <= 1.0
+    assert torch.equal(batch["pixel_values"][:, 0], batch["pixel_values"][:, 2])  # grey replicated
+
+
+def test_digits_with_image_size_override() -> None:
+    processor = ImageProcessor(image_size=224, channels=1, mean=(0.0,), std=(1.0,))
+    bundle = build_datasets(DataConfig(name="digits", image_size=16), "image-classification", processor)
+    assert sum(len(part) for part in (bundle.train, bundle.validation, bundle.test)) == 1797
+    assert bundle.collate(bundle.test[:4])["pixel_values"].shape == (4, 1, 16, 16)
+
+
+def test_collate_values_exact() -> None:
+    collate = ImageCollator(image_size=2, mean=(0.5,), std=(0.25,), channels=1)
+    image = torch.full((1, 2, 2), 255, dtype=torch.uint8)
+    assert torch.allclose(collate([{"image": image, "labels": 0}])["pixel_values"], torch.full((1, 1, 2, 2), 2.0))
+    rgb = torch.zeros((3, 2, 2), dtype=torch.uint8)
+    rgb[0] = 255  # pure red -> luminance 0.299
+    out = collate([{"image": rgb, "labels": 1}])["pixel_values"]
+    assert torch.allclose(out, torch.full((1, 1, 2, 2), (0.299 - 0.5) / 0.25), atol=1e-6)
+
+
+def test_array_conversion() -> None:
+    assert array_to_chw(np.zeros((4, 5), dtype=np.uint8)).shape == (1, 4, 5)
+    assert array_to_chw(np.ones((4, 5, 3), dtype=np.float32)).max() == 255
+    with pytest.raises(UserError, match="image array has shape"):
+        array_to_chw(np.zeros((2, 3, 4, 5)))
+
+
+def test_image_folder_build(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "pets", {"dog": 4, "cat": 3})
+    cfg = DataConfig(name=str(root), split=SplitConfig(validation=0.2, test=0.2))
+    bundle = build_datasets(cfg, "image-classification", ImageProcessor(image_size=8))
+    assert bundle.label_names == ["cat", "dog"] and bundle.num_labels == 2
+    assert isinstance(bundle.train[0]["image"], str)  # decoded lazily, in the collate function
+    examples = bundle.train + bundle.validation + bundle.test
+    batch = bundle.collate(examples)
+    assert batch["pixel_values"].shape == (7, 3, 8, 8)
+    for pixels, label in zip(batch["pixel_values"], batch["labels"].tolist()):
+        expected = (100 / 255 - 0.5) / 0.5 if label == 0 else -1.0  # cat (id 0) was written grey, dog black
+        assert torch.allclose(pixels, torch.full_like(pixels, expected), atol=1e-5)
+
+
+def test_image_paths_in_jsonl_relative_to_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((3, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    rows = [{"file": f"img/{i}.png", "cls": i % 2} for i in range(4)]
+    rows.append({"file": "img/missing.png", "cls": 0})
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]), encoding="utf-8")
+    cfg = DataConfig(name=str(path), image_column="file", label_column="cls", split=SplitConfig(0.0, 0.0))
+    bundle = build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
+    assert bundle.collate(bundle.train)["pixel_values"].shape == (4, 3, 4, 4)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(UserError, match="image file img/missing.png not found"):
+        build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
+
+
+def test_corrupt_image_file(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"not a png")
+    cfg = DataConfig(name=str(tmp_path), split=SplitConfig(0.0, 0.0))
+    bundle = build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
+    with pytest.raises(UserError, match="cannot decode .*x.png"):
+        bundle.collate(bundle.train)
+
+
+def test_image_task_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="needs an image model"):
+        build_datasets(DataConfig(name="digits"), "image-classification", object())
+    with pytest.raises(UserError, match=r"column 'text' \(data.text_column\) not found.*'image', 'label'"):
+        build_datasets(DataConfig(name="digits"), "classification", lambda *a, **k: None)

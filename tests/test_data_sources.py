@@ -1,0 +1,148 @@
+"""Loading raw rows: files, column mapping, image folders, embedded aliases, and the errors users see."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deltatune.config.schema import DataConfig
+from deltatune.data import ALIASES, load_rows
+from deltatune.errors import UserError
+
+ROWS = [
+    {"sentence": "good film", "other": "a", "y": 1},
+    {"sentence": "bad film", "other": "b", "y": 0},
+    {"sentence": "fine film", "other": "c", "y": 1},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, int] = (6, 5)) -> Path:
+    from PIL import Image
+
+    for index, (name, count) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.full((size[1], size[0], 3), 40 * index + i, dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("writer, suffix", [(write_jsonl, ".jsonl"), (write_csv, ".csv"), (write_parquet, ".parquet")])
+def test_file_formats_load_same_rows(tmp_path: Path, writer, suffix: str) -> None:
+    path = writer(tmp_path / f"data{suffix}", ROWS)
+    rows = load_rows(DataConfig(name=str(path), text_column="sentence", label_column="y"))
+    assert [row["sentence"] for row in rows] == ["good film", "bad film", "fine film"]
+    # CSV keeps cells as strings; label encoding turns "1" into 1 later
+    assert [int(row["y"]) for row in rows] == [1, 0, 1]
+
+
+def test_tsv_and_blank_jsonl_lines(tmp_path: Path) -> None:
+    tsv = write_csv(tmp_path / "d.tsv", ROWS, delimiter="\t")
+    assert len(load_rows(DataConfig(name=str(tsv)))) == 3
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1}\n', encoding="utf-8")
+    assert len(load_rows(DataConfig(name=str(jsonl)))) == 2
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        load_rows(DataConfig(name=str(tmp_path / "nope.jsonl")))
+
+
+def test_unknown_alias_lists_valid_ones() -> None:
+    with pytest.raises(UserError, match="unknown dataset 'rotten-tomato'.*rotten-tomatoes.*mnist-5k"):
+        load_rows(DataConfig(name="rotten-tomato"))
+
+
+def test_unknown_extension(tmp_path: Path) -> None:
+    path = tmp_path / "data.xlsx"
+    path.write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match=r"unsupported data file extension '\.xlsx'.*\.jsonl"):
+        load_rows(DataConfig(name=str(path)))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n", encoding="utf-8")
+    with pytest.raises(UserError, match="has no rows"):
+        load_rows(DataConfig(name=str(path)))
+
+
+def test_bad_json_line_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        load_rows(DataConfig(name=str(path)))
+
+
+def test_ragged_csv(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("text,label\nhello, world,1\n", encoding="utf-8")
+    with pytest.raises(UserError, match="line 2 has more cells"):
+        load_rows(DataConfig(name=str(path)))
+
+
+def test_image_folder_rows(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imgs", {"dog": 2, "cat": 3})
+    (root / "cat" / "notes.txt").write_text("not an image", encoding="utf-8")
+    rows = load_rows(DataConfig(name=str(root)))
+    assert Counter(row["label"] for row in rows) == {"cat": 3, "dog": 2}
+    assert [row["label"] for row in rows] == ["cat"] * 3 + ["dog"] * 2  # sorted classes, stable order
+    assert all(Path(row["image"]).is_absolute() for row in rows)
+
+
+def test_image_folder_without_classes(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserError, match="no subfolders"):
+        load_rows(DataConfig(name=str(tmp_path / "flat")))
+
+
+def test_alias_rotten_tomatoes() -> None:
+    rows = load_rows(DataConfig(name="rotten-tomatoes"))
+    assert len(rows) == 12_808
+    assert sum(row["label"] for row in rows) == 7_403
+    assert set(rows[0]) == {"text", "label", "movie_name"}
+    assert ALIASES["rotten-tomatoes"].label_names == ("rotten", "fresh")
+
+
+def test_alias_chatterbot() -> None:
+    rows = load_rows(DataConfig(name="chatterbot"))
+    assert len(rows) > 1_000
+    assert set(rows[0]) == {"prompt", "response", "category"}
+    assert rows == load_rows(DataConfig(name="chatterbot"))  # deterministic order
+
+
+@pytest.mark.parametrize("name, count, shape", [("mnist-5k", 5_000, (28, 28)), ("digits", 1_797, (8, 8))])
+def test_alias_images(name: str, count: int, shape: tuple[int, int]) -> None:
+    rows = load_rows(DataConfig(name=name))
+    assert len(rows) == count
+    image = rows[0]["image"]
+    assert image.dtype == np.uint8 and image.shape == shape
+    assert max(int(row["image"].max()) for row in rows[:200]) > 200  # rescaled to the 0..255 range
+    assert sorted({row["label"] for row in rows}) == list(range(10))

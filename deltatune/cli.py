@@ -27,6 +27,12 @@ def _eval(args: argparse.Namespace) -> None:
     evaluate_run(args.run_dir)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from deltatune.generate import generate_from_run
+
+    generate_from_run(args.run_dir, args.prompt, compare=args.compare, max_new_tokens=args.max_new_tokens)
+
+
 def _methods(args: argparse.Namespace) -> None:
     from deltatune.methods import available_methods
 
@@ -52,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="the run directory printed by `deltatune train`")
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     evaluate.set_defaults(handler=_eval)
+
+    generate = commands.add_parser("generate", help="generate text with a finished causal-LM run")
+    generate.add_argument("run_dir", help="the run directory printed by `deltatune train`")
+    generate.add_argument("--prompt", action="append", required=True, help="a user message; repeat for several")
+    generate.add_argument("--compare", action="store_true", help="also show the base model's answer")
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    generate.set_defaults(handler=_generate)
 
     methods = commands.add_parser("methods", help="list the registered fine-tuning methods")
     methods.set_defaults(handler=_methods)

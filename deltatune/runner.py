@@ -43,25 +43,34 @@ class Prepared:
 def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
     from deltatune.data import build_datasets
-    from deltatune.models import load_model, load_processor, resolve_task
-    from deltatune.models.families import family_of
+    from deltatune.models import load_processor, resolve_task
 
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     torch.manual_seed(config.train.seed)
     task = resolve_task(config.model)
     objective = get_objective(config.train.objective, task)()
-    method = get_method(config.method.name)(config.method)
+    get_method(config.method.name)  # an unknown method fails before any data is read
     data = build_datasets(config.data, task, load_processor(config.model), splits, config.model.num_labels)
     num_labels = config.model.num_labels or data.num_labels
     if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
                         f"raise model.num_labels or leave it unset")
-    torch.manual_seed(config.train.seed)  # the new head's initialisation must not depend on data loading
-    model = load_model(config.model, task, num_labels)
-    method.apply(model, family_of(model, config.model.family))
+    model, method = build_model(config, task, num_labels)
     device = resolve_device(config.train.device)
     return Prepared(config, model.to(device), method, objective, task, data, device)
+
+
+def build_model(config: RunConfig, task: str, num_labels: int | None) -> tuple[nn.Module, Method]:
+    """The pretrained model with the run's method applied; seeded, so a new head starts the same every time."""
+    from deltatune.models import load_model
+    from deltatune.models.families import family_of
+
+    method = get_method(config.method.name)(config.method)
+    torch.manual_seed(config.train.seed)
+    model = load_model(config.model, task, num_labels)
+    method.apply(model, family_of(model, config.model.family))
+    return model, method
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -113,7 +122,8 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     run_dir.write_splits(prepared.data.splits)
     data = prepared.data
     validation = Batches(data.validation, data.collate) if data.validation else None
-    loop = TrainingLoop(prepared.model, prepared.method, prepared.objective, Batches(data.train, data.collate),
+    training_data = Batches(data.train, data.collate, config.train.group_by_length)
+    loop = TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data,
                         validation, config.train, run_dir, prepared.device)
     before = _metrics_before(prepared, run_dir, resume)
     echo(_format_metrics("before", before))

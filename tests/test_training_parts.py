@@ -138,3 +138,19 @@ def test_frozen_batchnorm_stays_in_eval_mode():
         p.requires_grad_(False)
     set_train_mode(model)
     assert model[1].training is False and model[3].training is True and model[0].training is True
+
+
+def test_length_grouping_reduces_padding_and_keeps_every_example():
+    import random
+
+    random.seed(0)
+    examples = [{"input_ids": [1] * random.randint(3, 60)} for _ in range(400)]
+    grouped, plain = Batches(examples, collate=lambda xs: xs), Batches(examples, lambda xs: xs, group_by_length=False)
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(len(examples[i]["input_ids"]) for i in b) for b in batches)
+
+    first = grouped.epoch(batch_size=8, seed=0, epoch=0)
+    assert first == grouped.epoch(batch_size=8, seed=0, epoch=0)
+    assert sorted(i for batch in first for i in batch) == list(range(400))
+    assert padded_tokens(first) < 0.7 * padded_tokens(plain.epoch(batch_size=8, seed=0, epoch=0))

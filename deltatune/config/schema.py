@@ -72,6 +72,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 32
     eval_batch_size: int = 64
+    group_by_length: bool = True  # batch similar-length texts together (less padding); order stays seeded
     gradient_accumulation: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.01

@@ -36,20 +36,43 @@ LOWER_IS_BETTER = ("loss", "perplexity")  # any other validation metric counts a
 
 @dataclass
 class Batches:
-    """Examples plus how to turn a list of them into tensors."""
+    """Examples plus how to turn a list of them into tensors.
+
+    With `group_by_length`, each window of 50 shuffled micro-batches is re-cut so similar lengths share a batch,
+    then the batches are shuffled again: padding (wasted compute) shrinks by about half on short-text data while
+    every example is still seen once per epoch in a seeded random order.
+    """
 
     examples: list[dict]
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    group_by_length: bool = True
+
+    def lengths(self) -> list[int] | None:
+        if not self.examples or not isinstance(self.examples[0], dict) or "input_ids" not in self.examples[0]:
+            return None
+        return [len(example["input_ids"]) for example in self.examples]
 
     def epoch(self, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
         """Index lists of the shuffled micro-batches of one epoch; identical for the same (seed, epoch)."""
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(self.examples), generator=generator).tolist()
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        lengths = self.lengths() if self.group_by_length else None
+        if lengths is not None:
+            window = 50 * batch_size
+            order = [i for start in range(0, len(order), window)
+                     for i in sorted(order[start : start + window], key=lengths.__getitem__)]
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if lengths is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
 
     def in_order(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        for start in range(0, len(self.examples), batch_size):
-            yield self.collate(self.examples[start : start + batch_size])
+        """All examples once, batched by length (metrics are sums over examples, so order does not matter)."""
+        lengths = self.lengths()
+        order = sorted(range(len(self.examples)), key=lengths.__getitem__) if lengths else range(len(self.examples))
+        order = list(order)
+        for start in range(0, len(order), batch_size):
+            yield self.collate([self.examples[i] for i in order[start : start + batch_size]])
 
 
 def resolve_device(name: str) -> torch.device:

@@ -154,3 +154,47 @@ def test_length_grouping_reduces_padding_and_keeps_every_example():
     assert first == grouped.epoch(batch_size=8, seed=0, epoch=0)
     assert sorted(i for batch in first for i in batch) == list(range(400))
     assert padded_tokens(first) < 0.7 * padded_tokens(plain.epoch(batch_size=8, seed=0, epoch=0))
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _toy_loop(tmp_path, **train):
+    from deltatune.objectives.classification import Classification
+    from deltatune.training.loop import TrainingLoop
+    from deltatune.training.run_dir import RunDir
+
+    torch.manual_seed(1)
+    examples = [{"x": torch.randn(4), "labels": torch.tensor(i % 3)} for i in range(16)]
+    collate = lambda items: {key: torch.stack([item[key] for item in items]) for key in items[0]}  # noqa: E731
+    model = _Toy()
+    method = FullFineTuning(FullConfig())
+    method.apply(model, None)
+    cfg = TrainConfig(progress=False, group_by_length=False, max_grad_norm=None, warmup_steps=0, **train)
+    run_dir = RunDir(tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+    run_dir.create()
+    loop = TrainingLoop(model, method, Classification(), Batches(examples, collate), Batches(examples, collate),
+                        cfg, run_dir, torch.device("cpu"))
+    return model, loop
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    big, loop = _toy_loop(tmp_path, batch_size=8, gradient_accumulation=1, max_steps=1, lr=0.1)
+    loop.run()
+    small, loop = _toy_loop(tmp_path, batch_size=4, gradient_accumulation=2, max_steps=1, lr=0.1)
+    loop.run()
+    assert torch.allclose(big.layer.weight, small.layer.weight, atol=1e-6)
+    assert not torch.allclose(big.layer.weight, _Toy().layer.weight)
+
+
+def test_early_stopping_stops_after_patience_evaluations(tmp_path):
+    model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=50, lr=0.0, eval_every=1, early_stopping_patience=2)
+    state = loop.run()
+    assert state.stopped_early and state.step == 3 and state.best_step == 1

@@ -23,7 +23,8 @@ class Family:
 
     block: regex whose first group captures the index of the repeated block (transformer layer, CNN stage block).
     attention / mlp: regexes for the linear layers inside a block's attention and feed-forward parts.
-    head: regexes for the task head, which is new (or replaced) and trains under every method.
+    head: regexes for a task head the loader creates new (a classifier, a replaced last layer); it trains under
+        every selective method. A pretrained LM head is not one: it stays frozen unless chosen explicitly.
     after_blocks: regexes for what sits between the last block and the head (a final norm, a CNN's conv head);
         it trains together with the last blocks.
     detect: model_type values (transformers) or class names that identify the family.
@@ -81,7 +82,8 @@ FAMILIES: dict[str, Family] = {
             block=r"(?:^|\.)layers\.(\d+)\.",
             attention=(r"self_attn\.(q_proj|k_proj|v_proj|o_proj)$",),
             mlp=(r"mlp\.(gate_proj|up_proj|down_proj)$",),
-            head=(r"(?:^|\.)lm_head\.", r"(?:^|\.)score\."),
+            # Only a *new* head counts: SmolLM2's lm_head is pretrained and tied to the input embedding.
+            head=(r"(?:^|\.)score\.",),
             after_blocks=(r"(?:^|\.)model\.norm\.",),
             detect=("llama", "mistral", "qwen2"),
         ),
@@ -100,7 +102,7 @@ FAMILIES: dict[str, Family] = {
             block=r"(?:^|\.)(?:layers|layer|h|blocks|block|stages)\.(\d+)\.",
             attention=(r"(q_proj|k_proj|v_proj|o_proj|query|key|value|c_attn|qkv)$",),
             mlp=(r"(fc1|fc2|up_proj|down_proj|gate_proj|c_fc|c_proj|dense)$",),
-            head=(r"(?:^|\.)(classifier|head|lm_head|score|fc)\.",),
+            head=(r"(?:^|\.)(classifier|head|score|fc)\.",),
         ),
     )
 }

@@ -13,6 +13,16 @@ from typing import Any
 
 from torch import nn
 
+from deltatune.adapters import (
+    add_weighted_adapter,
+    delete_adapter,
+    disabled,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+    unmerge,
+)
 from deltatune.config.loader import load_config, method_config, parse_config
 from deltatune.config.schema import DataConfig, MethodConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from deltatune.errors import UserError
@@ -50,4 +60,6 @@ def evaluate_run(run_dir: str) -> dict[str, dict[str, float]]:
 __all__ = [
     "DataConfig", "Method", "MethodConfig", "ModelConfig", "RunConfig", "SplitConfig", "TrainConfig", "UserError",
     "apply", "available_methods", "evaluate_run", "load_config", "parse_config", "register_method", "train",
+    "add_weighted_adapter", "delete_adapter", "disabled", "load_adapter", "merge", "save_adapter", "set_adapter",
+    "unmerge",
 ]

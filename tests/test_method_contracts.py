@@ -20,7 +20,8 @@ def build(kind: str):
         batch = {"input_ids": torch.randint(5, 100, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
         return model, batch, lambda out: out.logits, torch.randint(0, 3, (8,))
     if kind == "llama":
-        model = tiny_llama()
+        # With biases (as in Qwen2-style Llamas) so every method, BitFit included, has something to train.
+        model = tiny_llama(attention_bias=True, mlp_bias=True)
         batch = {"input_ids": torch.randint(5, 100, (4, 16))}
         return model, batch, lambda out: out.logits[:, -1], torch.randint(0, 100, (4,))
     model = ImageClassifier(tiny_cnn(num_labels=4))
@@ -29,7 +30,8 @@ def build(kind: str):
 
 
 def apply_default(name: str, model):
-    method = get_method(name)(get_method(name).config_class())
+    method_class = get_method(name)
+    method = method_class(method_class.contract_config())
     method.apply(model, family_of(model))
     return method
 

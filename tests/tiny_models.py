@@ -41,13 +41,17 @@ def tiny_bert_processor() -> Any:
     return AutoTokenizer.from_pretrained(_minilm_dir())
 
 
-def tiny_llama() -> nn.Module:
-    """LlamaForCausalLM: 2 layers, hidden 64, tied embeddings, over the MiniLM vocabulary."""
+def tiny_llama(**config_overrides: Any) -> nn.Module:
+    """LlamaForCausalLM: 2 layers, hidden 64, tied embeddings, over the MiniLM vocabulary.
+
+    `config_overrides` go to LlamaConfig, e.g. attention_bias=True for a Llama variant with biases (Qwen2-style).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=MINILM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    settings = dict(vocab_size=MINILM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    config = LlamaConfig(**{**settings, **config_overrides})
     return LlamaForCausalLM(config)
 
 

@@ -139,7 +139,14 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, options[0], path)
+        # Try each alternative in order (e.g. `bool | str` takes true or "gaussian"); report the first one's error.
+        errors: list[UserError] = []
+        for option in options:
+            try:
+                return _coerce(value, option, path)
+            except UserError as error:
+                errors.append(error)
+        raise errors[0]
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value] if origin is list else value

@@ -26,6 +26,11 @@ class Method:
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
+    @classmethod
+    def contract_config(cls) -> MethodConfig:
+        """A config valid on any model (BERT, Llama, CNN) for the registry-generated contract tests."""
+        return cls.config_class()
+
     def apply(self, model: nn.Module, family: Family) -> None:
         """Change `model` in place: set `requires_grad` and/or add the method's own modules."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply()")

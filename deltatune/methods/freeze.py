@@ -33,6 +33,11 @@ class Freeze(Method):
     description = "train only the head, the last N blocks and/or parameters matching name patterns"
     config_class = FreezeConfig
 
+    @classmethod
+    def contract_config(cls) -> FreezeConfig:
+        # Head-only selects nothing on a causal LM (its head is pretrained), so the contract uses the last block.
+        return FreezeConfig(last_n_blocks=1)
+
     def apply(self, model: nn.Module, family: Family) -> None:
         config: FreezeConfig = self.config  # type: ignore[assignment]
         total_blocks = family.num_blocks(model)

@@ -1,0 +1,97 @@
+"""Modules that train in full beside an adapter (PEFT's `modules_to_save`), e.g. a new classification head.
+
+Each adapter gets its own trainable copy of the module, so switching adapters also switches heads and disabling
+adapters gives back the original module. Names follow PEFT (`original_module`, `modules_to_save.<adapter>`).
+Implements the adapter protocol of `deltatune.adapters`; it has nothing to merge (a full copy is already a
+weight), and a weighted combination is taken on the copies' differences from the original, like LoRA deltas.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class ModulesToSaveLayer(nn.Module):
+    peft_type: ClassVar[str | None] = None  # joins an adapter of any type
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.enabled = True
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code may read attributes of the module it built (e.g. `.weight`); answer for the original.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original_module":
+                raise
+            return getattr(self.original_module, name)
+
+    def add_copy(self, name: str, state: dict[str, Tensor] | None = None, trainable: bool = True) -> None:
+        """A copy of the original module for adapter `name`, optionally with the given (PEFT-keyed) state."""
+        module = copy.deepcopy(self.original_module)
+        if state:
+            module.load_state_dict(state, strict=False)
+        for param in module.parameters():
+            param.requires_grad_(trainable)
+        self.modules_to_save[name] = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.enabled and self.active is not None:
+            return self.modules_to_save[self.active](*args, **kwargs)
+        return self.original_module(*args, **kwargs)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        return dict(self.modules_to_save[name].state_dict())
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        if self.active == name:
+            self.active = None
+
+    def set_active(self, name: str | None) -> None:
+        if name is not None and name not in self.modules_to_save:
+            raise KeyError(f"module has no copy for adapter {name!r}")
+        self.active = name
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def merge(self) -> None:
+        """Nothing to fold: the active copy already is the weight."""
+
+    def unmerge(self) -> None:
+        """Nothing was folded."""
+
+    def weights_changed_by_merge(self) -> list[Tensor]:
+        return []
+
+    def combine(self, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
+        """A copy whose every floating-point tensor is original + Σ wᵢ·(copyᵢ - original)."""
+        present = [(name, weight) for name, weight in zip(names, weights) if name in self.modules_to_save]
+        if not present:
+            return
+        combined = copy.deepcopy(self.original_module)
+        original = self.original_module.state_dict()
+        states = [(self.modules_to_save[name].state_dict(), weight) for name, weight in present]
+        with torch.no_grad():
+            for key, tensor in combined.state_dict().items():
+                if tensor.is_floating_point():
+                    tensor.add_(sum(weight * (state[key] - original[key]) for state, weight in states))
+        for param in combined.parameters():
+            param.requires_grad_(False)
+        self.modules_to_save[new_name] = combined

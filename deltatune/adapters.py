@@ -51,6 +51,7 @@ class AdapterLayer(Protocol):
     def merge(self) -> None: ...
     def unmerge(self) -> None: ...
     def weights_changed_by_merge(self) -> list[Tensor]: ...
+    def unwrap(self) -> nn.Module: ...
     def combine(self, names: Sequence[str], weights: Sequence[float], new_name: str) -> None: ...
     def adapter_state(self, name: str) -> dict[str, Tensor]: ...
     def delete_adapter(self, name: str) -> None: ...
@@ -161,6 +162,21 @@ def _refuse_tied(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
             if outside:
                 raise UserError(f"cannot merge into {layer_name}: its weight is tied to {outside[0]}, which would "
                                 f"change too; untie the weights before adapting, or keep the adapter unmerged")
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active adapters in and replace every adapter layer by the plain module it then equals, leaving a
+    model with the original architecture (what `deltatune export` saves). Returns `model`, changed in place."""
+    merge(model)
+    for name, layer in adapter_layers(model).items():
+        plain = layer.unwrap()
+        for param in plain.parameters():
+            param.requires_grad_(False)
+        if name:
+            replace_module(model, name, plain)
+        else:
+            raise UserError("the whole model is one adapter layer; nothing to unload it into")
+    return model
 
 
 def unmerge(model: nn.Module) -> None:

@@ -33,6 +33,12 @@ def _generate(args: argparse.Namespace) -> None:
     generate_from_run(args.run_dir, args.prompt, compare=args.compare, max_new_tokens=args.max_new_tokens)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from deltatune.export import export_run
+
+    export_run(args.run_dir, args.out_dir)
+
+
 def _methods(args: argparse.Namespace) -> None:
     from deltatune.methods import available_methods
 
@@ -66,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=48)
     generate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     generate.set_defaults(handler=_generate)
+
+    export = commands.add_parser("export", help="save a finished run as a plain merged model (no deltatune needed)")
+    export.add_argument("run_dir", help="the run directory printed by `deltatune train`")
+    export.add_argument("out_dir", help="a new directory for the merged model")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    export.set_defaults(handler=_export)
 
     methods = commands.add_parser("methods", help="list the registered fine-tuning methods")
     methods.set_defaults(handler=_methods)

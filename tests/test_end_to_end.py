@@ -80,3 +80,23 @@ def test_image_folder_classification_with_frozen_backbone(tmp_path):
                              "train.epochs=8", "train.lr=1e-2", "train.batch_size=8", "run_name=images"])
     assert summary["after"]["test"]["accuracy"] >= 0.8
     assert summary["trainable_parameters"] < summary["total_parameters"]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_export_writes_a_plain_transformers_model_with_the_same_logits(tmp_path, method):
+    import transformers
+
+    from deltatune.export import export_run
+
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} film {i}", "label": i % 2} for i in range(60)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    summary = run(tmp_path, ["model.name=tests.tiny_models:tiny_bert", "model.task=classification",
+                             f"data.name={data}", f"method.name={method}", "method.r=4", "train.max_steps=5",
+                             "train.lr=1e-2", f"run_name={method}"])
+    result = export_run(summary["run_dir"], tmp_path / "exported", echo=lambda *_: None)
+    assert result["max_abs_logit_difference"] <= 1e-5
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tokenizer("good film")["input_ids"]
+    assert main(["export", summary["run_dir"], str(tmp_path / "exported")]) == 2  # refuses to overwrite

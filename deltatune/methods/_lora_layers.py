@@ -253,6 +253,10 @@ class LoRALayer(nn.Module):
     def weights_changed_by_merge(self) -> list[Tensor]:
         return [self.base_layer.weight]
 
+    def unwrap(self) -> nn.Module:
+        """The plain base module, which after `merge` computes what this layer computes."""
+        return self.base_layer
+
     def unmerge(self) -> None:
         """Exact inverse of `merge` (up to floating-point rounding)."""
         name = self.merged

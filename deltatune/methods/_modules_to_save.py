@@ -80,6 +80,12 @@ class ModulesToSaveLayer(nn.Module):
     def weights_changed_by_merge(self) -> list[Tensor]:
         return []
 
+    def unwrap(self) -> nn.Module:
+        """The module this layer currently runs: the active copy, or the original when disabled/inactive."""
+        if self.enabled and self.active is not None:
+            return self.modules_to_save[self.active]
+        return self.original_module
+
     def combine(self, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
         """A copy whose every floating-point tensor is original + Σ wᵢ·(copyᵢ - original)."""
         present = [(name, weight) for name, weight in zip(names, weights) if name in self.modules_to_save]

@@ -91,3 +91,12 @@ def test_real_process_exit_code_and_stderr(workspace):
     assert result.stderr.strip().splitlines() == [
         "error: train.lr must be a number, got 'fast'; write e.g. train.lr=3e-5"
     ]
+
+
+def test_methods_lists_every_registered_method_with_a_description(capsys):
+    from deltatune.methods import available_methods
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(available_methods())
+    assert all(len(line.split(None, 1)) == 2 for line in lines)

@@ -18,7 +18,12 @@ SUPPORTED_TYPES = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d (group
 
 
 def layer_class_for(module: nn.Module) -> type[LoRALayer] | None:
-    """The LoRA layer class that can wrap `module`, or None when its type is not supported."""
+    """The LoRA layer class that can wrap `module`, or None when its type is not supported. A module type may name
+    its own through a `lora_layer_class()` static method (e.g. qlora's 4-bit NF4Linear), so variants need no
+    changes here."""
+    own = getattr(module, "lora_layer_class", None)
+    if callable(own):
+        return own()
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return LoRALinear
     if isinstance(module, nn.Conv2d):

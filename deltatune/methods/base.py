@@ -22,6 +22,10 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # True: applying the method leaves the model's output unchanged. False for methods that change the frozen base
+    # itself (qlora stores it quantised); their promise is then that the output equals the model's output with
+    # every adapter disabled (`deltatune.disabled`), which the contract tests check instead.
+    preserves_output_at_init: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

@@ -27,8 +27,8 @@ from deltatune.adapters import AdapterLayer, base_modules, check_new_name, repla
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError, closest_names
 from deltatune.methods import _lora_peft, register_method
-from deltatune.methods._lora_layers import LoRALayer, LoRASettings, is_conv1d
-from deltatune.methods._lora_types import SUPPORTED_TYPES, layer_class_for, wrap
+from deltatune.methods._lora_layers import LoRALayer, LoRASettings
+from deltatune.methods._lora_types import SUPPORTED_TYPES, LoRALinear, layer_class_for, wrap
 from deltatune.methods._modules_to_save import ModulesToSaveLayer
 from deltatune.methods.base import Method, set_trainable
 from deltatune.models.families import Family
@@ -66,6 +66,7 @@ class LoRA(Method):
         check_new_name(model, self.adapter_name)
         saved = modules_to_save(model, family, config)
         targets = target_modules(model, family, config, excluded=saved)
+        targets = self.prepare_targets(model, family, targets, saved)
         set_trainable(model, lambda name: False)  # earlier adapters and the base stay frozen
         for module_name, module in targets.items():
             layer = module if isinstance(module, LoRALayer) else wrap(model, module_name, module)
@@ -78,6 +79,13 @@ class LoRA(Method):
             layer.add_copy(self.adapter_name)
         _train_biases(model, config.bias, set(targets))
         set_adapter(model, self.adapter_name)
+
+    def prepare_targets(self, model: nn.Module, family: Family, targets: dict[str, nn.Module],
+                        saved: list[str]) -> dict[str, nn.Module]:
+        """Hook for variants that change base modules before LoRA wraps them (qlora quantises them); returns the
+        modules to wrap by name. `saved` are the modules_to_save, which train in full. Runs before anything else
+        changes the model, so a UserError raised before its own changes leaves the model as it was."""
+        return targets
 
     @classmethod
     def peft_config(cls, model: nn.Module, layers: dict[str, AdapterLayer], name: str) -> dict[str, Any]:
@@ -207,7 +215,9 @@ def target_modules(model: nn.Module, family: Family, config: LoRAConfig, exclude
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """nn.Linear, Conv1D, or any module a LoRALinear wraps (e.g. qlora's 4-bit NF4Linear)."""
+    layer_class = layer_class_for(module)
+    return layer_class is not None and issubclass(layer_class, LoRALinear)
 
 
 def _family_defaults(modules: dict[str, nn.Module], family: Family) -> list[str]:

@@ -55,7 +55,7 @@ def test_causal_lm_sft_with_packing_lowers_validation_loss_and_generates(tmp_pat
              for a in range(12) for b in range(12)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     summary = run(tmp_path, ["model.name=tests.tiny_models:tiny_llama", "model.task=causal-lm", f"data.name={data}",
-                             "data.packing=true", "data.max_length=64", "train.epochs=4", "train.lr=3e-3",
+                             "data.packing=true", "data.max_length=64", "train.epochs=15", "train.lr=5e-3",
                              "train.batch_size=8", "run_name=sft"])
     before, after = summary["before"]["validation"]["loss"], summary["after"]["validation"]["loss"]
     assert after < 0.7 * before

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config.loader import config_to_dict, parse_config
+from deltatune.config.loader import config_to_dict, parse_config, read_yaml
 from deltatune.config.schema import RunConfig
 from deltatune.errors import UserError
 from deltatune.methods import get_method
 from deltatune.methods.base import Method
 from deltatune.objectives import get_objective
 from deltatune.objectives.base import Objective
-from deltatune.training.checkpoint import read_checkpoint_dir, write_checkpoint_dir
+from deltatune.training.checkpoint import read_checkpoint_dir, write_checkpoint_dir, write_json_atomic
 from deltatune.training.loop import Batches, TrainingLoop, evaluate, resolve_device
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import load_weights, weights_to_save
@@ -112,7 +112,7 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     """Fine-tune as `config` says; returns the summary also written to the run directory."""
     run_dir = find_run_dir(config, resume)
     if resume and run_dir.path.exists():
-        config = parse_config(_read_yaml(run_dir.path / "config.yaml"))
+        config = parse_config(read_yaml(run_dir.path / "config.yaml"))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
     trainable, total = count_parameters(prepared.model)
     echo(f"model {config.model.name} ({prepared.task}), method {config.method.name}: "
@@ -163,8 +163,6 @@ def _metrics_before(prepared: Prepared, run_dir: RunDir, resume: bool) -> dict[s
     if resume and path.exists():
         return json.loads(path.read_text())
     before = split_metrics(prepared)
-    from deltatune.training.checkpoint import write_json_atomic
-
     write_json_atomic(path, before)
     return before
 
@@ -181,18 +179,12 @@ def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
         raise UserError(f"{run_dir.path} is not a run directory (no config.yaml); pass the directory `train` printed")
     if not (run_dir.weights / "state.json").exists():
         raise UserError(f"{run_dir.path} has no final weights yet; finish it with `deltatune train CONFIG --resume`")
-    config = parse_config(_read_yaml(run_dir.path / "config.yaml"))
+    config = parse_config(read_yaml(run_dir.path / "config.yaml"))
     prepared = prepare(config, run_dir.read_splits())
     load_weights(prepared.model, prepared.method, dict(read_checkpoint_dir(run_dir.weights)[0]["model"]))
     metrics = split_metrics(prepared)
     echo(_format_metrics("eval", metrics))
     return metrics
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    from deltatune.config.loader import read_yaml
-
-    return read_yaml(path)
 
 
 def _format_metrics(label: str, metrics: dict[str, dict[str, float]]) -> str:

@@ -39,6 +39,7 @@ def apply(model: nn.Module, config: MethodConfig | dict[str, Any], family: str =
 
     method_cfg = method_config(config)
     method = get_method(method_cfg.name)(method_cfg)
+    method.check_model_kind(model)
     method.apply(model, family_of(model, family))
     return method
 

@@ -69,6 +69,7 @@ def build_model(config: RunConfig, task: str, num_labels: int | None) -> tuple[n
     method = get_method(config.method.name)(config.method)
     torch.manual_seed(config.train.seed)
     model = load_model(config.model, task, num_labels)
+    method.check_model_kind(model)
     method.apply(model, family_of(model, config.model.family))
     return model, method
 

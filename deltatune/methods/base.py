@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deltatune.config.schema import MethodConfig
+from deltatune.errors import UserError
 from deltatune.models.families import Family
 
 
@@ -26,6 +27,9 @@ class Method:
     # itself (qlora stores it quantised); their promise is then that the output equals the model's output with
     # every adapter disabled (`deltatune.disabled`), which the contract tests check instead.
     preserves_output_at_init: ClassVar[bool] = True
+    # The kinds of model the method works on: "transformer" (attention blocks, text) and/or "cnn". Applying it to
+    # another kind is a one-line UserError from `check_model_kind`; the contract tests run each listed kind.
+    model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer", "cnn"})
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -34,6 +38,14 @@ class Method:
     def contract_config(cls) -> MethodConfig:
         """A config valid on any model (BERT, Llama, CNN) for the registry-generated contract tests."""
         return cls.config_class()
+
+    @classmethod
+    def check_model_kind(cls, model: nn.Module) -> None:
+        """Raise a UserError when `model` is of a kind this method does not support."""
+        kind = model_kind(model)
+        if kind not in cls.model_kinds:
+            raise UserError(f"method {cls.name or cls.__name__!r} works on {' and '.join(sorted(cls.model_kinds))} "
+                            f"models, not on this {kind}; pick another method (deltatune methods lists them)")
 
     def apply(self, model: nn.Module, family: Family) -> None:
         """Change `model` in place: set `requires_grad` and/or add the method's own modules."""
@@ -58,6 +70,14 @@ class Method:
                 if params[name].shape != tensor.shape:
                     raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(params[name].shape)}")
                 params[name].copy_(tensor)
+
+
+def model_kind(model: nn.Module) -> str:
+    """"transformer" for models with a transformers config (or attention modules), else "cnn"."""
+    if getattr(model, "config", None) is not None and hasattr(model.config, "model_type"):
+        return "transformer"
+    has_convolutions = any(isinstance(module, nn.Conv2d) for module in model.modules())
+    return "cnn" if has_convolutions else "transformer"
 
 
 def set_trainable(model: nn.Module, keep) -> int:

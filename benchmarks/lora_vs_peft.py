@@ -1,7 +1,8 @@
-"""deltatune LoRA against HF peft LoRA, interleaved in one invocation, on the models of shared/BASELINES.md.
+"""deltatune LoRA against HF peft LoRA (and deltatune QLoRA against bitsandbytes NF4 + peft LoRA), interleaved in
+one invocation, on the models of shared/BASELINES.md.
 
     python benchmarks/lora_vs_peft.py                 # both models, dropout 0.05 and 0, 3 warm-up + 20 timed steps
-    python benchmarks/lora_vs_peft.py --steps 10 --models llama
+    python benchmarks/lora_vs_peft.py --steps 10 --models llama --no-qlora
 
 Each measurement runs in its own process (so peak RSS is that run's alone) in the order peft, deltatune, for each
 (model, dropout); a 2048x2048 fp32 matmul peak is measured right before each pair, and MFU counts 4N FLOPs per
@@ -36,7 +37,26 @@ def build_model(kind: str) -> torch.nn.Module:
                                         max_position_embeddings=SEQUENCE))
 
 
+def bitsandbytes_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model with every block Linear in bitsandbytes' NF4 (double quantisation, fp32 compute), loaded the
+    way transformers users do it (BitsAndBytesConfig), through a temporary directory."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        del model
+        return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantisation, device_map="cpu",
+                                                    dtype=torch.float32)
+
+
 def apply_lora(model: torch.nn.Module, impl: str, kind: str, dropout: float) -> torch.nn.Module:
+    if impl == "bnb+peft":
+        model = bitsandbytes_nf4(model)
+        impl = "peft"
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -45,7 +65,8 @@ def apply_lora(model: torch.nn.Module, impl: str, kind: str, dropout: float) -> 
         return get_peft_model(model, config)
     import deltatune
 
-    deltatune.apply(model, {"name": "lora", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": dropout,
+    method = "qlora" if impl == "deltatune-qlora" else "lora"
+    deltatune.apply(model, {"name": method, "r": RANK, "lora_alpha": ALPHA, "lora_dropout": dropout,
                             "target_modules": TARGETS[kind], "modules_to_save": []})
     return model
 
@@ -98,24 +119,28 @@ def main() -> None:
     parser.add_argument("--dropouts", nargs="+", type=float, default=[0.05, 0.0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-qlora", action="store_true", help="skip the QLoRA pair (llama only)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         impl, kind, dropout, steps, warmup = args.worker
         print(json.dumps(worker(impl, kind, float(dropout), int(steps), int(warmup))))
         return
+    pairs = [(kind, dropout, "peft", "deltatune") for kind in args.models for dropout in args.dropouts]
+    if not args.no_qlora and "llama" in args.models:  # bitsandbytes' Linear4bit replaces nn.Linear, not Conv1D
+        pairs += [("llama", dropout, "bnb+peft", "deltatune-qlora") for dropout in args.dropouts]
     print("| model | dropout | impl | tok/s | peak RSS MiB | MFU | tok/s ratio | RSS ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for kind in args.models:
-        for dropout in args.dropouts:
-            peak = matmul_peak()
-            results = {impl: measure(impl, kind, dropout, args.steps, args.warmup) for impl in ("peft", "deltatune")}
-            for impl, result in results.items():
-                mfu = 4 * result["parameters"] * result["tokens_per_s"] / (peak * 1e9)
-                ratio = result["tokens_per_s"] / results["peft"]["tokens_per_s"]
-                rss = result["peak_rss_mib"] / results["peft"]["peak_rss_mib"]
-                print(f"| {kind} | {dropout} | {impl} | {result['tokens_per_s']:.0f} | {result['peak_rss_mib']:.0f} "
-                      f"| {mfu:.0%} | {ratio:.2f}x | {rss:.2f}x |", flush=True)
+    for kind, dropout, reference, ours in pairs:
+        peak = matmul_peak()
+        results = {impl: measure(impl, kind, dropout, args.steps, args.warmup) for impl in (reference, ours)}
+        for impl, result in results.items():
+            mfu = 4 * result["parameters"] * result["tokens_per_s"] / (peak * 1e9)
+            ratio = result["tokens_per_s"] / results[reference]["tokens_per_s"]
+            rss = result["peak_rss_mib"] / results[reference]["peak_rss_mib"]
+            print(f"| {kind} | {dropout} | {impl} | {result['tokens_per_s']:.0f} | {result['peak_rss_mib']:.0f} "
+                  f"| {mfu:.0%} | {ratio:.2f}x | {rss:.2f}x |", flush=True)
+    print(f"MFU: 4N FLOPs/token over the fp32 matmul peak measured before each pair ({peak:.0f} GFLOP/s last).")
 
 
 if __name__ == "__main__":

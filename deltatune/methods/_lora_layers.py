@@ -206,10 +206,18 @@ class LoRALayer(nn.Module):
         name = self.active
         if name is None or not self.enabled or self.merged is not None:
             return self.base_layer(x)
+        if name not in self.lora_magnitude_vector:
+            fused = self._fused_forward(x, name)
+            if fused is not None:
+                return fused
         lora_in = self._dropout(x, name)
         if name in self.lora_magnitude_vector:
             return self._dora_forward(x, lora_in, name)
         return self._lora_forward(x, lora_in, name)
+
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """Plain LoRA in one fused step where the base type has one (see `_lora_fused.py`), else None."""
+        return None
 
     def _lora_forward(self, x: Tensor, lora_in: Tensor, name: str) -> Tensor:
         return self.base_layer(x) + self._low_rank(lora_in, name)

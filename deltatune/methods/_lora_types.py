@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from deltatune.adapters import replace_module
 from deltatune.errors import UserError
+from deltatune.methods._lora_fused import can_fuse, fused_lora_linear
 from deltatune.methods._lora_layers import MAGNITUDE_KEY, LoRALayer, is_conv1d
 
 SUPPORTED_TYPES = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d (groups=1) and torch.nn.Embedding"
@@ -50,7 +51,8 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        # The fused path computes the base matmul itself, which is only right for the two exact types it knows.
+        # The fused path computes the base matmul itself, which is only right for the two exact types it knows
+        # (a subclass, such as qlora's NF4Linear, computes its base differently).
         self._fused = type(base_layer) is nn.Linear or self.fan_in_fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -89,21 +91,15 @@ class LoRALinear(LoRALayer):
     def _base_no_bias(self, x: Tensor) -> Tensor:
         return F.linear(x, self._output_major(self.base_layer.weight))
 
-    def _lora_forward(self, x: Tensor, lora_in: Tensor, name: str) -> Tensor:
-        if not self._fused:
-            return super()._lora_forward(x, lora_in, name)
-        # y = b + W x, then y += s·(A d)ᵀ Bᵀ in place with one GEMM (addmm_ with alpha=s): no separate scaling, no
-        # add kernel, no extra output-sized tensor. Safe for autograd: the base matmul does not need its output.
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        weight = self.base_layer.weight
+        if not self._fused or not can_fuse(x, weight):
+            return None
+        settings = self.settings[name]
         lora_A, lora_B = self.factors(name)
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_in = flat_x if lora_in is x else lora_in.reshape(-1, x.shape[-1])
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        if self.fan_in_fan_out:
-            out = flat_x @ weight if bias is None else torch.addmm(bias, flat_x, weight)
-        else:
-            out = F.linear(flat_x, weight, bias)
-        out.addmm_(F.linear(flat_in, lora_A), lora_B.t(), alpha=self.settings[name].scaling)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        dropout = settings.lora_dropout if self.training else 0.0
+        return fused_lora_linear(x, weight, self.base_layer.bias, lora_A, lora_B, settings.scaling, dropout,
+                                 self.fan_in_fan_out)
 
 
 class LoRAConv2d(LoRALayer):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.methods import _nf4
+from deltatune.methods._lora_fused import can_fuse, fused_lora_linear
 from deltatune.methods._lora_layers import LoRALayer
 from deltatune.methods._lora_types import LoRALinear
 
@@ -118,6 +119,16 @@ class QLoRALinear(LoRALinear):
     @staticmethod
     def _features(base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features  # without dequantising the weight just for its shape
+
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        base = self.base_layer
+        if not isinstance(base, NF4Linear) or not can_fuse(x, None):
+            return None
+        settings = self.settings[name]
+        lora_A, lora_B = self.factors(name)
+        dropout = settings.lora_dropout if self.training else 0.0
+        # The weight goes in as its 4-bit rebuild function: dequantised in forward and again in backward.
+        return fused_lora_linear(x, base.dequantize, base.bias, lora_A, lora_B, settings.scaling, dropout, False)
 
     def _base_no_bias(self, x: Tensor) -> Tensor:
         if isinstance(self.base_layer, NF4Linear):

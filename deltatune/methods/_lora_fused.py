@@ -1,0 +1,100 @@
+"""One autograd function for a LoRA linear layer: the frozen matmul, dropout and both low-rank factors together.
+
+    y = x Wᵀ + b + c·((x ⊙ k) Aᵀ) Bᵀ,      c = s / (1 - p),  k ~ Bernoulli(1 - p) per input element (k = 1 when p = 0)
+
+Backward, with g = ∂L/∂y and u = c·g B (N × r, tiny):
+    ∂L/∂x = g W + (u A) ⊙ k        ∂L/∂A = uᵀ (x ⊙ k)        ∂L/∂B = c·gᵀ ((x ⊙ k) Aᵀ)        ∂L/∂b = Σₙ g
+
+Why not let autograd compose the usual modules (what peft does): every separate op there allocates and sweeps an
+activation-sized tensor — the dropout output and its float mask, B's output, its scaled copy, the sum, and in
+backward the dropout's gradient and a second input-gradient added to the first — and element-wise sweeps, not
+matmuls, are where a CPU step goes. Here the mask is drawn once as one byte per element (with the 1/(1-p) rescale
+folded into the scalar c), B's product is accumulated into the base output in place by one GEMM, and the low-rank
+input-gradient is accumulated into the base one in place. Saved for backward: the layer input (shared storage when
+several layers read the same tensor, as q/k/v do — peft keeps one dropped copy per layer), the byte mask, and the
+N × r hidden product; the dropped input is recomputed in backward instead of kept.
+
+The mask comes from torch's default generator, so `torch.manual_seed` reproduces a run and resuming restores it.
+
+The base weight is a tensor, or (qlora) a function that rebuilds it from 4 bits: then it is rebuilt again in
+backward instead of an fp32 copy staying alive between the two passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+WeightSource = Tensor | Callable[[torch.dtype], Tensor]  # the weight, or a function building it in a dtype
+
+
+def _weight(source: WeightSource, dtype: torch.dtype) -> Tensor:
+    return source if isinstance(source, Tensor) else source(dtype)
+
+
+class FusedLoRALinearFunction(torch.autograd.Function):
+    """y = x·W_outmajorᵀ + b + c·((x ⊙ k)·Aᵀ)·Bᵀ on a 2-D input; the base weight must be frozen."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight_source: WeightSource, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout: float, fan_in_fan_out: bool) -> Tensor:
+        weight = _weight(weight_source, x.dtype)
+        # Conv1D stores W as (in, out): then x @ W directly, no transpose copy.
+        base = weight if fan_in_fan_out else weight.t()
+        out = torch.mm(x, base) if bias is None else torch.addmm(bias, x, base)
+        keep = None
+        dropped = x
+        if dropout > 0:
+            # One byte per element, drawn in one pass; the 1/(1-p) rescale lives in `coefficient` instead.
+            keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - dropout)
+            dropped = x * keep
+        coefficient = scaling / (1.0 - dropout)
+        hidden = torch.mm(dropped, lora_A.t())
+        out.addmm_(hidden, lora_B.t(), alpha=coefficient)
+        del dropped  # recomputed in backward from x and the mask: keeping x alone lets q/k/v share one copy
+        stored = weight_source if isinstance(weight_source, Tensor) else None
+        ctx.rebuild_weight = None if stored is not None else weight_source
+        ctx.save_for_backward(x, keep, hidden, stored, lora_A, lora_B)
+        ctx.coefficient, ctx.fan_in_fan_out, ctx.has_bias = coefficient, fan_in_fan_out, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, keep, hidden, weight, lora_A, lora_B = ctx.saved_tensors
+        weight = weight if ctx.rebuild_weight is None else None
+        needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
+        grad_out = grad_out.contiguous()
+        low_rank_grad = torch.mm(grad_out, lora_B).mul_(ctx.coefficient)  # u = c·g B, N × r
+        grad_x = grad_A = grad_B = grad_bias = None
+        if needs_x:
+            weight = weight if weight is not None else ctx.rebuild_weight(grad_out.dtype)
+            grad_x = torch.mm(grad_out, weight.t() if ctx.fan_in_fan_out else weight)
+            if keep is None:
+                grad_x.addmm_(low_rank_grad, lora_A)
+            else:
+                grad_x.addcmul_(torch.mm(low_rank_grad, lora_A), keep)
+        if needs_A:
+            dropped = x if keep is None else x * keep
+            grad_A = torch.mm(low_rank_grad.t(), dropped)
+        if needs_B:
+            grad_B = torch.mm(grad_out.t(), hidden).mul_(ctx.coefficient)
+        if needs_bias and ctx.has_bias:
+            grad_bias = grad_out.sum(0)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+def fused_lora_linear(x: Tensor, weight: WeightSource, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                      scaling: float, dropout: float, fan_in_fan_out: bool) -> Tensor:
+    """The fused LoRA linear on an input of any leading shape (see the module docstring for the maths)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = FusedLoRALinearFunction.apply(flat, weight, bias, lora_A, lora_B, scaling, dropout, fan_in_fan_out)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def can_fuse(x: Tensor, weight: Tensor | None) -> bool:
+    """The fused function covers the common training case: frozen base weight (None: a rebuilt one, never
+    trainable), no autocast (mixed precision goes through the composed path, where autocast picks each op's dtype)."""
+    frozen = weight is None or not weight.requires_grad
+    return frozen and not torch.is_autocast_enabled(x.device.type)

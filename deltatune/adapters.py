@@ -165,8 +165,9 @@ def _refuse_tied(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the active adapters in and replace every adapter layer by the plain module it then equals, leaving a
-    model with the original architecture (what `deltatune export` saves). Returns `model`, changed in place."""
+    """Fold the active adapters in and replace every adapter layer by the plain module it then equals (and every
+    module offering `to_standard_module()` by that module), leaving a model with the original architecture (what
+    `deltatune export` saves). Returns `model`, changed in place."""
     merge(model)
     for name, layer in adapter_layers(model).items():
         plain = layer.unwrap()
@@ -176,6 +177,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             replace_module(model, name, plain)
         else:
             raise UserError("the whole model is one adapter layer; nothing to unload it into")
+    # Frozen stand-ins for standard modules (qlora's 4-bit NF4Linear for nn.Linear) that no adapter wrapped go
+    # back to the standard module too, so the result loads where deltatune is not installed.
+    for name, module in list(model.named_modules()):
+        to_standard = getattr(module, "to_standard_module", None)
+        if name and callable(to_standard):
+            replace_module(model, name, to_standard())
     return model
 
 

@@ -82,8 +82,10 @@ def test_image_folder_classification_with_frozen_backbone(tmp_path):
     assert summary["trainable_parameters"] < summary["total_parameters"]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_export_writes_a_plain_transformers_model_with_the_same_logits(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("lora", []), ("dora", []),
+                                           # only `query` adapted: the other NF4 linears must be dequantised too
+                                           ("qlora", ["method.target_modules=[query]"])])
+def test_export_writes_a_plain_transformers_model_with_the_same_logits(tmp_path, method, extra):
     import transformers
 
     from deltatune.export import export_run
@@ -92,11 +94,12 @@ def test_export_writes_a_plain_transformers_model_with_the_same_logits(tmp_path,
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     summary = run(tmp_path, ["model.name=tests.tiny_models:tiny_bert", "model.task=classification",
                              f"data.name={data}", f"method.name={method}", "method.r=4", "train.max_steps=5",
-                             "train.lr=1e-2", f"run_name={method}"])
+                             "train.lr=1e-2", f"run_name={method}", *extra])
     result = export_run(summary["run_dir"], tmp_path / "exported", echo=lambda *_: None)
     assert result["max_abs_logit_difference"] <= 1e-5
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
     assert not any("lora" in name for name, _ in model.named_parameters())
+    assert all(param.dtype == torch.float32 for param in model.parameters())
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert tokenizer("good film")["input_ids"]
     assert main(["export", summary["run_dir"], str(tmp_path / "exported")]) == 2  # refuses to overwrite

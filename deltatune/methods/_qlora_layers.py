@@ -88,6 +88,11 @@ class NF4Linear(nn.Module):
         return weight if dtype == weight.dtype else weight.to(dtype)
 
     @property
+    def packed_parameters(self) -> int:
+        """How many weights the packed buffers stand for (counted in a model's parameter total)."""
+        return self.in_features * self.out_features
+
+    @property
     def weight(self) -> Tensor:
         return self.dequantize()
 
@@ -97,6 +102,10 @@ class NF4Linear(nn.Module):
         linear.weight = nn.Parameter(self.dequantize(), requires_grad=False)
         linear.bias = self.bias
         return linear
+
+    def to_standard_module(self) -> nn.Linear:
+        """What `deltatune.merge_and_unload` (and so `deltatune export`) puts in this layer's place."""
+        return self.to_linear()
 
     def forward(self, x: Tensor) -> Tensor:
         return _NF4Matmul.apply(x, self, self.bias)

@@ -7,7 +7,9 @@ one invocation, on the models of shared/BASELINES.md.
 Each measurement runs in its own process (so peak RSS is that run's alone) in the order peft, deltatune, for each
 (model, dropout); a 2048x2048 fp32 matmul peak is measured right before each pair, and MFU counts 4N FLOPs per
 token (forward 2N + input-gradient backward 2N; LoRA skips the frozen weights' gradient). The machine is noisy, so
-only the ratios printed for a pair measured back to back are meant to be compared.
+only the ratios printed for a pair measured back to back are meant to be compared. A last row per model measures
+the floor: the same model with nothing trainable, backward still running through every block (input gradients
+only), i.e. the model's own activations and compute that every LoRA implementation pays in this loop.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def bitsandbytes_nf4(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_lora(model: torch.nn.Module, impl: str, kind: str, dropout: float) -> torch.nn.Module:
+    if impl == "frozen":
+        # The floor any LoRA implementation stands on: nothing trains, but backward still runs through every block
+        # (as LoRA's does, down to the first adapted layer), so the model's own activations are all kept.
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+        return model
     if impl == "bnb+peft":
         model = bitsandbytes_nf4(model)
         impl = "peft"
@@ -77,7 +86,8 @@ def worker(impl: str, kind: str, dropout: float, steps: int, warmup: int) -> dic
     parameters = sum(p.numel() for p in model.parameters())
     model = apply_lora(model, impl, kind, dropout)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 8192, (BATCH, SEQUENCE), generator=generator)
     for step in range(warmup + steps):
@@ -86,8 +96,9 @@ def worker(impl: str, kind: str, dropout: float, steps: int, warmup: int) -> dic
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"tokens_per_s": steps * BATCH * SEQUENCE / seconds, "peak_rss_mib": peak_mib, "parameters": parameters}
@@ -140,6 +151,10 @@ def main() -> None:
             rss = result["peak_rss_mib"] / results[reference]["peak_rss_mib"]
             print(f"| {kind} | {dropout} | {impl} | {result['tokens_per_s']:.0f} | {result['peak_rss_mib']:.0f} "
                   f"| {mfu:.0%} | {ratio:.2f}x | {rss:.2f}x |", flush=True)
+    for kind in args.models:
+        floor = measure("frozen", kind, 0.0, args.steps, args.warmup)
+        print(f"| {kind} | - | frozen model, no adapters (floor) | {floor['tokens_per_s']:.0f} "
+              f"| {floor['peak_rss_mib']:.0f} | - | - | - |", flush=True)
     print(f"MFU: 4N FLOPs/token over the fp32 matmul peak measured before each pair ({peak:.0f} GFLOP/s last).")
 
 

@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from deltatune.adapters import (
     add_weighted_adapter,
@@ -27,21 +28,42 @@ from deltatune.config.loader import load_config, method_config, parse_config
 from deltatune.config.schema import DataConfig, MethodConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
 from deltatune.errors import UserError
 from deltatune.methods import available_methods, register_method
-from deltatune.methods.base import Method
+from deltatune.methods.base import LossFunction, Method
 
 __version__ = "0.1.0"
 
 
-def apply(model: nn.Module, config: MethodConfig | dict[str, Any], family: str = "auto") -> Method:
-    """Apply a fine-tuning method to `model` in place; returns the method object (for its saved state)."""
+def apply(model: nn.Module, config: MethodConfig | dict[str, Any], family: str = "auto",
+          calibration: Iterable[dict[str, Any]] | None = None, loss_fn: LossFunction | None = None) -> Method:
+    """Apply a fine-tuning method to `model` in place; returns the method object (for its saved state).
+
+    `calibration`: a few batches (dicts, called as `model(**batch)`) for methods that choose what trains from data,
+    e.g. {"name": "sparse", "selection": "fisher"}; `loss_fn(model, batch)` gives a batch's loss, by default the
+    output's `.loss` (so include labels). Such a method given no calibration is a UserError; the model is then
+    left untouched."""
     from deltatune.methods import get_method
     from deltatune.models.families import family_of
 
     method_cfg = method_config(config)
     method = get_method(method_cfg.name)(method_cfg)
     method.check_model_kind(model)
+    reason = method.calibration_needed()
+    if calibration is None and reason is not None:
+        raise UserError(f"{reason}: pass calibration=<a few batches> to deltatune.apply (and loss_fn= unless "
+                        f"model(**batch) returns .loss)")
     method.apply(model, family_of(model, family))
+    if calibration is not None:
+        method.calibrate(model, calibration, loss_fn or _output_loss)
     return method
+
+
+def _output_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """The loss a transformers model returns for a batch with labels."""
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise UserError("the model returned no .loss for a calibration batch; put labels in the batches or pass "
+                        "loss_fn=lambda model, batch: ... to deltatune.apply")
+    return loss
 
 
 def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:

@@ -58,7 +58,13 @@ class AdapterLayer(Protocol):
 
 
 class PeftFormat(Protocol):
-    """What a method class provides to read and write PEFT's adapter files (set `peft_type` on the class)."""
+    """What a method class provides to read and write PEFT's adapter files (set `peft_type` on the class).
+
+    Optional: `peft_key_prefix` (ClassVar[str]), where the file keeps the base model's modules when it is not
+    PEFT_PREFIX (prompt-learning types keep them under "base_model."), and `peft_config_omits` (ClassVar[tuple]),
+    common fields its config class lacks (they have no "bias"). A layer that is no part of the base model (a
+    prompt encoder) sets `outside_base_model = True`: its `adapter_state` keys are then the file's own keys.
+    """
 
     peft_type: ClassVar[str | None]
 
@@ -236,18 +242,23 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> N
         raise UserError(f"adapter {name!r} has no single PEFT type ({sorted(map(str, types))}); it cannot be saved")
     peft_type = types.pop()
     assert peft_type is not None
+    file_format = _format_for(peft_type)
+    prefix = getattr(file_format, "peft_key_prefix", PEFT_PREFIX)
     tensors: dict[str, Tensor] = {}
     for module_name, layer in layers.items():
+        where = "" if getattr(layer, "outside_base_model", False) else f"{prefix}{module_name}."
         for key, tensor in layer.adapter_state(name).items():
-            tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor.detach().to("cpu").contiguous()
+            tensors[f"{where}{key}"] = tensor.detach().to("cpu").contiguous()
     biases = _trained_biases(model)
-    tensors.update({f"{PEFT_PREFIX}{key}": tensor.detach().to("cpu").contiguous() for key, tensor in biases.items()})
+    tensors.update({f"{prefix}{key}": tensor.detach().to("cpu").contiguous() for key, tensor in biases.items()})
     config = {"peft_type": peft_type, "task_type": _task_type(model),
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
               "inference_mode": True, "bias": _bias_mode(biases),
               "modules_to_save": [module for module, layer in layers.items() if layer.peft_type is None] or None}
     own = {module: layer for module, layer in layers.items() if layer.peft_type == peft_type}
-    config.update(_format_for(peft_type).peft_config(model, own, name))
+    config.update(file_format.peft_config(model, own, name))
+    for key in getattr(file_format, "peft_config_omits", ()):
+        config.pop(key, None)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -305,10 +316,12 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     except json.JSONDecodeError as error:
         raise UserError(f"{config_path} is not valid JSON ({error}); re-save the adapter") from None
     check_new_name(model, name)
-    tensors = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in load_file(str(weights_path)).items()}
+    file_format = _format_for(str(config.get("peft_type")))
+    prefix = getattr(file_format, "peft_key_prefix", PEFT_PREFIX)
+    tensors = {key.removeprefix(prefix): tensor for key, tensor in load_file(str(weights_path)).items()}
     steps = _plan_modules_to_save(model, config.get("modules_to_save") or [], tensors, name, trainable)
     claimed = {key for key in tensors if any(key.startswith(f"{module}.") for module in steps)}
-    apply_method, method_keys = _format_for(str(config.get("peft_type"))).plan_peft_load(
+    apply_method, method_keys = file_format.plan_peft_load(
         model, config, {k: v for k, v in tensors.items() if k not in claimed}, name, trainable)
     apply_base = _plan_base_tensors(model, {k: v for k, v in tensors.items() if k not in claimed | method_keys})
     apply_method()

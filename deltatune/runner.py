@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from deltatune.methods.base import Method
 from deltatune.objectives import get_objective
 from deltatune.objectives.base import Objective
 from deltatune.training.checkpoint import read_checkpoint_dir, write_checkpoint_dir, write_json_atomic
-from deltatune.training.loop import Batches, TrainingLoop, evaluate, resolve_device
+from deltatune.training.loop import Batches, TrainingLoop, autocast_context, evaluate, resolve_device, to_device
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import load_weights, weights_to_save
 
@@ -74,11 +74,33 @@ def build_model(config: RunConfig, task: str, num_labels: int | None) -> tuple[n
     return model, method
 
 
+def calibrate(prepared: Prepared) -> None:
+    """Let the method see training data before training (sparse chooses its weights from gradients): the batches
+    epoch 0 will start with, made only as the method asks for them, and the objective's loss. On resume the
+    checkpoint's state replaces whatever this chose."""
+    data, train_config = prepared.data, prepared.config.train
+    order = Batches(data.train, data.collate, train_config.group_by_length).epoch(
+        train_config.batch_size, train_config.seed, 0)
+
+    def batches() -> Iterator[dict[str, Any]]:
+        for indices in order:
+            yield to_device(data.collate([data.train[i] for i in indices]), prepared.device)
+
+    def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        with autocast_context(prepared.device, train_config.dtype):
+            return prepared.objective.loss(model, batch)[0]
+
+    prepared.method.calibrate(prepared.model, batches(), loss_fn)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights counted once."""
+    """(trainable, total) parameter counts; tied weights counted once. Weights a module keeps in packed buffers
+    instead of parameters (qlora's 4-bit layers say how many through `packed_parameters`) count in the total."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, sum(p.numel() for p in seen.values())
+    # Asked of the class, not the instance: wrappers forward unknown attributes to the module they wrap.
+    packed = sum(module.packed_parameters for module in model.modules() if hasattr(type(module), "packed_parameters"))
+    return trainable, sum(p.numel() for p in seen.values()) + packed
 
 
 def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
@@ -115,6 +137,7 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     if resume and run_dir.path.exists():
         config = parse_config(read_yaml(run_dir.path / "config.yaml"))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
+    calibrate(prepared)
     trainable, total = count_parameters(prepared.model)
     echo(f"model {config.model.name} ({prepared.task}), method {config.method.name}: "
          f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), device {prepared.device}")

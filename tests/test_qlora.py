@@ -301,3 +301,14 @@ def test_all_linear_and_a_second_adapter_share_the_4bit_base():
     QLoRA(QLoRAConfig(target_modules="all-linear"), adapter_name="second").apply(model, family_of(model))
     assert all(layers[name].base_layer is base for name, base in bases.items())  # not quantised twice
     assert all(layer.adapter_names() == ["default", "second"] for layer in layers.values())
+
+
+def test_parameter_total_counts_the_4bit_weights():
+    """The run's printed total is the model's size, whether its frozen weights are fp32 or packed 4-bit."""
+    from deltatune.runner import count_parameters
+    from tests.tiny_models import tiny_bert
+
+    plain, quantised = tiny_bert(num_labels=2), tiny_bert(num_labels=2)
+    deltatune.apply(plain, {"name": "lora", "r": 4})
+    deltatune.apply(quantised, {"name": "qlora", "r": 4})
+    assert count_parameters(quantised) == count_parameters(plain)

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from deltatune.adapters import replace_module
+
 
 class ModulesToSaveLayer(nn.Module):
     peft_type: ClassVar[str | None] = None  # joins an adapter of any type
@@ -101,3 +103,13 @@ class ModulesToSaveLayer(nn.Module):
         for param in combined.parameters():
             param.requires_grad_(False)
         self.modules_to_save[new_name] = combined
+
+
+def add_copies(model: nn.Module, module_names: Sequence[str], adapter_name: str) -> None:
+    """Give each named module of `model` a trainable copy for adapter `adapter_name`, wrapping it on first use."""
+    for module_name in module_names:
+        module = model.get_submodule(module_name)
+        layer = module if isinstance(module, ModulesToSaveLayer) else ModulesToSaveLayer(module)
+        if layer is not module:
+            replace_module(model, module_name, layer)
+        layer.add_copy(adapter_name)

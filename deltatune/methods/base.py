@@ -7,7 +7,8 @@ the `Family` table passed in, never from the method itself.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -15,6 +16,9 @@ from torch import nn
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.models.families import Family
+
+# loss_fn(model, batch) -> the scalar loss of one batch, as the run's objective computes it.
+LossFunction = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 
 
 class Method:
@@ -27,6 +31,11 @@ class Method:
     # itself (qlora stores it quantised); their promise is then that the output equals the model's output with
     # every adapter disabled (`deltatune.disabled`), which the contract tests check instead.
     preserves_output_at_init: ClassVar[bool] = True
+    # Where the change at init comes from when the output is not preserved: "base" (the method rewrites the frozen
+    # base, e.g. qlora quantises it; its adapters add nothing yet) or "adapter" (the base is untouched but the
+    # adapter has no neutral init, e.g. prompt tuning's virtual tokens): `deltatune.disabled` then gives back the
+    # original output exactly. The contract tests check the promise that matches.
+    init_change_from: ClassVar[str] = "base"
     # The kinds of model the method works on: "transformer" (attention blocks, text) and/or "cnn". Applying it to
     # another kind is a one-line UserError from `check_model_kind`; the contract tests run each listed kind.
     model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer", "cnn"})
@@ -50,6 +59,17 @@ class Method:
     def apply(self, model: nn.Module, family: Family) -> None:
         """Change `model` in place: set `requires_grad` and/or add the method's own modules."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply()")
+
+    def calibration_needed(self) -> str | None:
+        """None when `apply` alone readies the model; else why `calibrate` must see data before training (a phrase
+        for the error that `deltatune.apply` raises when it is given none)."""
+        return None
+
+    def calibrate(self, model: nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFunction) -> None:
+        """Look at a few training batches after `apply` and before training, e.g. to choose what trains from
+        gradients. `deltatune train` calls it for every method with the run's training batches (in training order,
+        on the device) and the objective's loss; the batches are produced lazily, so a method that takes none
+        costs nothing. The default does nothing."""
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Everything this method changes: saved as the run's weights and reloaded by `load_trainable_state`.

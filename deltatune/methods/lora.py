@@ -23,13 +23,13 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from deltatune.adapters import AdapterLayer, base_modules, check_new_name, replace_module, set_adapter
+from deltatune.adapters import AdapterLayer, base_modules, check_new_name, set_adapter
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError, closest_names
 from deltatune.methods import _lora_peft, register_method
 from deltatune.methods._lora_layers import LoRALayer, LoRASettings
 from deltatune.methods._lora_types import SUPPORTED_TYPES, LoRALinear, layer_class_for, wrap
-from deltatune.methods._modules_to_save import ModulesToSaveLayer
+from deltatune.methods._modules_to_save import ModulesToSaveLayer, add_copies
 from deltatune.methods.base import Method, set_trainable
 from deltatune.models.families import Family
 
@@ -71,12 +71,7 @@ class LoRA(Method):
         for module_name, module in targets.items():
             layer = module if isinstance(module, LoRALayer) else wrap(model, module_name, module)
             layer.add_adapter(self.adapter_name, settings_for(config, module_name))
-        for module_name in saved:
-            module = model.get_submodule(module_name)
-            layer = module if isinstance(module, ModulesToSaveLayer) else ModulesToSaveLayer(module)
-            if layer is not module:
-                replace_module(model, module_name, layer)
-            layer.add_copy(self.adapter_name)
+        add_copies(model, saved, self.adapter_name)
         _train_biases(model, config.bias, set(targets))
         set_adapter(model, self.adapter_name)
 

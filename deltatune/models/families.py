@@ -27,6 +27,8 @@ class Family:
         every selective method. A pretrained LM head is not one: it stays frozen unless chosen explicitly.
     after_blocks: regexes for what sits between the last block and the head (a final norm, a CNN's conv head);
         it trains together with the last blocks.
+    attention_output / mlp_output: regexes for the module whose output is the attention / feed-forward sublayer's
+        result just before its residual add (where bottleneck adapters go); empty where there is none.
     detect: model_type values (transformers) or class names that identify the family.
     """
 
@@ -36,6 +38,8 @@ class Family:
     mlp: tuple[str, ...]
     head: tuple[str, ...]
     after_blocks: tuple[str, ...] = ()
+    attention_output: tuple[str, ...] = ()
+    mlp_output: tuple[str, ...] = ()
     detect: tuple[str, ...] = ()
 
     def block_index(self, name: str) -> int | None:
@@ -64,6 +68,12 @@ class Family:
     def is_mlp(self, name: str) -> bool:
         return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp)
 
+    def is_attention_output(self, name: str) -> bool:
+        return self.block_index(name) is not None and any(re.search(p, name) for p in self.attention_output)
+
+    def is_mlp_output(self, name: str) -> bool:
+        return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp_output)
+
 
 FAMILIES: dict[str, Family] = {
     family.name: family
@@ -75,6 +85,8 @@ FAMILIES: dict[str, Family] = {
             mlp=(r"intermediate\.dense$", r"\d+\.output\.dense$"),
             # The pooler feeds only the classification head, so it is head-side, not backbone.
             head=(r"(?:^|\.)classifier\.", r"(?:^|\.)pooler\."),
+            attention_output=(r"attention\.output\.dense$",),
+            mlp_output=(r"\d+\.output\.dense$",),  # layer.N.output.dense, not attention.output.dense
             detect=("bert",),
         ),
         Family(
@@ -85,6 +97,8 @@ FAMILIES: dict[str, Family] = {
             # Only a *new* head counts: SmolLM2's lm_head is pretrained and tied to the input embedding.
             head=(r"(?:^|\.)score\.",),
             after_blocks=(r"(?:^|\.)model\.norm\.",),
+            attention_output=(r"self_attn\.o_proj$",),
+            mlp_output=(r"mlp\.down_proj$",),
             detect=("llama", "mistral", "qwen2"),
         ),
         Family(
@@ -94,6 +108,7 @@ FAMILIES: dict[str, Family] = {
             mlp=(r"_(expand|depthwise|project)_conv$",),
             head=(r"(?:^|\.)_fc\.",),
             after_blocks=(r"(?:^|\.)_conv_head\.", r"(?:^|\.)_bn1\."),
+            # No attention_output/mlp_output: an MBConv block has no transformer sublayers to put adapters after.
             detect=("EfficientNet",),
         ),
         Family(
@@ -103,6 +118,11 @@ FAMILIES: dict[str, Family] = {
             attention=(r"(q_proj|k_proj|v_proj|o_proj|query|key|value|c_attn|qkv)$",),
             mlp=(r"(fc1|fc2|up_proj|down_proj|gate_proj|c_fc|c_proj|dense)$",),
             head=(r"(?:^|\.)(classifier|head|score|fc)\.",),
+            # BERT-likes (attention.output.dense), Llama/OPT/BART (o_proj/out_proj), GPT-2 (attn.c_proj / mlp.c_proj).
+            attention_output=(r"(?:attn|attention)\.(?:o_proj|out_proj|c_proj|proj|dense)$",
+                              r"attention\.output\.dense$"),
+            mlp_output=(r"(?:mlp|ffn|feed_forward)\.(?:down_proj|fc2|c_proj|w2|dense_4h_to_h|out_proj)$",
+                        r"\d+\.output\.dense$", r"\d+\.fc2$"),
         ),
     )
 }

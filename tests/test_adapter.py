@@ -1,0 +1,247 @@
+"""Bottleneck adapters: maths, placement per family, named adapters, files and bad input, on tiny models (fast)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deltatune
+from deltatune.adapters import adapter_layers, adapter_names
+from deltatune.errors import UserError
+from deltatune.methods._adapter_layers import BottleneckLayer
+from deltatune.methods.adapter import Adapter, AdapterConfig
+from deltatune.models import ImageClassifier
+from deltatune.models.families import family_of
+from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama
+
+W = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
+BIAS = torch.tensor([0.5, -1.0])
+X = torch.tensor([[1.0, 2.0]])
+
+
+def known_layer(non_linearity: str) -> BottleneckLayer:
+    """A 2→2 Linear with known W, b and one bottleneck (m=1) with known weights."""
+    base = nn.Linear(2, 2)
+    with torch.no_grad():
+        base.weight.copy_(W)
+        base.bias.copy_(BIAS)
+    layer = BottleneckLayer(base)
+    layer.add_bottleneck("a", 1, non_linearity)
+    bottleneck = layer.bottlenecks["a"]
+    with torch.no_grad():
+        bottleneck.adapter_down.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        bottleneck.adapter_down.bias.copy_(torch.tensor([-1.0]))
+        bottleneck.adapter_up.weight.copy_(torch.tensor([[2.0], [-3.0]]))
+        bottleneck.adapter_up.bias.copy_(torch.tensor([0.25, 0.0]))
+    layer.set_active("a")
+    return layer
+
+
+def logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    return out if torch.is_tensor(out) else out.logits
+
+
+def bert_batch():
+    ids = torch.randint(5, 100, (3, 8), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def llama_batch():
+    return {"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))}
+
+
+def seeded(build, *args):
+    torch.manual_seed(0)
+    return build(*args)
+
+
+def randomise(model, name):
+    """Give adapter `name` non-zero up-projections, as training would."""
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            if isinstance(layer, BottleneckLayer) and name in layer.bottlenecks:
+                layer.bottlenecks[name].adapter_up.weight.normal_(std=0.5)
+
+
+# ---- maths -----------------------------------------------------------------------------------------------------
+def test_output_is_hand_computed():
+    # h = Wx + b = [-0.5, 2.0]; down: -0.5 + 2.0 - 1 = 0.5; relu 0.5; up: [1.0 + 0.25, -1.5]  ->  [0.75, 0.5]
+    assert torch.allclose(known_layer("relu")(X), torch.tensor([[0.75, 0.5]]))
+
+
+@pytest.mark.parametrize("non_linearity, function", [("gelu", F.gelu), ("silu", F.silu), ("tanh", torch.tanh)])
+def test_non_linearities(non_linearity, function):
+    z = function(torch.tensor(0.5))
+    expected = torch.tensor([[-0.5 + 2.0 * z + 0.25, 2.0 - 3.0 * z]])
+    assert torch.allclose(known_layer(non_linearity)(X), expected)
+
+
+def test_negative_pre_activation_gives_only_the_up_bias():
+    layer = known_layer("relu")
+    x = torch.tensor([[-1.0, -1.0]])  # h = [0.5, -3.5]; down: -3 - 1 < 0, relu 0
+    assert torch.allclose(layer(x), torch.tensor([[0.75, -3.5]]))
+
+
+def test_initialisation_is_identity_with_small_random_down_projection():
+    model = seeded(tiny_llama)
+    batch = llama_batch()
+    before = logits(model, batch)
+    deltatune.apply(model, {"name": "adapter"})
+    assert torch.equal(logits(model, batch), before)
+    for layer in adapter_layers(model).values():
+        bottleneck = layer.bottlenecks["default"]
+        assert not bottleneck.adapter_up.weight.any() and not bottleneck.adapter_up.bias.any()
+        down = bottleneck.adapter_down.weight
+        assert down.abs().max() <= 2e-2 and down.std() > 1e-3
+
+
+# ---- placement ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build, placement, suffixes", [
+    (tiny_bert, "houlsby", {"attention.output.dense", "output.dense"}),
+    (tiny_bert, "pfeiffer", {"output.dense"}),
+    (tiny_llama, "houlsby", {"self_attn.o_proj", "mlp.down_proj"}),
+    (tiny_llama, "pfeiffer", {"mlp.down_proj"}),
+])
+def test_placement_per_family(build, placement, suffixes):
+    model = seeded(build)
+    deltatune.apply(model, {"name": "adapter", "placement": placement})
+    layers = adapter_layers(model)
+    bottlenecks = {name: layer for name, layer in layers.items() if isinstance(layer, BottleneckLayer)}
+    blocks = family_of(model).num_blocks(model)
+    assert len(bottlenecks) == len(suffixes) * blocks
+    for block in range(blocks):
+        in_block = [name for name in bottlenecks if f".{block}." in name]
+        assert {name.split(f".{block}.", 1)[1] for name in in_block} == suffixes
+
+
+@pytest.mark.parametrize("build, width, sites_per_block", [(tiny_bert, 32, 2), (tiny_llama, 64, 2)])
+@pytest.mark.parametrize("reduction_factor", [4, 16, 100])
+def test_parameter_count_is_the_formula(build, width, sites_per_block, reduction_factor):
+    model = seeded(build)
+    method = deltatune.apply(model, {"name": "adapter", "reduction_factor": reduction_factor})
+    m = max(1, width // reduction_factor)
+    blocks = family_of(model).num_blocks(model)
+    counted = sum(p.numel() for n, p in method.trainable_state(model).items() if ".bottlenecks." in n)
+    assert counted == blocks * sites_per_block * (2 * width * m + width + m)
+
+
+def test_new_head_trains_in_full_and_only_adapter_and_head_train():
+    model = seeded(tiny_bert, 3)
+    method = deltatune.apply(model, {"name": "adapter"})
+    trained = set(method.trainable_state(model))
+    assert all(".bottlenecks.default." in n or ".modules_to_save.default." in n for n in trained)
+    assert any(n.startswith("classifier.modules_to_save.default.") for n in trained)
+    method = Adapter(AdapterConfig(modules_to_save=[]), adapter_name="bare")
+    method.apply(model, family_of(model))
+    assert all(".bottlenecks.bare." in n for n in method.trainable_state(model))
+
+
+# ---- named adapters ------------------------------------------------------------------------------------------------
+def test_two_adapters_switch_and_switch_back_exactly_and_disabled_is_base():
+    model = seeded(tiny_llama)
+    batch = llama_batch()
+    base = logits(model, batch)
+    family = family_of(model)
+    Adapter(AdapterConfig()).apply(model, family)
+    randomise(model, "default")
+    first = logits(model, batch)
+    Adapter(AdapterConfig(placement="pfeiffer", reduction_factor=8, non_linearity="tanh"),
+            adapter_name="second").apply(model, family)
+    randomise(model, "second")
+    assert adapter_names(model) == ["default", "second"]
+    assert all(".second." in n for n, p in model.named_parameters() if p.requires_grad)
+    second = logits(model, batch)
+    assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(first, base, atol=1e-3)
+    deltatune.set_adapter(model, "default")
+    assert torch.equal(logits(model, batch), first)
+    deltatune.set_adapter(model, "second")
+    assert torch.equal(logits(model, batch), second)
+    with deltatune.disabled(model):
+        assert torch.equal(logits(model, batch), base)
+    assert torch.equal(logits(model, batch), second)
+    deltatune.delete_adapter(model, "second")
+    assert adapter_names(model) == ["default"]
+
+
+def test_merge_and_combination_are_refused():
+    model = seeded(tiny_bert, 3)
+    deltatune.apply(model, {"name": "adapter"})
+    with pytest.raises(UserError, match="cannot be merged into the base weights"):
+        deltatune.merge(model)
+    with pytest.raises(UserError, match="fuse them with method adapter_fusion"):
+        deltatune.add_weighted_adapter(model, ["default"], [0.5], "half")
+    with deltatune.disabled(model):
+        deltatune.merge(model)  # nothing active: nothing to merge, no error
+    assert all(not layer.weights_changed_by_merge() for layer in adapter_layers(model).values())
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path):
+    model = seeded(tiny_bert, 3)
+    batch = bert_batch()
+    deltatune.apply(model, {"name": "adapter", "reduction_factor": 8, "non_linearity": "gelu"})
+    randomise(model, "default")
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.normal_()
+    expected = logits(model, batch)
+    deltatune.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "DELTATUNE_ADAPTER" and config["non_linearity"] == "gelu"
+    assert config["reduction_factor"] == 8 and config["modules_to_save"] == ["bert.pooler.dense", "classifier"]
+    fresh = seeded(tiny_bert, 3)
+    deltatune.load_adapter(fresh, tmp_path / "adapter", name="mine")
+    assert torch.allclose(logits(fresh, batch), expected, atol=1e-6)
+    assert not any(p.requires_grad for n, p in fresh.named_parameters() if ".mine" in n)
+
+
+def test_load_for_another_base_is_refused_and_model_unchanged(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = seeded(tiny_llama)
+    deltatune.apply(model, {"name": "adapter"})
+    deltatune.save_adapter(model, tmp_path / "adapter")
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(UserError, match=r"adapter_down\.weight: the adapter's shape \(4, 64\) does not fit the "
+                                        r"model's \(4, 32\)"):
+        deltatune.load_adapter(other, tmp_path / "adapter")
+    assert not adapter_layers(other)
+    assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    ({"reduction_factor": 0}, r"method.reduction_factor must be a positive whole number .* got 0; e.g. 16"),
+    ({"reduction_factor": -4}, r"method.reduction_factor must be a positive whole number"),
+    ({"placement": "parallel"}, r"method.placement must be one of houlsby, pfeiffer, got 'parallel'"),
+    ({"non_linearity": "swish"}, r"method.non_linearity must be one of relu, gelu, silu, tanh, got 'swish'"),
+    ({"modules_to_save": ["clasifier"]}, r"'clasifier' matches no module of this model; closest names: classifier"),
+])
+def test_bad_input_is_one_line_user_error(options, message):
+    model = seeded(tiny_bert, 2)
+    with pytest.raises(UserError, match=message) as error:
+        deltatune.apply(model, {"name": "adapter", **options})
+    assert "\n" not in str(error.value)
+    assert not adapter_layers(model)
+
+
+def test_cnn_is_refused_and_family_without_sites_names_the_fix():
+    with pytest.raises(UserError, match="works on transformer models, not on this cnn"):
+        deltatune.apply(ImageClassifier(tiny_cnn(4)), {"name": "adapter"})
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(UserError, match=r"no attention output module in this generic model; add its name pattern "
+                                        r"to Family.attention_output"):
+        Adapter(AdapterConfig(modules_to_save=[])).apply(model, family_of(model))
+
+
+def test_config_from_overrides():
+    config = deltatune.load_config(None, ["method.name=adapter", "method.reduction_factor=8",
+                                          "method.placement=pfeiffer", "method.non_linearity=silu"])
+    assert (config.method.reduction_factor, config.method.placement, config.method.non_linearity) == (
+        8, "pfeiffer", "silu")

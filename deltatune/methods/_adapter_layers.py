@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from deltatune.adapters import replace_module
 from deltatune.errors import UserError
 from deltatune.methods._lora_layers import is_conv1d
+from deltatune.methods.base import WrapperLayer
 
 PEFT_TYPE = "DELTATUNE_ADAPTER"
 FILE_KEYS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
@@ -88,7 +89,7 @@ class Composition(nn.Module):
         raise NotImplementedError
 
 
-class BottleneckLayer(nn.Module):
+class BottleneckLayer(WrapperLayer):
     """A base module plus named bottlenecks (and compositions of them) applied to its output."""
 
     peft_type: ClassVar[str | None] = PEFT_TYPE
@@ -101,14 +102,6 @@ class BottleneckLayer(nn.Module):
         self.active: str | None = None
         self.enabled = True
 
-    def __getattr__(self, name: str) -> object:
-        # Model code sometimes reads attributes of the module it built (e.g. `o_proj.weight`); answer for the base.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     @property
     def size(self) -> int:

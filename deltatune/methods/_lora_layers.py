@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import UserError
+from deltatune.methods.base import WrapperLayer
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
 
@@ -59,7 +60,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return utils is not None and isinstance(module, utils.Conv1D)
 
 
-class LoRALayer(nn.Module):
+class LoRALayer(WrapperLayer):
     """Shared bookkeeping, forward, DoRA, merge and combination; subclasses supply the base-type specifics."""
 
     peft_type: ClassVar[str | None] = "LORA"
@@ -76,15 +77,6 @@ class LoRALayer(nn.Module):
         self._merged_ratio: Tensor | None = None  # DoRA: m/‖W+ΔW‖ at merge time, needed to unmerge exactly
         self._remerge_on_enable = False
 
-    def __getattr__(self, name: str) -> object:
-        # Model code sometimes reads attributes of the module it built (e.g. `.weight`, `.in_features`); the wrapper
-        # answers for its base layer so it stays a drop-in replacement.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     # ---- per base type -------------------------------------------------------------------------------------
     @classmethod

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from deltatune.adapters import replace_module
 from deltatune.errors import UserError
+from deltatune.methods.base import WrapperLayer
 
 UNCHOSEN = -1  # index value meaning "not selected yet"
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -63,7 +64,7 @@ class SparseDelta(nn.Module):
         return weight.reshape(-1).index_add(0, self.indices, self.values.to(weight.dtype)).view_as(weight)
 
 
-class SparseDeltaLayer(nn.Module):
+class SparseDeltaLayer(WrapperLayer):
     """A base module plus named sparse deltas on its `weight`; the active one (if any) is added in forward."""
 
     peft_type: ClassVar[str | None] = None  # PEFT has no sparse type; adapter files are not written for it
@@ -78,14 +79,6 @@ class SparseDeltaLayer(nn.Module):
         self._merged_entries: tuple[Tensor, Tensor] | None = None  # (positions, original W there) while merged
         self._remerge_on_enable = False
 
-    def __getattr__(self, name: str) -> Any:
-        # Model code may read attributes of the module it built (`.weight`, `.in_features`); answer for the base.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     # ---- adapters --------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, k: int) -> SparseDelta:

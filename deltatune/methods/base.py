@@ -112,3 +112,19 @@ def set_trainable(model: nn.Module, keep) -> int:
         param.requires_grad_(id(param) in kept)
         count += param.numel() if param.requires_grad else 0
     return count
+
+
+class WrapperLayer(nn.Module):
+    """Base for layers that wrap a frozen module as `self.base_layer` (LoRA, bottleneck adapters, sparse deltas).
+
+    Model code sometimes reads attributes of the module it built (`.weight`, `.in_features`); the wrapper answers
+    for its base layer so it stays a drop-in replacement.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)

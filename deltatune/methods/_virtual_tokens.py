@@ -298,6 +298,12 @@ def drop_virtual_positions(output: Any, total: int, index: int, count: int) -> A
 
     def trim(value: Any) -> Any:
         if isinstance(value, Tensor) and value.dim() >= 3 and value.shape[1] == total:
+            # At either end a slice (a view) suffices; copying a (batch, length, vocabulary) logits tensor, and its
+            # gradient in backward, is a visible share of a causal LM's step.
+            if index == 0:
+                return value[:, count:]
+            if index + count == total:
+                return value[:, :index]
             return torch.cat([value[:, :index], value[:, index + count:]], dim=1)
         if isinstance(value, tuple) and value and all(isinstance(item, Tensor) for item in value):
             return tuple(trim(item) for item in value)

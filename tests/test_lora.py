@@ -8,6 +8,7 @@ from torch import nn
 
 import deltatune
 from deltatune.errors import UserError
+from deltatune.methods._lora_fused import keep_mask
 from deltatune.methods._lora_layers import LoRALayer, LoRASettings
 from deltatune.methods._lora_types import LoRAConv2d, LoRAEmbedding, LoRALinear
 from deltatune.methods.lora import LoRA, LoRAConfig
@@ -88,7 +89,11 @@ def test_training_dropout_applies_to_the_adapter_path_only(use_dora):
     torch.manual_seed(5)
     output = model(x)
     torch.manual_seed(5)
-    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    if use_dora:  # DoRA takes the composed path (torch's dropout); plain LoRA the fused one (its own mask)
+        dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    else:
+        keep, keep_probability = keep_mask(x.shape, 0.5, x.device)
+        dropped = x * keep / keep_probability
     expected = x @ W.T + BIAS + 2.0 * dropped @ A.T @ B.T
     if use_dora:  # PEFT's form: base(x) + (m/n - 1)·W·d + (m/n)·s·B·A·d  (here m = ‖W‖, n = ‖W + s·B·A‖)
         ratio = W.norm(dim=1) / (W + 2.0 * B @ A).norm(dim=1)

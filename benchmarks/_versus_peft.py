@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 BATCH, SEQUENCE, VOCABULARY = 8, 256, 8192
+POSITIONS = SEQUENCE + 64  # room for virtual tokens: GPT-2 has learned positions and prefix/prompt shift them
 Apply = Callable[[torch.nn.Module, str, str, str], torch.nn.Module]
 
 
@@ -27,10 +28,10 @@ def build_model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "gpt2":
         return GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=512, n_head=8, vocab_size=VOCABULARY,
-                                          n_positions=SEQUENCE))
+                                          n_positions=POSITIONS))
     return LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
                                         num_attention_heads=8, num_key_value_heads=8, vocab_size=VOCABULARY,
-                                        max_position_embeddings=SEQUENCE))
+                                        max_position_embeddings=POSITIONS))
 
 
 def freeze_all(model: torch.nn.Module) -> torch.nn.Module:

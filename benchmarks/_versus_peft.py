@@ -67,6 +67,12 @@ def worker(apply: Apply, impl: str, kind: str, option: str, steps: int, warmup: 
     return {"tokens_per_s": steps * BATCH * SEQUENCE / seconds, "peak_rss_mib": peak_mib, "parameters": parameters}
 
 
+def run_worker(apply: Apply, argv: list[str]) -> None:
+    """The `--worker IMPL KIND OPTION STEPS WARMUP` entry point: one measurement printed as a JSON line."""
+    impl, kind, option, steps, warmup = argv
+    print(json.dumps(worker(apply, impl, kind, option, int(steps), int(warmup))))
+
+
 def matmul_peak() -> float:
     """fp32 GFLOP/s of a 2048² matmul, best of 5 (the MFU denominator, measured in the same run)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -103,8 +109,13 @@ def run_pairs(script: str, pairs: list[tuple[str, str, str, str]], steps: int, w
     return peak
 
 
-def print_floor(script: str, kinds: list[str], steps: int, warmup: int) -> None:
+def report(script: str, legend: str, pairs: list[tuple[str, str, str, str]], kinds: list[str], steps: int,
+           warmup: int) -> None:
+    """The whole printed benchmark: the pairs' table, one floor row per model, and the MFU footnote."""
+    print(legend)
+    peak = run_pairs(script, pairs, steps, warmup)
     for kind in kinds:
         floor = measure(script, "frozen", kind, "-", steps, warmup)
         print(f"| {kind} | - | frozen model, nothing trains (floor) | {floor['tokens_per_s']:.0f} "
               f"| {floor['peak_rss_mib']:.0f} | - | - | - |", flush=True)
+    print(f"MFU: 4N FLOPs/token over the fp32 matmul peak measured before each pair ({peak:.0f} GFLOP/s last).")

@@ -15,14 +15,13 @@ only), i.e. the model's own activations and compute that every LoRA implementati
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _versus_peft import freeze_all, print_floor, run_pairs, worker  # noqa: E402
+from _versus_peft import freeze_all, report, run_worker  # noqa: E402
 
 RANK, ALPHA = 8, 16
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -77,16 +76,11 @@ def main() -> None:
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        impl, kind, option, steps, warmup = args.worker
-        print(json.dumps(worker(apply_lora, impl, kind, option, int(steps), int(warmup))))
-        return
+        return run_worker(apply_lora, args.worker)
     pairs = [(kind, dropout, "peft", "deltatune") for kind in args.models for dropout in args.dropouts]
     if not args.no_qlora and "llama" in args.models:  # bitsandbytes' Linear4bit replaces nn.Linear, not Conv1D
         pairs += [("llama", dropout, "bnb+peft", "deltatune-qlora") for dropout in args.dropouts]
-    print("option = LoRA dropout")
-    peak = run_pairs(__file__, pairs, args.steps, args.warmup)
-    print_floor(__file__, args.models, args.steps, args.warmup)
-    print(f"MFU: 4N FLOPs/token over the fp32 matmul peak measured before each pair ({peak:.0f} GFLOP/s last).")
+    report(__file__, "option = LoRA dropout", pairs, args.models, args.steps, args.warmup)
 
 
 if __name__ == "__main__":

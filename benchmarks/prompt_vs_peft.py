@@ -13,14 +13,13 @@ true), measured against peft with the same setting. tok/s counts the 256 real to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _versus_peft import freeze_all, print_floor, run_pairs, worker  # noqa: E402
+from _versus_peft import freeze_all, report, run_worker  # noqa: E402
 
 VIRTUAL_TOKENS = 20
 
@@ -59,14 +58,9 @@ def main() -> None:
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        impl, kind, option, steps, warmup = args.worker
-        print(json.dumps(worker(apply_prompt_method, impl, kind, option, int(steps), int(warmup))))
-        return
+        return run_worker(apply_prompt_method, args.worker)
     pairs = [(kind, method, "peft", "deltatune") for kind in args.models for method in args.methods]
-    print("option = method")
-    peak = run_pairs(__file__, pairs, args.steps, args.warmup)
-    print_floor(__file__, args.models, args.steps, args.warmup)
-    print(f"MFU: 4N FLOPs/token over the fp32 matmul peak measured before each pair ({peak:.0f} GFLOP/s last).")
+    report(__file__, "option = method", pairs, args.models, args.steps, args.warmup)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ backward instead of an fp32 copy staying alive between the two passes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,9 +47,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], dropout: float, device: torch
     float·bool multiplies on torch's fast path and float·uint8 does not (3x slower on CPU). Draws come from torch's
     default generator, so `torch.manual_seed` reproduces them.
     """
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     threshold = round((1.0 - dropout) * (1 << MASK_BITS))
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_().view(torch.int16)[:count]
     keep = words.bitwise_and_((1 << MASK_BITS) - 1) < threshold

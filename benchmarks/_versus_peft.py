@@ -1,14 +1,17 @@
 """The measuring harness shared by the `*_vs_peft.py` benchmarks: the shared/BASELINES.md models and batch, one
 measurement per process (so peak RSS is that run's alone), a matmul peak for MFU, and the ratio table.
 
-A benchmark script supplies `apply(model, impl, kind, option) -> model` and calls `main_for(...)`; its subprocesses
-re-enter the script with `--worker IMPL KIND OPTION STEPS WARMUP`.
+A benchmark script supplies `apply(model, impl, kind, option) -> model` and calls `report(...)`; its subprocesses
+re-enter the script with `--worker IMPL KIND OPTION STEPS WARMUP`. On a noisy machine (±15% between runs here) pass
+`repeats` > 1: each pair is then measured that many times, alternating which goes first, and the median ratio is
+printed with the range of the rounds' ratios.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -91,29 +94,46 @@ def measure(script: str, impl: str, kind: str, option: str, steps: int, warmup: 
     return json.loads(output.strip().splitlines()[-1])
 
 
-def run_pairs(script: str, pairs: list[tuple[str, str, str, str]], steps: int, warmup: int) -> float:
+def measure_pair(script: str, kind: str, option: str, impls: tuple[str, str], steps: int, warmup: int,
+                 repeats: int) -> tuple[dict[str, dict], list[float]]:
+    """`repeats` rounds of (reference, ours), the order flipped every other round so a drift of the machine's speed
+    weighs on both alike. Returns each impl's median tok/s and peak RSS, and the per-round tok/s ratios."""
+    rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for round_index in range(repeats):
+        for impl in impls if round_index % 2 == 0 else impls[::-1]:
+            rounds[impl].append(measure(script, impl, kind, option, steps, warmup))
+    reference, ours = impls
+    ratios = [mine["tokens_per_s"] / theirs["tokens_per_s"] for mine, theirs in zip(rounds[ours], rounds[reference])]
+    medians = {impl: {key: statistics.median(result[key] for result in results) for key in results[0]}
+               for impl, results in rounds.items()}
+    return medians, ratios
+
+
+def run_pairs(script: str, pairs: list[tuple[str, str, str, str]], steps: int, warmup: int, repeats: int) -> float:
     """Measure each (kind, option, reference impl, our impl) back to back and print the ratio table; returns the
-    last matmul peak. MFU counts 4N FLOPs per token (forward 2N + input-gradient backward 2N)."""
+    last matmul peak. MFU counts 4N FLOPs per token (forward 2N + input-gradient backward 2N). With repeats > 1 the
+    tok/s ratio is the median of the rounds' ratios, with their range beside it."""
     print("| model | option | impl | tok/s | peak RSS MiB | MFU | tok/s ratio | RSS ratio |")
     print("|---|---|---|---|---|---|---|---|")
     peak = 0.0
     for kind, option, reference, ours in pairs:
         peak = matmul_peak()
-        results = {impl: measure(script, impl, kind, option, steps, warmup) for impl in (reference, ours)}
+        results, ratios = measure_pair(script, kind, option, (reference, ours), steps, warmup, repeats)
+        spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
         for impl, result in results.items():
             mfu = 4 * result["parameters"] * result["tokens_per_s"] / (peak * 1e9)
-            ratio = result["tokens_per_s"] / results[reference]["tokens_per_s"]
+            ratio = f"{statistics.median(ratios):.2f}x{spread}" if impl == ours else "1.00x"
             rss = result["peak_rss_mib"] / results[reference]["peak_rss_mib"]
             print(f"| {kind} | {option} | {impl} | {result['tokens_per_s']:.0f} | {result['peak_rss_mib']:.0f} "
-                  f"| {mfu:.0%} | {ratio:.2f}x | {rss:.2f}x |", flush=True)
+                  f"| {mfu:.0%} | {ratio} | {rss:.2f}x |", flush=True)
     return peak
 
 
 def report(script: str, legend: str, pairs: list[tuple[str, str, str, str]], kinds: list[str], steps: int,
-           warmup: int) -> None:
+           warmup: int, repeats: int = 1) -> None:
     """The whole printed benchmark: the pairs' table, one floor row per model, and the MFU footnote."""
     print(legend)
-    peak = run_pairs(script, pairs, steps, warmup)
+    peak = run_pairs(script, pairs, steps, warmup, repeats)
     for kind in kinds:
         floor = measure(script, "frozen", kind, "-", steps, warmup)
         print(f"| {kind} | - | frozen model, nothing trains (floor) | {floor['tokens_per_s']:.0f} "

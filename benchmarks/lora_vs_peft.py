@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--dropouts", nargs="+", default=["0.05", "0.0"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per pair; the median ratio is printed")
     parser.add_argument("--no-qlora", action="store_true", help="skip the QLoRA pair (llama only)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     pairs = [(kind, dropout, "peft", "deltatune") for kind in args.models for dropout in args.dropouts]
     if not args.no_qlora and "llama" in args.models:  # bitsandbytes' Linear4bit replaces nn.Linear, not Conv1D
         pairs += [("llama", dropout, "bnb+peft", "deltatune-qlora") for dropout in args.dropouts]
-    report(__file__, "option = LoRA dropout", pairs, args.models, args.steps, args.warmup)
+    report(__file__, "option = LoRA dropout", pairs, args.models, args.steps, args.warmup, args.repeats)
 
 
 if __name__ == "__main__":

@@ -55,12 +55,13 @@ def main() -> None:
                         choices=["prefix", "prompt", "prefix+mlp"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per pair; the median ratio is printed")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return run_worker(apply_prompt_method, args.worker)
     pairs = [(kind, method, "peft", "deltatune") for kind in args.models for method in args.methods]
-    report(__file__, "option = method", pairs, args.models, args.steps, args.warmup)
+    report(__file__, "option = method", pairs, args.models, args.steps, args.warmup, args.repeats)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ for small encoders). AdapterFusion fuses the Rotten Tomatoes Pfeiffer adapter wi
 topic classification of chatterbot prompts (21 categories).
 
 Accuracy comes from the full runs. Speed is measured separately, alone on the machine and with the same batches for
-every method (the first STEPS batches of epoch 0 after WARMUP untimed ones): tokens are real (non-padding) input
+every method (the first STEPS batches of epoch 0 after WARMUP untimed ones), timed by the training loop's own
+step (forward, backward, clipping, optimizer and schedule; no evaluation): tokens are real (non-padding) input
 tokens, so methods that add virtual tokens pay for them here. Peak memory is the measuring process's peak RSS.
 """
 
@@ -21,12 +22,11 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BASE = "examples/minilm_rotten_tomatoes.yaml"
 RUNS = Path("runs")
-STEPS, WARMUP = 20, 3
+STEPS, WARMUP = 60, 3
 RT_ADAPTER, TOPIC_ADAPTER = "runs/table-pfeiffer", "runs/table-topic-adapter"
 
 # key -> (table label, overrides). One epoch unless a method needed more to get near full fine-tuning (the
@@ -70,36 +70,36 @@ def run_training(key: str, overrides: list[str], extra: list[str]) -> None:
 
 
 def measure_speed(key: str) -> dict[str, float]:
-    """Tok/s over STEPS optimizer steps (after WARMUP) and this process's peak RSS; run in a fresh process."""
+    """Tok/s over STEPS optimizer steps of the training loop itself (after WARMUP) and this process's peak RSS; run
+    in a fresh process."""
+    import tempfile
+
     import torch
 
     from deltatune import load_config
     from deltatune.runner import calibrate, count_parameters, prepare
-    from deltatune.training.loop import Batches, make_optimizer, set_train_mode, to_device
+    from deltatune.training.loop import Batches, TrainingLoop, set_train_mode
+    from deltatune.training.run_dir import RunDir
 
     overrides = TOPIC if key == "topic-adapter" else METHODS[key][1]
     if key == "fusion":  # the speed of the fusion layers does not depend on what the adapters learned
         overrides = [o for o in overrides if not o.startswith("method.adapters")] + ["method.num_new_adapters=2"]
     prepared = prepare(load_config(BASE, overrides))
     calibrate(prepared)
-    data, config = prepared.data, prepared.config.train
-    order = Batches(data.train, data.collate, config.group_by_length).epoch(config.batch_size, config.seed, 0)
-    optimizer = make_optimizer(prepared.model, config)
+    data = prepared.data
+    training = Batches(data.train, data.collate, prepared.config.train.group_by_length)
+    with tempfile.TemporaryDirectory() as scratch:  # the loop is built with a run directory; one step writes nothing
+        loop = TrainingLoop(prepared.model, prepared.method, prepared.objective, training, None,
+                            prepared.config.train, RunDir(scratch), prepared.device)
     set_train_mode(prepared.model)
-    tokens, started = 0, 0.0
-    for step, indices in enumerate(order[: WARMUP + STEPS]):
+    for step, group in enumerate(loop.epoch_groups()[: WARMUP + STEPS]):
         if step == WARMUP:
-            tokens, started = 0, time.perf_counter()
-        batch = to_device(data.collate([data.train[i] for i in indices]), prepared.device)
-        loss = prepared.objective.loss(prepared.model, batch)[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += prepared.objective.tokens_in(batch)
-    seconds = time.perf_counter() - started
+            tokens, seconds = loop.state.tokens, loop.state.seconds
+        loop.optimizer_step(group)
     trainable, total = count_parameters(prepared.model)
-    return {"tokens_per_second": tokens / seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "trainable_parameters": trainable, "total_parameters": total, "threads": torch.get_num_threads()}
+    return {"tokens_per_second": (loop.state.tokens - tokens) / (loop.state.seconds - seconds),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable_parameters": trainable, "total_parameters": total, "threads": torch.get_num_threads()}
 
 
 def speed(keys: list[str]) -> None:

@@ -180,9 +180,9 @@ class TrainingLoop:
         progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.cfg.progress,
                         desc="train", unit="step", dynamic_ncols=True)
         while self.state.step < self.total_steps and not self.state.stopped_early:
-            groups = self._epoch_groups()
+            groups = self.epoch_groups()
             while self.state.group < len(groups) and self.state.step < self.total_steps:
-                loss, stats = self._optimizer_step(groups[self.state.group])
+                loss, stats = self.optimizer_step(groups[self.state.group])
                 self.state.group += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
@@ -194,13 +194,16 @@ class TrainingLoop:
         progress.close()
         return self.state
 
-    def _epoch_groups(self) -> list[list[list[int]]]:
+    def epoch_groups(self) -> list[list[list[int]]]:
+        """The current epoch's optimizer steps, each a group of micro-batches (lists of example indices)."""
         micro = self.train_data.epoch(self.cfg.batch_size, self.cfg.seed, self.state.epoch)
         k = self.cfg.gradient_accumulation
         return [micro[i : i + k] for i in range(0, len(micro), k)]
 
-    def _optimizer_step(self, group: list[list[int]]) -> tuple[float, dict[str, float]]:
-        """Forward/backward over the group's micro-batches (gradients accumulate), clip, step."""
+    def optimizer_step(self, group: list[list[int]]) -> tuple[float, dict[str, float]]:
+        """One step of `run`: forward/backward over the group's micro-batches (gradients accumulate), clip, step the
+        optimizer and schedule. Public so that benchmarks time exactly the step training takes (state.seconds and
+        state.tokens count it); it neither evaluates nor checkpoints."""
         started = time.perf_counter()
         total_loss, stats, tokens = 0.0, {}, 0
         for indices in group:

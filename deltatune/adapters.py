@@ -39,7 +39,8 @@ class AdapterLayer(Protocol):
     (modules_to_save). weights_changed_by_merge lists the base tensors merge() rewrites in place (so merging can
     refuse tied weights). adapter_state returns the adapter's tensors under PEFT's keys relative to the module
     (e.g. "lora_A.weight"). combine creates `new_name` as the weighted sum of the named adapters' updates, skipping
-    names the layer does not hold. set_active(None) makes the layer contribute nothing.
+    names the layer does not hold. set_active(None) makes the layer contribute nothing. The switch part (set_active,
+is_enabled, set_enabled) comes ready-made in `deltatune.methods._adapter_switch`.
     """
 
     peft_type: ClassVar[str | None]

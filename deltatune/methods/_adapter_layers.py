@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from deltatune.adapters import replace_module
 from deltatune.errors import UserError
+from deltatune.methods._adapter_switch import AdapterSwitch
 from deltatune.methods._lora_layers import is_conv1d
 from deltatune.methods.base import WrapperLayer
 
@@ -89,7 +90,7 @@ class Composition(nn.Module):
         raise NotImplementedError
 
 
-class BottleneckLayer(WrapperLayer):
+class BottleneckLayer(AdapterSwitch, WrapperLayer):
     """A base module plus named bottlenecks (and compositions of them) applied to its output."""
 
     peft_type: ClassVar[str | None] = PEFT_TYPE
@@ -99,9 +100,6 @@ class BottleneckLayer(WrapperLayer):
         self.base_layer = base_layer
         self.bottlenecks = nn.ModuleDict()
         self.compositions = nn.ModuleDict()
-        self.active: str | None = None
-        self.enabled = True
-
 
     @property
     def size(self) -> int:
@@ -150,19 +148,7 @@ class BottleneckLayer(WrapperLayer):
             raise UserError(f"adapter {name!r} is fused by {users[0]!r}; delete_adapter {users[0]!r} first")
         holder = self.compositions if name in self.compositions else self.bottlenecks
         del holder[name]
-        if self.active == name:
-            self.active = None
-
-    def set_active(self, name: str | None) -> None:
-        if name is not None and name not in self.adapter_names():
-            raise KeyError(f"layer has no adapter {name!r}")
-        self.active = name
-
-    def is_enabled(self) -> bool:
-        return self.enabled
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
+        self._forget(name)
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

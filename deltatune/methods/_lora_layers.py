@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import UserError
+from deltatune.methods._adapter_switch import MergeableSwitch
 from deltatune.methods.base import WrapperLayer
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
@@ -60,7 +61,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return utils is not None and isinstance(module, utils.Conv1D)
 
 
-class LoRALayer(WrapperLayer):
+class LoRALayer(MergeableSwitch, WrapperLayer):
     """Shared bookkeeping, forward, DoRA, merge and combination; subclasses supply the base-type specifics."""
 
     peft_type: ClassVar[str | None] = "LORA"
@@ -71,12 +72,8 @@ class LoRALayer(WrapperLayer):
         self.base_layer = base_layer
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.settings: dict[str, LoRASettings] = {}
-        self.active: str | None = None
-        self.enabled = True
         self.merged: str | None = None  # the adapter currently folded into the base weight
         self._merged_ratio: Tensor | None = None  # DoRA: m/‖W+ΔW‖ at merge time, needed to unmerge exactly
-        self._remerge_on_enable = False
-
 
     # ---- per base type -------------------------------------------------------------------------------------
     @classmethod
@@ -168,30 +165,7 @@ class LoRALayer(WrapperLayer):
             if holder is not None and name in holder:
                 del holder[name]
         del self.settings[name]
-        if self.active == name:
-            self.active = None
-
-    def set_active(self, name: str | None) -> None:
-        if name is not None and name not in self.settings:
-            raise KeyError(f"layer has no adapter {name!r}")
-        was_merged = self.merged is not None
-        if was_merged and name != self.merged:
-            self.unmerge()
-        self.active = name
-        if was_merged:
-            self.merge()  # keep the layer merged, now with the new adapter
-
-    def is_enabled(self) -> bool:
-        return self.enabled
-
-    def set_enabled(self, enabled: bool) -> None:
-        if not enabled and self.merged is not None:
-            self.unmerge()  # a disabled layer must give the base output; re-merged when enabled again
-            self._remerge_on_enable = True
-        self.enabled = enabled
-        if enabled and self._remerge_on_enable:
-            self._remerge_on_enable = False
-            self.merge()
+        self._forget(name)
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -16,17 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.adapters import replace_module
+from deltatune.methods._adapter_switch import AdapterSwitch
 
 
-class ModulesToSaveLayer(nn.Module):
+class ModulesToSaveLayer(AdapterSwitch, nn.Module):
     peft_type: ClassVar[str | None] = None  # joins an adapter of any type
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
-        self.active: str | None = None
-        self.enabled = True
 
     def __getattr__(self, name: str) -> Any:
         # Model code may read attributes of the module it built (e.g. `.weight`); answer for the original.
@@ -59,19 +58,7 @@ class ModulesToSaveLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         del self.modules_to_save[name]
-        if self.active == name:
-            self.active = None
-
-    def set_active(self, name: str | None) -> None:
-        if name is not None and name not in self.modules_to_save:
-            raise KeyError(f"module has no copy for adapter {name!r}")
-        self.active = name
-
-    def is_enabled(self) -> bool:
-        return self.enabled
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
+        self._forget(name)
 
     def merge(self) -> None:
         """Nothing to fold: the active copy already is the weight."""

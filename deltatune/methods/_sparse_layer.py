@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from deltatune.adapters import replace_module
 from deltatune.errors import UserError
+from deltatune.methods._adapter_switch import MergeableSwitch
 from deltatune.methods.base import WrapperLayer
 
 UNCHOSEN = -1  # index value meaning "not selected yet"
@@ -64,7 +65,7 @@ class SparseDelta(nn.Module):
         return weight.reshape(-1).index_add(0, self.indices, self.values.to(weight.dtype)).view_as(weight)
 
 
-class SparseDeltaLayer(WrapperLayer):
+class SparseDeltaLayer(MergeableSwitch, WrapperLayer):
     """A base module plus named sparse deltas on its `weight`; the active one (if any) is added in forward."""
 
     peft_type: ClassVar[str | None] = None  # PEFT has no sparse type; adapter files are not written for it
@@ -73,12 +74,7 @@ class SparseDeltaLayer(WrapperLayer):
         super().__init__()
         self.base_layer = base_layer
         self.sparse_deltas = nn.ModuleDict()
-        self.active: str | None = None
-        self.enabled = True
-        self.merged: str | None = None
         self._merged_entries: tuple[Tensor, Tensor] | None = None  # (positions, original W there) while merged
-        self._remerge_on_enable = False
-
 
     # ---- adapters --------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, k: int) -> SparseDelta:
@@ -96,30 +92,7 @@ class SparseDeltaLayer(WrapperLayer):
         if self.merged == name:
             self.unmerge()
         del self.sparse_deltas[name]
-        if self.active == name:
-            self.active = None
-
-    def set_active(self, name: str | None) -> None:
-        if name is not None and name not in self.sparse_deltas:
-            raise KeyError(f"layer has no sparse adapter {name!r}")
-        was_merged = self.merged is not None
-        if was_merged and name != self.merged:
-            self.unmerge()
-        self.active = name
-        if was_merged:
-            self.merge()  # stay merged, now with the new adapter
-
-    def is_enabled(self) -> bool:
-        return self.enabled
-
-    def set_enabled(self, enabled: bool) -> None:
-        if not enabled and self.merged is not None:
-            self.unmerge()  # a disabled layer must give the base output; merged again when enabled
-            self._remerge_on_enable = True
-        self.enabled = enabled
-        if enabled and self._remerge_on_enable:
-            self._remerge_on_enable = False
-            self.merge()
+        self._forget(name)
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:

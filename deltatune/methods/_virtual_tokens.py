@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import UserError
+from deltatune.methods._adapter_switch import AdapterSwitch
 
 IGNORE_INDEX = -100  # labels of virtual positions: no loss there
 PACKING_ERROR = ("prompt-side methods (prompt, ptuning, prefix, ptuning_v2) cannot keep packed examples apart "
@@ -120,7 +121,7 @@ class PromptTable(VirtualTokenEncoder):
 
 
 # ---- the adapter layer -----------------------------------------------------------------------------------------
-class VirtualTokenLayer(nn.Module):
+class VirtualTokenLayer(AdapterSwitch, nn.Module):
     """Named virtual-token adapters of one PEFT type on a model, with the hooks that feed the active one in.
 
     Implements `deltatune.adapters.AdapterLayer`. It holds no base module: `outside_base_model` tells
@@ -134,8 +135,6 @@ class VirtualTokenLayer(nn.Module):
         super().__init__()
         self.peft_type = peft_type
         self.encoders = nn.ModuleDict()
-        self.active: str | None = None
-        self.enabled = True
         # Bound methods of this module, so a deepcopy of the model carries hooks bound to the copied layer.
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, with_kwargs=True)
@@ -199,17 +198,6 @@ class VirtualTokenLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.encoders)
 
-    def set_active(self, name: str | None) -> None:
-        if name is not None and name not in self.encoders:
-            raise KeyError(f"no virtual-token adapter named {name!r}")
-        self.active = name
-
-    def is_enabled(self) -> bool:
-        return self.enabled
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
-
     def merge(self) -> None:
         raise UserError("prompt-side adapters (virtual tokens) cannot be merged into weights or exported as a "
                         "plain model; keep the adapter and save it with deltatune.save_adapter (peft reads it)")
@@ -247,8 +235,7 @@ class VirtualTokenLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         del self.encoders[name]
-        if self.active == name:
-            self.active = None
+        self._forget(name)
 
 
 # ---- call rewriting helpers ------------------------------------------------------------------------------------

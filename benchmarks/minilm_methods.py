@@ -4,6 +4,7 @@ tok/s and peak memory.
     python benchmarks/minilm_methods.py train [KEY ...]   # the runs (runs/table-KEY), skipping finished ones
     python benchmarks/minilm_methods.py speed [KEY ...]   # tok/s + peak RSS per method, each in its own process
     python benchmarks/minilm_methods.py table             # the markdown table from the two above
+    python benchmarks/minilm_methods.py sweep houlsby     # the adapter recipe, chosen on validation (runs/sweep-*)
 
 All runs share examples/minilm_rotten_tomatoes.yaml (model, data, split), so the test accuracies compare like for
 like; only the method and its learning rate / epochs differ (the values each method's paper or peft's examples use
@@ -53,20 +54,52 @@ METHODS: dict[str, tuple[str, list[str]]] = {
                                                          "method.selection=fisher", "train.epochs=1",
                                                          "train.lr=5e-4"]),
 }
+# The bottleneck adapters' recipe (`sweep houlsby|pfeiffer`): learning rate, whether the layer norms train too (as
+# in Houlsby et al.), bottleneck width; 3 epochs each, chosen on validation accuracy only.
+HEAD_ONLY, LAYER_NORMS = "method.modules_to_save=null", "method.modules_to_save=[classifier,pooler,LayerNorm]"
+ADAPTER_VARIANTS = {
+    "lr1e-3": ["train.lr=1e-3", HEAD_ONLY, "method.reduction_factor=16"],
+    "ln": ["train.lr=1e-3", LAYER_NORMS, "method.reduction_factor=16"],
+    "lr3e-3": ["train.lr=3e-3", HEAD_ONLY, "method.reduction_factor=16"],
+    "lr3e-3-ln": ["train.lr=3e-3", LAYER_NORMS, "method.reduction_factor=16"],
+}
+SWEEPS: dict[str, dict[str, list[str]]] = {"houlsby": ADAPTER_VARIANTS, "pfeiffer": {
+    key: ADAPTER_VARIANTS[key] for key in ("lr3e-3", "lr3e-3-ln")}}
 # Stage 1 of AdapterFusion on a second task; not a table row.
 TOPIC = ["method.name=adapter", "method.placement=pfeiffer", "data.name=chatterbot", "data.text_column=prompt",
          "data.label_column=category", "train.epochs=3", "train.lr=1e-3", "train.eval_every=null"]
 
 
-def run_training(key: str, overrides: list[str], extra: list[str]) -> None:
-    """One run through the CLI, named runs/table-KEY; a finished run (summary.json) is kept, not redone."""
-    if (RUNS / f"table-{key}" / "summary.json").exists():
-        print(f"runs/table-{key} is finished; skipping")
+def run_training(run_name: str, overrides: list[str], extra: list[str]) -> None:
+    """One run through the CLI, in runs/RUN_NAME; a finished run (summary.json) is kept, not redone."""
+    if (RUNS / run_name / "summary.json").exists():
+        print(f"runs/{run_name} is finished; skipping")
         return
-    command = [sys.executable, "-m", "deltatune.cli", "train", BASE, f"run_name=table-{key}", "train.progress=false",
+    command = [sys.executable, "-m", "deltatune.cli", "train", BASE, f"run_name={run_name}", "train.progress=false",
                *overrides, *extra]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
+
+
+def with_settings(overrides: list[str], changes: list[str]) -> list[str]:
+    """`overrides` with the keys that `changes` sets replaced by `changes`."""
+    changed = {change.split("=")[0] for change in changes}
+    return [o for o in overrides if o.split("=")[0] not in changed] + changes
+
+
+def sweep(key: str, extra: list[str]) -> None:
+    """Each variant of SWEEPS[key] on top of the method's row (runs/sweep-KEY-VARIANT), then their validation and
+    test accuracy; the recipe is the best on validation, the test column only reports."""
+    results = {}
+    for variant, changes in SWEEPS[key].items():
+        run_training(f"sweep-{key}-{variant}", with_settings(METHODS[key][1], changes), extra)
+        results[variant] = _read(RUNS / f"sweep-{key}-{variant}" / "summary.json")["after"]
+    best = max(results, key=lambda variant: results[variant]["validation"]["accuracy"])
+    print(f"| {key} variant | settings | validation accuracy | test accuracy |\n|---|---|---|---|")
+    for variant, after in results.items():
+        mark = " (chosen)" if variant == best else ""
+        print(f"| {variant}{mark} | {' '.join(SWEEPS[key][variant])} | {after['validation']['accuracy']:.4f} | "
+              f"{after['test']['accuracy']:.4f} |")
 
 
 def measure_speed(key: str) -> dict[str, float]:
@@ -141,8 +174,11 @@ def main(argv: list[str]) -> None:
     if action == "train":
         for key in keys:
             if key == "fusion":
-                run_training("topic-adapter", TOPIC, extra)
-            run_training(key, METHODS[key][1] if key in METHODS else TOPIC, extra)
+                run_training("table-topic-adapter", TOPIC, extra)
+            run_training(f"table-{key}", METHODS[key][1] if key in METHODS else TOPIC, extra)
+    elif action == "sweep":
+        for key in [k for k in keys if k in SWEEPS]:
+            sweep(key, extra)
     elif action == "speed":
         speed(keys)
     elif action == "_measure":

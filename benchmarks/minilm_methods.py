@@ -40,7 +40,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "lora": ("LoRA r=8, all attention + MLP linears", ["method.name=lora", "method.r=8", "method.lora_alpha=16",
                                                        "train.epochs=3", "train.lr=1e-3"]),
     "houlsby": ("adapter, Houlsby (reduction 16)", ["method.name=adapter", "method.placement=houlsby",
-                                                   "train.epochs=3", "train.lr=1e-3"]),
+                                                   "train.epochs=3", "train.lr=3e-3"]),
     "pfeiffer": ("adapter, Pfeiffer (reduction 16)", ["method.name=adapter", "method.placement=pfeiffer",
                                                      "train.epochs=2", "train.lr=1e-3"]),
     "fusion": ("AdapterFusion (RT + topic adapters)", ["method.name=adapter_fusion",
@@ -58,13 +58,17 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 # in Houlsby et al.), bottleneck width; 3 epochs each, chosen on validation accuracy only.
 HEAD_ONLY, LAYER_NORMS = "method.modules_to_save=null", "method.modules_to_save=[classifier,pooler,LayerNorm]"
 ADAPTER_VARIANTS = {
-    "lr1e-3": ["train.lr=1e-3", HEAD_ONLY, "method.reduction_factor=16"],
-    "ln": ["train.lr=1e-3", LAYER_NORMS, "method.reduction_factor=16"],
-    "lr3e-3": ["train.lr=3e-3", HEAD_ONLY, "method.reduction_factor=16"],
-    "lr3e-3-ln": ["train.lr=3e-3", LAYER_NORMS, "method.reduction_factor=16"],
+    "lr1e-3": ["train.epochs=3", "train.lr=1e-3", HEAD_ONLY, "method.reduction_factor=16"],
+    "ln": ["train.epochs=3", "train.lr=1e-3", LAYER_NORMS, "method.reduction_factor=16"],
+    "lr3e-3": ["train.epochs=3", "train.lr=3e-3", HEAD_ONLY, "method.reduction_factor=16"],
+    "lr3e-3-ln": ["train.epochs=3", "train.lr=3e-3", LAYER_NORMS, "method.reduction_factor=16"],
 }
-SWEEPS: dict[str, dict[str, list[str]]] = {"houlsby": ADAPTER_VARIANTS, "pfeiffer": {
-    key: ADAPTER_VARIANTS[key] for key in ("lr3e-3", "lr3e-3-ln")}}
+# Full fine-tuning under the same rule: does it also gain from the adapters' 3 epochs?
+SWEEPS: dict[str, dict[str, list[str]]] = {
+    "houlsby": ADAPTER_VARIANTS,
+    "pfeiffer": {key: ADAPTER_VARIANTS[key] for key in ("lr3e-3", "lr3e-3-ln")},
+    "full": {"1ep": ["train.epochs=1"], "3ep": ["train.epochs=3"]},
+}
 # Stage 1 of AdapterFusion on a second task; not a table row.
 TOPIC = ["method.name=adapter", "method.placement=pfeiffer", "data.name=chatterbot", "data.text_column=prompt",
          "data.label_column=category", "train.epochs=3", "train.lr=1e-3", "train.eval_every=null"]

@@ -35,7 +35,7 @@ RT_ADAPTER, TOPIC_ADAPTER = "runs/sweep-pfeiffer-lr3e-3", "runs/table-topic-adap
 # key -> (table label, overrides). One epoch unless a method needed more to get near full fine-tuning (the
 # bottleneck adapters, which the issue holds to that bar; LoRA's run is the README's 3-epoch one).
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "full": ("full fine-tuning", ["method.name=full", "train.epochs=1", "train.lr=1e-4"]),
+    "full": ("full fine-tuning", ["method.name=full", "train.epochs=3", "train.lr=1e-4"]),
     "freeze": ("freeze: last 2 of 6 blocks + head", ["method.name=freeze", "method.last_n_blocks=2",
                                                       "train.epochs=1", "train.lr=2e-4"]),
     "bitfit": ("BitFit (biases + head)", ["method.name=bitfit", "train.epochs=1", "train.lr=2e-3"]),

@@ -34,8 +34,8 @@ RT_ADAPTER, TOPIC_ADAPTER = "runs/sweep-pfeiffer-lr3e-3", "runs/table-topic-adap
 
 HEAD_ONLY, LAYER_NORMS = "method.modules_to_save=null", "method.modules_to_save=[classifier,pooler,LayerNorm]"
 
-# key -> (table label, overrides). One epoch unless a method needed more to get near full fine-tuning (the
-# bottleneck adapters, which the issue holds to that bar; LoRA's run is the README's 3-epoch one).
+# key -> (table label, overrides). One epoch at the method's usual learning rate, except full fine-tuning and the
+# bottleneck adapters (recipes chosen on validation by `sweep`, 3 epochs) and LoRA (the README's 3-epoch run).
 METHODS: dict[str, tuple[str, list[str]]] = {
     "full": ("full fine-tuning", ["method.name=full", "train.epochs=3", "train.lr=1e-4"]),
     "freeze": ("freeze: last 2 of 6 blocks + head", ["method.name=freeze", "method.last_n_blocks=2",

@@ -177,15 +177,19 @@ def _read(path: Path) -> dict:
 
 def main(argv: list[str]) -> None:
     action, rest = (argv[0], argv[1:]) if argv else ("table", [])
-    keys = [k for k in rest if "=" not in k] or list(METHODS)
+    keys = [k for k in rest if "=" not in k] or list(SWEEPS if action == "sweep" else METHODS)
     extra = [k for k in rest if "=" in k]  # overrides for every run, e.g. train.num_threads=1
+    known = SWEEPS if action == "sweep" else {**METHODS, "topic-adapter": None}
+    unknown = [k for k in keys if k not in known]
+    if action in ("train", "sweep", "speed") and unknown:
+        sys.exit(f"minilm_methods.py {action}: unknown key {unknown[0]!r}; use one of {', '.join(known)}")
     if action == "train":
         for key in keys:
             if key == "fusion":
                 run_training("table-topic-adapter", TOPIC, extra)
             run_training(f"table-{key}", METHODS[key][1] if key in METHODS else TOPIC, extra)
     elif action == "sweep":
-        for key in [k for k in keys if k in SWEEPS]:
+        for key in keys:
             sweep(key, extra)
     elif action == "speed":
         speed(keys)

@@ -40,7 +40,7 @@ class AdapterLayer(Protocol):
     refuse tied weights). adapter_state returns the adapter's tensors under PEFT's keys relative to the module
     (e.g. "lora_A.weight"). combine creates `new_name` as the weighted sum of the named adapters' updates, skipping
     names the layer does not hold. set_active(None) makes the layer contribute nothing. The switch part (set_active,
-is_enabled, set_enabled) comes ready-made in `deltatune.methods._adapter_switch`.
+    is_enabled, set_enabled) comes ready-made in `deltatune.methods._adapter_switch`.
     """
 
     peft_type: ClassVar[str | None]

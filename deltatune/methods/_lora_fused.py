@@ -8,8 +8,8 @@ Backward, with g = ∂L/∂y and u = c·g B (N × r, tiny):
 Why not let autograd compose the usual modules (what peft does): every separate op there allocates and sweeps an
 activation-sized tensor — the dropout output and its float mask, B's output, its scaled copy, the sum, and in
 backward the dropout's gradient and a second input-gradient added to the first — and element-wise sweeps, not
-matmuls, are where a CPU step goes. Here the mask is drawn once as one byte per element (see `keep_mask`; the 1/q rescale
-folded into the scalar c), B's product is accumulated into the base output in place by one GEMM, and the low-rank
+matmuls, are where a CPU step goes. Here the mask is drawn once as one byte per element (`keep_mask`; the 1/q
+rescale folded into the scalar c), B's product is accumulated into the base output in place by one GEMM, and the low-rank
 input-gradient is accumulated into the base one in place. Saved for backward: the layer input (shared storage when
 several layers read the same tensor, as q/k/v do — peft keeps one dropped copy per layer), the byte mask, and the
 N × r hidden product; the dropped input is recomputed in backward instead of kept.
@@ -66,7 +66,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         out = torch.mm(x, base) if bias is None else torch.addmm(bias, x, base)
         keep, keep_probability, dropped = None, 1.0, x
         if dropout > 0:
-            # The 1/(1-p) rescale lives in `coefficient`, not in a scaled copy of x.
+            # The 1/q rescale lives in `coefficient`, not in a scaled copy of x.
             keep, keep_probability = keep_mask(x.shape, dropout, x.device)
             dropped = x * keep
         coefficient = scaling / keep_probability

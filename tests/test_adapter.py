@@ -10,7 +10,7 @@ from torch import nn
 import deltatune
 from deltatune.adapters import adapter_layers, adapter_names
 from deltatune.errors import UserError
-from deltatune.methods._adapter_layers import BottleneckLayer
+from deltatune.methods._adapter_layers import BottleneckLayer, NormBottleneckLayer
 from deltatune.methods.adapter import Adapter, AdapterConfig
 from deltatune.models import ImageClassifier
 from deltatune.models.families import family_of
@@ -87,6 +87,70 @@ def test_negative_pre_activation_gives_only_the_up_bias():
     assert torch.allclose(layer(x), torch.tensor([[0.75, -3.5]]))
 
 
+def test_pfeiffer_norm_layer_is_hand_computed():
+    # s = [1, 2, 3]: mean 2, variance 2/3, so z = N(s) = [-√1.5, 0, √1.5]. The bottleneck reads z[2] = √1.5 (relu
+    # keeps it) and adds 3·√1.5 to s[2] before the norm: y = N([1, 2, 3 + 3·√1.5]).
+    layer = NormBottleneckLayer(nn.LayerNorm(3, eps=0.0, elementwise_affine=False))
+    layer.add_bottleneck("a", 1, "relu")
+    with torch.no_grad():
+        layer.bottlenecks["a"].adapter_down.weight.copy_(torch.tensor([[0.0, 0.0, 1.0]]))
+        layer.bottlenecks["a"].adapter_up.weight.copy_(torch.tensor([[0.0], [0.0], [3.0]]))
+    s = torch.tensor([[1.0, 2.0, 3.0]])
+    root = 1.5 ** 0.5
+    assert torch.allclose(layer(s), torch.tensor([[-root, 0.0, root]]))  # no adapter active: the norm alone
+    layer.set_active("a")
+    summed = torch.tensor([1.0, 2.0, 3.0 + 3.0 * root])
+    expected = (summed - summed.mean()) / summed.var(unbiased=False).sqrt()
+    assert torch.allclose(layer(s), expected.unsqueeze(0), atol=1e-6)
+    assert torch.allclose(layer(s).mean(), torch.tensor(0.0), atol=1e-6)  # the output stays normalised
+
+
+def test_pfeiffer_on_bert_starts_as_base_and_disables_to_base():
+    model = seeded(tiny_bert, 3)
+    batch = bert_batch()
+
+    def encoded():  # the encoder's output: the tiny head's logits are too small to show a change
+        model.eval()
+        with torch.no_grad():
+            return model.bert(**batch).last_hidden_state
+
+    base = encoded()
+    deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer"})
+    assert all(isinstance(layer, NormBottleneckLayer)
+               for layer in adapter_layers(model).values() if isinstance(layer, BottleneckLayer))
+    assert torch.allclose(encoded(), base, atol=1e-6)
+    randomise(model, "default")
+    assert not torch.allclose(encoded(), base, atol=1e-2)
+    with deltatune.disabled(model):
+        assert torch.equal(encoded(), base)
+
+
+def test_pfeiffer_trains_the_other_layer_norms_but_not_the_wrapped_ones():
+    model = seeded(tiny_bert, 3)
+    with pytest.raises(UserError, match=r"modules_to_save trains '.*output.LayerNorm' in full, but the pfeiffer "
+                                        r"adapter wraps it|but the pfeiffer adapter wraps"):
+        deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer",
+                                "modules_to_save": ["classifier", "LayerNorm"]})
+    assert not adapter_layers(model)
+    method = deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer",
+                                     "modules_to_save": ["classifier", "attention.output.LayerNorm"]})
+    trained = set(method.trainable_state(model))
+    assert any("attention.output.LayerNorm.modules_to_save.default." in name for name in trained)
+    assert any(".output.LayerNorm.bottlenecks.default." in name for name in trained)
+
+
+def test_pfeiffer_adapter_round_trips_through_a_file(tmp_path):
+    model = seeded(tiny_bert, 3)
+    deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer"})
+    randomise(model, "default")
+    expected = logits(model, bert_batch())
+    deltatune.save_adapter(model, tmp_path / "adapter")
+    fresh = seeded(tiny_bert, 3)
+    deltatune.load_adapter(fresh, tmp_path / "adapter")
+    assert any(isinstance(layer, NormBottleneckLayer) for layer in adapter_layers(fresh).values())
+    assert torch.allclose(logits(fresh, bert_batch()), expected, atol=1e-6)
+
+
 def test_initialisation_is_identity_with_small_random_down_projection():
     model = seeded(tiny_llama)
     batch = llama_batch()
@@ -103,7 +167,7 @@ def test_initialisation_is_identity_with_small_random_down_projection():
 # ---- placement ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("build, placement, suffixes", [
     (tiny_bert, "houlsby", {"attention.output.dense", "output.dense"}),
-    (tiny_bert, "pfeiffer", {"output.dense"}),
+    (tiny_bert, "pfeiffer", {"output.LayerNorm"}),  # post-norm block: Pfeiffer's position, around the norm
     (tiny_llama, "houlsby", {"self_attn.o_proj", "mlp.down_proj"}),
     (tiny_llama, "pfeiffer", {"mlp.down_proj"}),
 ])
@@ -117,6 +181,15 @@ def test_placement_per_family(build, placement, suffixes):
     for block in range(blocks):
         in_block = [name for name in bottlenecks if f".{block}." in name]
         assert {name.split(f".{block}.", 1)[1] for name in in_block} == suffixes
+
+
+def test_pfeiffer_falls_back_to_the_feed_forward_output_where_the_model_has_no_norm_after_it():
+    from deltatune.models.families import FAMILIES
+
+    model = seeded(tiny_llama)  # pre-norm; the generic family also knows BERT-like post-FFN norms, which it lacks
+    Adapter(AdapterConfig(placement="pfeiffer", modules_to_save=[])).apply(model, FAMILIES["generic"])
+    assert {name.rsplit(".", 2)[-2:][0] + "." + name.rsplit(".", 1)[-1] for name in adapter_layers(model)} == {
+        "mlp.down_proj"}
 
 
 @pytest.mark.parametrize("build, width, sites_per_block", [(tiny_bert, 32, 2), (tiny_llama, 64, 2)])

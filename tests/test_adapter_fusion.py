@@ -200,3 +200,24 @@ def test_stage1_for_another_base_leaves_the_model_unchanged(stage1, tmp_path):
         deltatune.apply(model, {"name": "adapter_fusion",
                                 "adapters": [str(stage1 / "sentiment"), str(tmp_path / "wide")]})
     assert not adapter_layers(model)
+
+
+def test_fusing_one_pfeiffer_adapter_twice_equals_it_alone(tmp_path):
+    # Pfeiffer adapters wrap the post-FFN norm (y = N(s + a(N(s)))); the fusion composes there too. Two copies of
+    # one adapter fuse to its own update (equal updates average to it; W_V starts at identity).
+    torch.manual_seed(0)
+    model = tiny_bert(2)
+    deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 8})
+    train(model, *batch_and_labels(1, 2), steps=5)
+    batch, _ = batch_and_labels(7, 2)
+    alone = hidden(model, batch)
+    for copy in ("first", "second"):
+        deltatune.save_adapter(model, tmp_path / copy)
+    torch.manual_seed(0)
+    fused = tiny_bert(2)
+    with deltatune.disabled(model):
+        assert not torch.allclose(hidden(model, batch), alone, atol=1e-3)  # the adapter does change the output
+    deltatune.apply(fused, {"name": "adapter_fusion", "adapters": [str(tmp_path / "first"), str(tmp_path / "second")]})
+    sites = [layer for layer in adapter_layers(fused).values() if isinstance(layer, BottleneckLayer)]
+    assert len(sites) == 2 and all(type(layer).__name__ == "NormBottleneckLayer" for layer in sites)
+    assert torch.allclose(hidden(fused, batch), alone, atol=1e-4)

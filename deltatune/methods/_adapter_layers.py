@@ -7,6 +7,14 @@ Houlsby et al. (2019), "Parameter-Efficient Transfer Learning for NLP": after a 
 with a non-linearity f. W_up and b_up start at zero, so y = h exactly at init; W_down starts small (truncated
 normal, std 1e-2: the paper's near-identity init), so W_up has a non-zero gradient from the first step.
 
+Pfeiffer et al. (2021) read the adapter's input after the block's norm instead: in a post-norm block whose
+feed-forward result h joins the residual x as s = h + x and is normalised, N(s), the adapter reads z = N(s) and its
+update joins the sum before the norm, `NormBottleneckLayer` (it wraps the norm N):
+
+    y = N(s + a(z)),    z = N(s),    a(z) = W_up · f(W_down · z + b_down) + b_up
+
+(AdapterHub's seq_bn: residual before the norm, the original norm before and after). At init a = 0, so y = N(s).
+
 A layer may also hold compositions (`Composition`): modules that combine the updates of several of its bottlenecks
 into one (AdapterFusion, in `adapter_fusion.py`). The layer computes each fused bottleneck's update aᵢ = a_i(h) and
 adds the composition's result:  y = h + c(h, [a₁ … aₙ]).
@@ -43,11 +51,20 @@ _SAVED_KEY = re.compile(r"^(?P<module>.+)\.bottlenecks\.(?P<adapter>[^.]+)\."
 
 
 def output_size(module: nn.Module) -> int | None:
-    """The width of a Linear-like module's output (nn.Linear, transformers' Conv1D), or None for other modules."""
+    """The width of a Linear-like module's output (nn.Linear, transformers' Conv1D) or of a LayerNorm over the last
+    dimension, or None for other modules."""
     if is_conv1d(module):
         return int(module.nf)
+    if is_norm(module):
+        return int(module.normalized_shape[-1])
     size = getattr(module, "out_features", None)
     return size if isinstance(size, int) else None
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A LayerNorm-like module (torch's LayerNorm and RMSNorm both carry `normalized_shape`)."""
+    shape = getattr(module, "normalized_shape", None)
+    return isinstance(shape, tuple) and len(shape) == 1
 
 
 def like_options(like: Tensor | None) -> dict[str, object]:
@@ -104,7 +121,7 @@ class BottleneckLayer(AdapterSwitch, WrapperLayer):
     @property
     def size(self) -> int:
         size = output_size(self.base_layer)
-        assert size is not None, "the methods only wrap Linear-like modules"
+        assert size is not None, "the methods only wrap Linear-like modules and LayerNorms"
         return size
 
     @property
@@ -153,14 +170,19 @@ class BottleneckLayer(AdapterSwitch, WrapperLayer):
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.base_layer(x)
+        update = self.update(hidden)
+        return hidden if update is None else hidden + update
+
+    def update(self, hidden: Tensor) -> Tensor | None:
+        """The active adapter's (or composition's) update from the adapters' input; None when none is active."""
         name = self.active
         if name is None or not self.enabled:
-            return hidden
+            return None
         if name in self.bottlenecks:
-            return hidden + self.bottlenecks[name](hidden)
+            return self.bottlenecks[name](hidden)
         composition = self.compositions[name]
         updates = torch.stack([self.bottlenecks[fused](hidden) for fused in composition.fused], dim=-2)
-        return hidden + composition(hidden, updates)
+        return composition(hidden, updates)
 
     # ---- merge and combination: not expressible for a non-linear update -----------------------------------------
     def merge(self) -> None:
@@ -192,9 +214,21 @@ class BottleneckLayer(AdapterSwitch, WrapperLayer):
         return f"adapters=[{', '.join(described)}], active={self.active!r}"
 
 
+class NormBottleneckLayer(BottleneckLayer):
+    """Pfeiffer's position: wraps the norm N after a post-norm block's residual add s; y = N(s + a(N(s)))."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = self.base_layer(x)
+        update = self.update(normed)
+        # The update joins the residual sum before the norm, so the block's output stays normalised (the norm runs
+        # twice: once for the adapters' input, once for the output).
+        return normed if update is None else self.base_layer(x + update)
+
+
 def wrap(model: nn.Module, module_name: str, module: nn.Module) -> BottleneckLayer:
-    """Replace `module` (named `module_name` in `model`) by a bottleneck layer around it."""
-    layer = BottleneckLayer(module)
+    """Replace `module` (named `module_name` in `model`) by a bottleneck layer around it: the norm form around a
+    LayerNorm, the output form around a Linear."""
+    layer = NormBottleneckLayer(module) if is_norm(module) else BottleneckLayer(module)
     replace_module(model, module_name, layer)
     return layer
 

@@ -9,12 +9,13 @@ W_up, b_up start at zero (the model's output is unchanged at init), W_down small
 `_adapter_layers.py`). Trainable parameters per adapted module: 2·d·m + d + m.
 
 Where (`placement`): "houlsby" = after the attention output projection and after the feed-forward output (two per
-block, Houlsby et al.); "pfeiffer" = after the feed-forward output only (one per block, Pfeiffer et al.). Which
-modules those are comes from the family table (`Family.attention_output` / `mlp_output`). The adapter wraps that
-module, so it acts on the sublayer's output before the block's dropout, residual add and layer norm (Houlsby's
-position; Pfeiffer's variant reads the post-norm state, which needs architecture-specific code: we keep the one
-model-agnostic position for both). `modules_to_save` None = the family's new task head trains in full (one copy per
-adapter), as for lora.
+block, Houlsby et al.): the adapter wraps that Linear and acts on the sublayer's output h before the block's
+dropout, residual add and norm. "pfeiffer" = once per block, at the feed-forward sublayer, in Pfeiffer et al.'s
+position: in post-norm blocks (BERT) it wraps the norm after the residual add, reads the normalised state z = N(s)
+and adds its update before that norm, y = N(s + a(z)) (`NormBottleneckLayer`); pre-norm blocks (Llama) have no
+such norm, so there it reads the feed-forward output as Houlsby's does. Which modules those are comes from the
+family table (`Family.attention_output` / `mlp_output` / `mlp_output_norm`). `modules_to_save` None = the family's
+new task head trains in full (one copy per adapter), as for lora; a module an adapter wraps cannot also be one.
 
 Several adapters live side by side under names (`Adapter(config, adapter_name="task2")`), switched with
 `deltatune.set_adapter`; `deltatune.adapter_fusion` combines trained ones. `save_adapter`/`load_adapter` write and
@@ -48,14 +49,17 @@ from deltatune.methods.base import Method, set_trainable
 from deltatune.methods.lora import modules_to_save
 from deltatune.models.families import Family
 
-# The family parts (Family.is_<part>) each placement puts an adapter after.
-PLACEMENTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention_output", "mlp_output"), "pfeiffer": ("mlp_output",)}
+# The family parts (Family.is_<part>) each placement wraps, best first: a model lacking the first takes the next.
+PLACEMENTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "houlsby": (("attention_output", "mlp_output"),),
+    "pfeiffer": (("mlp_output_norm",), ("mlp_output",)),  # post-norm blocks: the norm; pre-norm: the FFN output
+}
 
 
 @dataclass
 class AdapterConfig(MethodConfig):
     name: str = "adapter"
-    placement: str = "houlsby"  # houlsby: after attention output and feed-forward output; pfeiffer: feed-forward only
+    placement: str = "houlsby"  # houlsby: after attention and feed-forward outputs; pfeiffer: feed-forward, post-norm
     reduction_factor: int = 16  # bottleneck width m = hidden size // reduction_factor (at least 1)
     non_linearity: str = "relu"  # relu | gelu | silu | tanh
     modules_to_save: list[str] | None = None  # None: the family's new task head
@@ -143,20 +147,29 @@ def _check_choice(key: str, value: str, choices: dict[str, Any]) -> None:
 
 
 def adapter_sites(model: nn.Module, family: Family, placement: str, excluded: list[str]) -> dict[str, nn.Module]:
-    """Module name -> module (or an existing bottleneck layer around it) after which the placement puts adapters."""
-    parts = PLACEMENTS[placement]
+    """Module name -> module (or an existing bottleneck layer around it) that the placement wraps."""
+    modules = {name: module for name, module in base_modules(model) if name}
+
+    def found(part: str) -> bool:
+        return any(getattr(family, f"is_{part}")(name) for name in modules)
+
+    # The first set of parts the model has (a pre-norm model has no feed-forward output norm); else the last, whose
+    # missing part the error below names.
+    parts = next((parts for parts in PLACEMENTS[placement] if all(found(part) for part in parts)),
+                 PLACEMENTS[placement][-1])
     tests = {part: getattr(family, f"is_{part}") for part in parts}
-
-    def wanted(name: str) -> bool:
-        inside_saved = any(name == skip or name.startswith(f"{skip}.") for skip in excluded)
-        return bool(name) and not inside_saved and any(test(name) for test in tests.values())
-
-    sites = {name: module for name, module in base_modules(model) if wanted(name)}
+    sites = {name: module for name, module in modules.items() if any(test(name) for test in tests.values())}
     for part, test in tests.items():
         if not any(test(name) for name in sites):
             raise UserError(f"method adapter found no {part.replace('_', ' ')} module in this {family.name} model; "
                             f"add its name pattern to Family.{part} in deltatune/models/families.py or set "
                             f"model.family")
+    for name in sites:
+        saved = next((skip for skip in excluded if name == skip or name.startswith(f"{skip}.")), None)
+        if saved is not None:
+            raise UserError(f"method.modules_to_save trains {saved!r} in full, but the {placement} adapter wraps "
+                            f"{name!r}; leave it out of modules_to_save (a narrower pattern, e.g. "
+                            f"attention.output.LayerNorm rather than LayerNorm)")
     for name, module in sites.items():
         _check_wrappable(name, module)
     return sites
@@ -169,8 +182,9 @@ def _check_wrappable(name: str, module: nn.Module) -> None:
         raise UserError(f"method adapter cannot wrap {name!r}: it already carries {type(module).__name__} adapters "
                         f"of another method; use one adapter method per module")
     if output_size(module) is None:
-        raise UserError(f"method adapter puts adapters after {name!r}, a {type(module).__name__}, but needs a Linear "
-                        f"there; fix the family's attention_output/mlp_output patterns in deltatune/models/families.py")
+        raise UserError(f"method adapter puts adapters at {name!r}, a {type(module).__name__}, but needs a Linear or "
+                        f"a LayerNorm there; fix the family's attention_output/mlp_output(_norm) patterns in "
+                        f"deltatune/models/families.py")
 
 
 def _check_saved(modules: dict[str, nn.Module], module_name: str, parts: dict[str, Tensor]) -> int:

@@ -29,6 +29,8 @@ class Family:
         it trains together with the last blocks.
     attention_output / mlp_output: regexes for the module whose output is the attention / feed-forward sublayer's
         result just before its residual add (where bottleneck adapters go); empty where there is none.
+    mlp_output_norm: regexes for the norm a post-norm block applies to its feed-forward result plus residual (BERT's
+        `output.LayerNorm`; Pfeiffer adapters read its output); empty in pre-norm blocks (Llama), which have none.
     detect: model_type values (transformers) or class names that identify the family.
     """
 
@@ -40,6 +42,7 @@ class Family:
     after_blocks: tuple[str, ...] = ()
     attention_output: tuple[str, ...] = ()
     mlp_output: tuple[str, ...] = ()
+    mlp_output_norm: tuple[str, ...] = ()
     detect: tuple[str, ...] = ()
 
     def block_index(self, name: str) -> int | None:
@@ -74,6 +77,9 @@ class Family:
     def is_mlp_output(self, name: str) -> bool:
         return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp_output)
 
+    def is_mlp_output_norm(self, name: str) -> bool:
+        return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp_output_norm)
+
 
 FAMILIES: dict[str, Family] = {
     family.name: family
@@ -87,6 +93,7 @@ FAMILIES: dict[str, Family] = {
             head=(r"(?:^|\.)classifier\.", r"(?:^|\.)pooler\."),
             attention_output=(r"attention\.output\.dense$",),
             mlp_output=(r"\d+\.output\.dense$",),  # layer.N.output.dense, not attention.output.dense
+            mlp_output_norm=(r"\d+\.output\.LayerNorm$",),
             detect=("bert",),
         ),
         Family(
@@ -123,6 +130,7 @@ FAMILIES: dict[str, Family] = {
                               r"attention\.output\.dense$"),
             mlp_output=(r"(?:mlp|ffn|feed_forward)\.(?:down_proj|fc2|c_proj|w2|dense_4h_to_h|out_proj)$",
                         r"\d+\.output\.dense$", r"\d+\.fc2$"),
+            mlp_output_norm=(r"\d+\.output\.LayerNorm$",),  # BERT-likes; pre-norm models have none
         ),
     )
 }

@@ -125,6 +125,28 @@ def test_pfeiffer_on_bert_starts_as_base_and_disables_to_base():
         assert torch.equal(encoded(), base)
 
 
+def test_pfeiffer_on_bert_gives_gradients_only_to_its_parameters_and_learns():
+    model = seeded(tiny_bert, 3)
+    method = deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer"})
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(method.trainable_state(model))
+    batch, labels = bert_batch(), torch.tensor([0, 1, 2])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(60):
+        loss = F.cross_entropy(model(**batch).logits, labels)
+        loss.backward()
+        if step == 1:  # step 0 leaves W_down without gradient (W_up = 0); from then on every bottleneck gets one
+            for name, param in model.named_parameters():
+                assert (param.grad is not None) == (name in trainable), name
+            assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".bottlenecks." in n)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
 def test_pfeiffer_trains_the_other_layer_norms_but_not_the_wrapped_ones():
     model = seeded(tiny_bert, 3)
     with pytest.raises(UserError, match=r"modules_to_save trains '.*output.LayerNorm' in full, but the pfeiffer "

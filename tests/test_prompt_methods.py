@@ -140,6 +140,22 @@ def test_labels_get_no_loss_on_virtual_tokens():
     assert torch.allclose(out.loss, next_token_loss(out.logits, labels), atol=1e-6)
 
 
+def test_the_lm_head_computes_only_the_real_positions_unless_the_model_computes_the_loss():
+    model, _ = llama_with("prompt")
+    batch = llama_batch()
+    head_inputs = []
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0].shape[1]))
+    with torch.no_grad():
+        logits = model(**batch).logits
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        with_loss = model(**batch, labels=labels).logits  # the model's own loss needs every position
+        last = model(**batch, logits_to_keep=1).logits  # a caller's own choice (generation) is kept
+    handle.remove()
+    assert head_inputs == [7, N + 7, 1]
+    assert logits.shape == with_loss.shape == (2, 7, model.config.vocab_size)
+    assert torch.allclose(logits, with_loss, atol=1e-6) and torch.allclose(last[:, -1], logits[:, -1], atol=1e-6)
+
+
 # ---- generation ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
 def test_cached_generation_equals_uncached(name):

@@ -17,7 +17,7 @@ update joins the sum before the norm, `NormBottleneckLayer` (it wraps the norm N
 
 A layer may also hold compositions (`Composition`): modules that combine the updates of several of its bottlenecks
 into one (AdapterFusion, in `adapter_fusion.py`). The layer computes each fused bottleneck's update aᵢ = a_i(h) and
-adds the composition's result:  y = h + c(h, [a₁ … aₙ]).
+adds the composition's result:  y = h + c(h, [a₁ … aₙ])  (in the norm form, y = N(s + c(z, [a₁ … aₙ]))).
 
 Implements the adapter protocol of `deltatune.adapters`. A bottleneck is not linear in its input, so it cannot be
 folded into a weight (merge refuses) nor averaged with another as a weighted sum (combine refuses; fuse them

@@ -4,7 +4,8 @@ InputPromptLayer (prompt tuning, P-tuning): the call's tokens are embedded here 
     into the embedded sequence, at index 0 (PEFT's place) or 1 (after an encoder's [CLS], which its head reads):
         E' = [E(x_{<i}) ; P ; E(x_{≥i})],   mask' = [m_{<i} ; 1ⁿ ; m_{≥i}],   labels' = [l_{<i} ; -100ⁿ ; l_{≥i}]
     token_type_ids get type 0 and position_ids n consecutive positions there, later positions move by n; the
-    post-hook removes the n virtual positions from per-token outputs again.
+    post-hook removes the n virtual positions from per-token outputs again. With the prompts in front and no labels,
+    a causal LM is asked for the real positions' logits only (`logits_to_keep`), so the head never computes the others.
 KeyValuePrefixLayer (prefix tuning, P-tuning v2): the flattened prefix (n, N·2·kv_heads·d_h) is split, in PEFT's
     order, into per-layer keys and values (batch, kv_heads, n, d_h) and put into the KV cache the model is called
     with, so each attention layer concatenates them before its own keys/values: K'_l = [P_l^K ; K_l(x)]. The real
@@ -13,6 +14,8 @@ KeyValuePrefixLayer (prefix tuning, P-tuning v2): the flattened prefix (n, N·2�
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -67,6 +70,11 @@ class InputPromptLayer(VirtualTokenLayer):
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[:2] == (batch, length):
             kwargs["labels"] = insert_constant(labels, index, count, IGNORE_INDEX)  # no loss on virtual tokens
+        elif index == 0 and labels is None and not kwargs.get("logits_to_keep") and _keeps_logits(model):
+            # Logits for the real (last `length`) positions only: the LM head skips the n virtual ones, and backward
+            # skips the zero-filled (batch, length + n, vocabulary) gradient that slicing them off would cost. Not
+            # when the model computes the loss itself: its labels cover every position.
+            kwargs["logits_to_keep"] = length
 
     def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         prompted, self.prompted = self.prompted, None
@@ -76,6 +84,16 @@ class InputPromptLayer(VirtualTokenLayer):
         count = encoder.num_virtual_tokens
         index = min(encoder.insert_at, prompted.shape[1] - count)
         return drop_virtual_positions(output, prompted.shape[1], index, count)
+
+
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether `model` can compute logits for its last positions only (transformers' causal LMs, `logits_to_keep`)."""
+    return _accepts_logits_to_keep(type(model))
 
 
 class KeyValuePrefixLayer(VirtualTokenLayer):

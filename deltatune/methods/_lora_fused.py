@@ -9,10 +9,10 @@ Why not let autograd compose the usual modules (what peft does): every separate 
 activation-sized tensor — the dropout output and its float mask, B's output, its scaled copy, the sum, and in
 backward the dropout's gradient and a second input-gradient added to the first — and element-wise sweeps, not
 matmuls, are where a CPU step goes. Here the mask is drawn once as one byte per element (`keep_mask`; the 1/q
-rescale folded into the scalar c), B's product is accumulated into the base output in place by one GEMM, and the low-rank
-input-gradient is accumulated into the base one in place. Saved for backward: the layer input (shared storage when
-several layers read the same tensor, as q/k/v do — peft keeps one dropped copy per layer), the byte mask, and the
-N × r hidden product; the dropped input is recomputed in backward instead of kept.
+rescale folded into the scalar c), B's product is accumulated into the base output in place by one GEMM, and the
+low-rank input-gradient is accumulated into the base one in place. Saved for backward: the layer input (shared
+storage when several layers read the same tensor, as q/k/v do — peft keeps one dropped copy per layer), the byte
+mask, and the N × r hidden product; the dropped input is recomputed in backward instead of kept.
 
 The mask comes from torch's default generator, so `torch.manual_seed` reproduces a run and resuming restores it.
 

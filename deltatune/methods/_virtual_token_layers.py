@@ -70,7 +70,7 @@ class InputPromptLayer(VirtualTokenLayer):
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[:2] == (batch, length):
             kwargs["labels"] = insert_constant(labels, index, count, IGNORE_INDEX)  # no loss on virtual tokens
-        elif index == 0 and labels is None and not kwargs.get("logits_to_keep") and _keeps_logits(model):
+        elif index == 0 and labels is None and not kwargs.get("logits_to_keep") and _keeps_logits(type(model)):
             # Logits for the real (last `length`) positions only: the LM head skips the n virtual ones, and backward
             # skips the zero-filled (batch, length + n, vocabulary) gradient that slicing them off would cost. Not
             # when the model computes the loss itself: its labels cover every position.
@@ -87,13 +87,10 @@ class InputPromptLayer(VirtualTokenLayer):
 
 
 @functools.cache
-def _accepts_logits_to_keep(model_class: type) -> bool:
+def _keeps_logits(model_class: type) -> bool:
+    """Whether the model class computes logits for its last positions only on request (transformers' causal LMs,
+    `logits_to_keep`); cached per class, as it is asked on every forward."""
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def _keeps_logits(model: nn.Module) -> bool:
-    """Whether `model` can compute logits for its last positions only (transformers' causal LMs, `logits_to_keep`)."""
-    return _accepts_logits_to_keep(type(model))
 
 
 class KeyValuePrefixLayer(VirtualTokenLayer):

@@ -8,7 +8,7 @@ normalised output) and aᵢ = adapterᵢ(h) each adapter's update (its output mi
     sᵢ = (W_Q h + b_Q) · (W_K aᵢ + b_K),     pᵢ = softmax(s)ᵢ,     u = W_V Σᵢ pᵢ aᵢ
 
 (no 1/√d scaling and no bias on W_V, as in the authors' AdapterHub implementation; W_V Σ pᵢ aᵢ = Σ pᵢ W_V aᵢ).
-u joins the layer as a single adapter's update would: y = h + u (Houlsby position) or y = N(s + u) (Pfeiffer's).
+u joins the layer as a single adapter's update would: y = h + u (Houlsby's position), y = N(s + u) (Pfeiffer's).
 Init as in the paper (§3.2): W_Q, W_K ~ N(0, 0.02²), biases 0, so the scores start near 0 and p near uniform; W_V =
 identity plus 1e-6 off the diagonal. Fusion therefore starts from the average of the adapters' updates, NOT as the
 base model's output (hence `preserves_output_at_init = False`); it equals the base output only when the fused

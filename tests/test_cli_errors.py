@@ -1,47 +1,22 @@
 """The bad-input catalogue: each mistake gives one line on stderr naming the fix, exit code 2, no traceback,
 and nothing already written is changed."""
 
-import hashlib
-import json
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
 from deltatune.cli import main
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+from tests.bad_input import TINY_BERT, assert_refused, config_file, make_workspace, write_jsonl
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """A directory holding a good data file, a config using it, and an earlier run's files that must survive."""
     monkeypatch.chdir(tmp_path)
-    rows = [{"text": f"example {i}", "label": i % 2} for i in range(20)]
-    write_jsonl(tmp_path / "good.jsonl", rows)
-    earlier = tmp_path / "runs" / "earlier"
-    earlier.mkdir(parents=True)
-    (earlier / "config.yaml").write_text("model: {name: minilm-l6}\n")
-    (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
-    return tmp_path
+    return make_workspace(tmp_path)
 
 
-def config_file(root: Path, text: str) -> str:
-    path = root / "config.yaml"
-    path.write_text(text)
-    return str(path)
-
-
-BASE = "model: {name: 'tests.tiny_models:tiny_bert', task: classification}\noutput_dir: runs\n"
+BASE = TINY_BERT
 
 CASES = {
     "bad yaml": ("train: {lr: [1, 2\n", [], r"invalid YAML at line"),
@@ -65,17 +40,8 @@ def test_bad_input_is_one_line_exit_2_and_harmless(case, workspace, capsys):
     text, overrides, message = CASES[case]
     (workspace / "empty.jsonl").write_text("")
     write_jsonl(workspace / "bad_labels.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 7}] * 5)
-    before = tree_digest(workspace / "runs")
     path = config_file(workspace, text) if text is not None else str(workspace / "absent.yaml")
-    code = main(["train", path, *overrides, "train.progress=false"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    import re
-
-    assert re.search(message, err), err
-    assert tree_digest(workspace / "runs") == before
+    assert_refused(["train", path, *overrides, "train.progress=false"], message, capsys, workspace / "runs")
 
 
 def test_debug_flag_shows_the_traceback(workspace, capsys):

@@ -7,10 +7,12 @@
     with deltatune.disabled(model): base_logits = model(**batch).logits
     deltatune.add_weighted_adapter(model, ["default", "other"], [0.7, 0.3], "mix")
 
-Everything here is method-agnostic: it works on any module implementing the small `AdapterLayer` protocol below
-(LoRA layers, full-copy `modules_to_save`, and later methods alike) and never looks for a particular class. File
-formats belong to the methods: a method class that reads and writes PEFT's files sets `peft_type` and provides
-the two class methods of `PeftFormat`; `load_adapter` finds it by the file's `peft_type` through the registry.
+Everything here is method-agnostic: it works on any module implementing the small `AdapterLayer` protocol
+(`deltatune.methods.shared.protocol`: LoRA layers, full-copy `modules_to_save`, and later methods alike) and never
+looks for a particular class. File formats belong to the methods: a method class that reads and writes PEFT's files
+sets `peft_type` and provides the two class methods of `PeftFormat`; `load_adapter` finds it by the file's
+`peft_type` through the registry. This module sits above the methods: finding, replacing and activating layers
+live in `deltatune.methods.shared.model_surgery` (which methods use) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,121 +21,32 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from deltatune.errors import UserError, closest_names
+from deltatune.methods import available_methods
+from deltatune.methods.shared.model_surgery import (
+    adapter_layers,
+    adapter_names,
+    base_modules,
+    check_new_name,
+    replace_module,
+    require_adapters,
+    set_adapter,
+)
+from deltatune.methods.shared.modules_to_save import ModulesToSaveLayer
+from deltatune.methods.shared.protocol import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, AdapterLayer, PeftFormat
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PEFT stores keys relative to PeftModel, whose base model sits under this path
-
-
-@runtime_checkable
-class AdapterLayer(Protocol):
-    """A module holding named adapters around (or beside) a part of the base model.
-
-    peft_type: the PEFT type its tensors belong to ("LORA"), or None when it joins an adapter of any type
-    (modules_to_save). weights_changed_by_merge lists the base tensors merge() rewrites in place (so merging can
-    refuse tied weights). adapter_state returns the adapter's tensors under PEFT's keys relative to the module
-    (e.g. "lora_A.weight"). combine creates `new_name` as the weighted sum of the named adapters' updates, skipping
-    names the layer does not hold. set_active(None) makes the layer contribute nothing. The switch part (set_active,
-    is_enabled, set_enabled) comes ready-made in `deltatune.methods._adapter_switch`.
-    """
-
-    peft_type: ClassVar[str | None]
-
-    def adapter_names(self) -> list[str]: ...
-    def set_active(self, name: str | None) -> None: ...
-    def is_enabled(self) -> bool: ...
-    def set_enabled(self, enabled: bool) -> None: ...
-    def merge(self) -> None: ...
-    def unmerge(self) -> None: ...
-    def weights_changed_by_merge(self) -> list[Tensor]: ...
-    def unwrap(self) -> nn.Module: ...
-    def combine(self, names: Sequence[str], weights: Sequence[float], new_name: str) -> None: ...
-    def adapter_state(self, name: str) -> dict[str, Tensor]: ...
-    def delete_adapter(self, name: str) -> None: ...
+__all__ = [
+    "CONFIG_FILE", "PEFT_PREFIX", "WEIGHTS_FILE", "AdapterLayer", "PeftFormat", "adapter_layers", "adapter_names",
+    "add_weighted_adapter", "base_modules", "check_new_name", "delete_adapter", "disabled", "load_adapter", "merge",
+    "merge_and_unload", "replace_module", "save_adapter", "set_adapter", "unmerge",
+]
 
 
-class PeftFormat(Protocol):
-    """What a method class provides to read and write PEFT's adapter files (set `peft_type` on the class).
-
-    Optional: `peft_key_prefix` (ClassVar[str]), where the file keeps the base model's modules when it is not
-    PEFT_PREFIX (prompt-learning types keep them under "base_model."), and `peft_config_omits` (ClassVar[tuple]),
-    common fields its config class lacks (they have no "bias"). A layer that is no part of the base model (a
-    prompt encoder) sets `outside_base_model = True`: its `adapter_state` keys are then the file's own keys.
-    """
-
-    peft_type: ClassVar[str | None]
-
-    @classmethod
-    def peft_config(cls, model: nn.Module, layers: dict[str, AdapterLayer], name: str) -> dict[str, Any]:
-        """The method's fields of adapter_config.json for adapter `name` held by `layers` (module name -> layer)."""
-
-    @classmethod
-    def plan_peft_load(cls, model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor], name: str,
-                       trainable: bool) -> tuple[Callable[[], None], set[str]]:
-        """Validate `tensors` (keys relative to the base model) against `model` without changing it; return the
-        function that then adds adapter `name`, and the keys it consumed. Bad input is a UserError."""
-
-
-# ---- finding layers ------------------------------------------------------------------------------------------
-def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) for every module as the base model names it: an adapter layer stands for the module it
-    wraps and is not descended into (its internals are not part of the base)."""
-    yield prefix, model
-    if isinstance(model, AdapterLayer):
-        return
-    for child_name, child in model.named_children():
-        yield from base_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
-
-
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Every adapter layer in `model` by module name."""
-    return {name: module for name, module in base_modules(model) if isinstance(module, AdapterLayer)}
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the adapters on `model`, in the order they were added."""
-    names: dict[str, None] = {}
-    for layer in adapter_layers(model).values():
-        names.update(dict.fromkeys(layer.adapter_names()))
-    return list(names)
-
-
-def _require(model: nn.Module, names: Sequence[str]) -> None:
-    known = adapter_names(model)
-    for name in names:
-        if name not in known:
-            listing = ", ".join(known) if known else "none (apply a method or load_adapter first)"
-            raise UserError(f"no adapter named {name!r} on this model; adapters: {listing}")
-
-
-def check_new_name(model: nn.Module, name: str) -> None:
-    """A UserError unless `name` can name a new adapter on `model`."""
-    if not name or "." in name:
-        raise UserError(f"adapter name {name!r} is not valid; use a non-empty name without dots (e.g. 'default')")
-    if name in adapter_names(model):
-        raise UserError(f"the model already has an adapter named {name!r}; choose another name or delete_adapter it")
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where the submodule `name` is."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-# ---- switching ------------------------------------------------------------------------------------------------
-def set_adapter(model: nn.Module, name: str) -> None:
-    """Compute with adapter `name`: layers holding it use it, the others contribute nothing."""
-    _require(model, [name])
-    for layer in adapter_layers(model).values():
-        layer.set_active(name if name in layer.adapter_names() else None)
-
-
+# ---- switching off, merging, deleting, combining --------------------------------------------------------------
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """`with disabled(model): ...` runs the base model: every adapter layer is off (merged ones unmerge for the
@@ -201,7 +114,7 @@ def unmerge(model: nn.Module) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer holding it."""
-    _require(model, [name])
+    require_adapters(model, [name])
     for layer in adapter_layers(model).values():
         if name in layer.adapter_names():
             layer.delete_adapter(name)
@@ -214,7 +127,7 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
     if not names or len(names) != len(weights):
         raise UserError(f"add_weighted_adapter needs one weight per adapter; got {len(names)} names and "
                         f"{len(weights)} weights")
-    _require(model, names)
+    require_adapters(model, names)
     check_new_name(model, new_name)
     for layer in adapter_layers(model).values():
         layer.combine(names, weights, new_name)
@@ -222,8 +135,6 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
 
 # ---- files ----------------------------------------------------------------------------------------------------
 def _format_for(peft_type: str) -> type[PeftFormat]:
-    from deltatune.methods import available_methods
-
     formats = {getattr(method, "peft_type", None): method for method in available_methods().values()}
     formats.pop(None, None)
     if peft_type not in formats:
@@ -236,7 +147,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> N
     loadable with `peft.PeftModel.from_pretrained(base_model, path)`."""
     from safetensors.torch import save_file
 
-    _require(model, [name])
+    require_adapters(model, [name])
     layers = {module: layer for module, layer in adapter_layers(model).items() if name in layer.adapter_names()}
     types = {layer.peft_type for layer in layers.values()} - {None}
     if len(types) != 1:
@@ -336,8 +247,6 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
 def _plan_modules_to_save(model: nn.Module, entries: list[str], tensors: dict[str, Tensor], name: str,
                           trainable: bool) -> dict[str, Callable[[], None]]:
     """Module name -> the step that adds its full copy for adapter `name`, after checking keys and shapes."""
-    from deltatune.methods._modules_to_save import ModulesToSaveLayer
-
     modules = dict(base_modules(model))
     # PEFT's rule: a module is saved when its name ends with an entry; keep the outermost of nested matches.
     matched = [m for m in modules if m and any(m.endswith(entry) for entry in entries)]

@@ -1,7 +1,9 @@
 """A name → class registry filled by decorators in the modules of one package, discovered on first lookup.
 
 Methods and objectives both use it: adding one is one file with one decorator line, and importing deltatune
-imports none of them (no side effects until something is looked up).
+imports none of them (no side effects until something is looked up). Discovery imports every module of the
+package and its subpackages, whatever their names: module imports have no side effects beyond registering, so
+which files are helpers is said by their docstrings and `__all__`, never by a leading underscore.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ Entry = TypeVar("Entry", bound=type)
 
 
 class Registry(Generic[Entry]):
-    def __init__(self, package: str, what: str, skip: tuple[str, ...] = ("base",)) -> None:
-        self.package, self.what, self.skip = package, what, skip
+    def __init__(self, package: str, what: str) -> None:
+        self.package, self.what = package, what
         self._entries: dict[str, Entry] = {}
         self._discovered = False
 
@@ -38,9 +40,10 @@ class Registry(Generic[Entry]):
         """Every registered entry by name, sorted; imports the package's modules the first time."""
         if not self._discovered:
             package = importlib.import_module(self.package)
-            for module in pkgutil.iter_modules(package.__path__):
-                if module.name not in self.skip and not module.name.startswith("_"):
-                    importlib.import_module(f"{self.package}.{module.name}")
+            # walk_packages lists a subpackage's modules after importing it; importing each listed module here
+            # lets an error in one surface as itself (walk_packages alone would swallow a subpackage's ImportError).
+            for module in pkgutil.walk_packages(package.__path__, prefix=f"{self.package}."):
+                importlib.import_module(module.name)
             self._discovered = True
         return dict(sorted(self._entries.items()))
 

@@ -10,8 +10,8 @@ from torch import nn
 import deltatune
 from deltatune.adapters import adapter_layers, adapter_names
 from deltatune.errors import UserError
-from deltatune.methods._adapter_layers import BottleneckLayer, NormBottleneckLayer
-from deltatune.methods.adapter import Adapter, AdapterConfig
+from deltatune.methods.adapters.adapter import Adapter, AdapterConfig
+from deltatune.methods.adapters.bottleneck_layers import BottleneckLayer, NormBottleneckLayer
 from deltatune.models import ImageClassifier
 from deltatune.models.families import family_of
 from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama

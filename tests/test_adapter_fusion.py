@@ -7,9 +7,9 @@ import deltatune
 from deltatune.adapters import adapter_layers, adapter_names
 from deltatune.config.loader import config_to_dict
 from deltatune.errors import UserError
-from deltatune.methods._adapter_layers import BottleneckLayer
-from deltatune.methods.adapter import Adapter, AdapterConfig
-from deltatune.methods.adapter_fusion import AdapterFusion, AdapterFusionConfig, FusionAttention
+from deltatune.methods.adapters.adapter import Adapter, AdapterConfig
+from deltatune.methods.adapters.adapter_fusion import AdapterFusion, AdapterFusionConfig, FusionAttention
+from deltatune.methods.adapters.bottleneck_layers import BottleneckLayer
 from deltatune.models.families import family_of
 from deltatune.training.checkpoint import write_checkpoint_dir
 from deltatune.training.state import weights_to_save

@@ -8,10 +8,10 @@ from torch import nn
 
 import deltatune
 from deltatune.errors import UserError
-from deltatune.methods._lora_fused import keep_mask
-from deltatune.methods._lora_layers import LoRALayer, LoRASettings
-from deltatune.methods._lora_types import LoRAConv2d, LoRAEmbedding, LoRALinear
-from deltatune.methods.lora import LoRA, LoRAConfig
+from deltatune.methods.lora.fused_linear import keep_mask
+from deltatune.methods.lora.layers_per_type import LoRAConv2d, LoRAEmbedding, LoRALinear
+from deltatune.methods.lora.lora import LoRA, LoRAConfig
+from deltatune.methods.lora.lora_layer import LoRALayer, LoRASettings
 from deltatune.models import ImageClassifier
 from deltatune.models.families import family_of
 from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama

@@ -1,10 +1,10 @@
-"""The fused LoRA linear (`deltatune/methods/_lora_fused.py`) against autograd on the composed formula."""
+"""The fused LoRA linear (`deltatune/methods/lora/fused_linear.py`) against autograd on the composed formula."""
 
 import pytest
 import torch
 
 import deltatune
-from deltatune.methods._lora_fused import fused_lora_linear, keep_mask
+from deltatune.methods.lora.fused_linear import fused_lora_linear, keep_mask
 
 
 def composed(x, weight, bias, lora_A, lora_B, scaling, keep, p, fan_in_fan_out):
@@ -105,7 +105,7 @@ def test_lora_layer_uses_fused_path_and_composed_path_agrees():
 
 def test_qlora_layer_rebuilds_the_4bit_weight_and_matches_the_formula():
     """QLoRA goes through the same fused function with the weight rebuilt from NF4 (in forward and backward)."""
-    from deltatune.methods._qlora_layers import NF4Linear
+    from deltatune.methods.lora.qlora_layers import NF4Linear
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))

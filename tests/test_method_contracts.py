@@ -129,7 +129,7 @@ def test_bitfit_trains_biases_and_head_only():
 
 
 def test_freeze_last_blocks_and_patterns():
-    from deltatune.methods.freeze import Freeze, FreezeConfig
+    from deltatune.methods.selective.freeze import Freeze, FreezeConfig
 
     model = tiny_llama()
     family = family_of(model)
@@ -142,7 +142,7 @@ def test_freeze_last_blocks_and_patterns():
 
 def test_freeze_rejects_bad_choices():
     from deltatune.errors import UserError
-    from deltatune.methods.freeze import Freeze, FreezeConfig
+    from deltatune.methods.selective.freeze import Freeze, FreezeConfig
 
     model = tiny_bert(num_labels=2)
     with pytest.raises(UserError, match="last_n_blocks=9 but the model has 2 bert blocks"):

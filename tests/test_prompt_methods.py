@@ -232,7 +232,7 @@ def test_loss_falls_on_a_tiny_task(name):
 
 
 def test_text_init_and_weighted_combination():
-    from deltatune.methods.prompt import PromptTuning, PromptTuningConfig
+    from deltatune.methods.virtual_tokens.prompt import PromptTuning, PromptTuningConfig
     from deltatune.models.families import family_of
     from tests.tiny_models import _minilm_dir, tiny_bert_processor
 

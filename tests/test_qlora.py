@@ -10,9 +10,9 @@ from torch import nn
 
 import deltatune
 from deltatune.errors import UserError
-from deltatune.methods import _nf4
-from deltatune.methods._qlora_layers import NF4Linear, QLoRALinear
-from deltatune.methods.qlora import QLoRA, QLoRAConfig
+from deltatune.methods.lora import nf4
+from deltatune.methods.lora.qlora import QLoRA, QLoRAConfig
+from deltatune.methods.lora.qlora_layers import NF4Linear, QLoRALinear
 from deltatune.models.families import family_of
 from tests.tiny_models import tiny_llama
 
@@ -36,8 +36,8 @@ def gaussian(*shape: int, seed: int = 0, scale: float = 0.02) -> torch.Tensor:
 
 # ---- NF4 against bitsandbytes ------------------------------------------------------------------------------------
 def test_code_books_are_bitsandbytes_tables():
-    assert torch.equal(_nf4.nf4_code(CPU), bnb.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(_nf4.dynamic_map(CPU), bnb.create_dynamic_map())
+    assert torch.equal(nf4.nf4_code(CPU), bnb.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dynamic_map(CPU), bnb.create_dynamic_map())
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (96, 128), (33, 70), (300, 257), (7, 5), (1, 4160), (3, 4, 96)])
@@ -47,8 +47,8 @@ def test_dequantised_weights_and_stored_bytes_are_bitsandbytes(shape, block_size
     # Sizes not divisible by 64 or 256, an odd number of weights (35, 300·257) and an odd width included.
     weight = gaussian(*shape, seed=sum(shape)) * torch.linspace(0.1, 4, shape[-1])  # varied block scales
     packed, state, expected = bnb_nf4(weight, block_size, double_quant)
-    ours = _nf4.quantize_nf4(weight, block_size, double_quant)
-    assert torch.equal(_nf4.dequantize_nf4(ours, weight.shape, block_size), expected)
+    ours = nf4.quantize_nf4(weight, block_size, double_quant)
+    assert torch.equal(nf4.dequantize_nf4(ours, weight.shape, block_size), expected)
     # Same layout as bitsandbytes: codes packed high nibble first, 8-bit absmax codes, nested fp32 absmax, offset.
     assert torch.equal(ours.packed, packed.view(-1))
     assert torch.equal(ours.absmax, state.absmax)
@@ -62,23 +62,23 @@ def test_zero_blocks_and_outliers_match_bitsandbytes():
     weight[:5] = 0  # whole zero blocks (absmax 0)
     weight[10, 7] = 3.0  # an outlier dominating its block
     _, _, expected = bnb_nf4(weight)
-    assert torch.equal(_nf4.dequantize_nf4(_nf4.quantize_nf4(weight), weight.shape), expected)
+    assert torch.equal(nf4.dequantize_nf4(nf4.quantize_nf4(weight), weight.shape), expected)
 
 
 @pytest.mark.parametrize("length", [256, 1000, 4099])
 def test_8bit_absmax_quantisation_is_bitsandbytes(length):
     values = gaussian(length, seed=length, scale=1.0) * torch.linspace(0.001, 2, length)
     values[:256] = 0  # a zero block
-    codes, absmax = _nf4.quantize_blockwise_8bit(values, 256)
+    codes, absmax = nf4.quantize_blockwise_8bit(values, 256)
     expected_codes, state = bnb.quantize_blockwise(values, blocksize=256)
     assert torch.equal(codes, expected_codes)
     assert torch.equal(absmax, state.absmax)
-    assert torch.equal(_nf4.dequantize_blockwise_8bit(codes, absmax, 256), bnb.dequantize_blockwise(codes, state))
+    assert torch.equal(nf4.dequantize_blockwise_8bit(codes, absmax, 256), bnb.dequantize_blockwise(codes, state))
 
 
 # ---- storage and error --------------------------------------------------------------------------------------------
 def layer_bytes(layer: nn.Module) -> int:
-    return _nf4.storage_bytes([*layer.parameters(), *layer.buffers()])
+    return nf4.storage_bytes([*layer.parameters(), *layer.buffers()])
 
 
 @pytest.mark.parametrize("out_features, in_features", [(384, 1536), (1536, 384), (576, 576), (64, 64)])
@@ -106,15 +106,15 @@ def test_quantisation_error_within_nf4_bounds():
     weight = gaussian(512, 512, seed=1, scale=1.0)
     blocks = weight.view(-1, 64)
     absmax = blocks.abs().amax(dim=1)
-    plain = _nf4.dequantize_nf4(_nf4.quantize_nf4(weight, double_quant=False), weight.shape).view(-1, 64)
+    plain = nf4.dequantize_nf4(nf4.quantize_nf4(weight, double_quant=False), weight.shape).view(-1, 64)
     # Each weight rounds to the nearest of 16 levels of its block: error ≤ absmax · (widest half gap).
     assert ((plain - blocks).abs() <= absmax[:, None] * NF4_MAX_HALF_GAP).all()
-    double = _nf4.quantize_nf4(weight)
-    restored_absmax = _nf4.dequantize_absmax(double)
+    double = nf4.quantize_nf4(weight)
+    restored_absmax = nf4.dequantize_absmax(double)
     # 8-bit dynamic codes: the centred absmax is off by at most half the widest code gap (0.0140625/2) of its scale.
     scale = double.absmax_scale.repeat_interleave(256)[: absmax.numel()]
     assert ((restored_absmax - absmax).abs() <= 0.0071 * scale).all()
-    restored = _nf4.dequantize_nf4(double, weight.shape).view(-1, 64)
+    restored = nf4.dequantize_nf4(double, weight.shape).view(-1, 64)
     bound = absmax[:, None] * NF4_MAX_HALF_GAP + (restored_absmax - absmax).abs()[:, None] + 1e-6
     assert ((restored - blocks).abs() <= bound).all()
     # For Gaussian weights NF4 with blocks of 64 loses ~9% of the weight's norm; double quantisation adds ~nothing.
@@ -124,9 +124,9 @@ def test_quantisation_error_within_nf4_bounds():
 
 def test_bad_input_to_quantiser():
     with pytest.raises(ValueError, match="NaN or infinite"):
-        _nf4.quantize_nf4(torch.tensor([[1.0, float("nan")]]))
+        nf4.quantize_nf4(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="block size"):
-        _nf4.quantize_nf4(torch.ones(4, 4), block_size=100)
+        nf4.quantize_nf4(torch.ones(4, 4), block_size=100)
 
 
 # ---- the layer ------------------------------------------------------------------------------------------------------

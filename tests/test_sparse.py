@@ -1,6 +1,6 @@
-"""Sparse fine-tuning (`deltatune.methods.sparse`): how many entries train and which, the W + Δ maths, gradients and
-optimizer state only for the k values, exact save/load, merge/unmerge, gradient/Fisher calibration against a direct
-torch computation, the runner's calibration hook, and one-line errors."""
+"""Sparse fine-tuning (`deltatune.methods.selective.sparse`): how many entries train and which, the W + Δ maths,
+gradients and optimizer state only for the k values, exact save/load, merge/unmerge, gradient/Fisher calibration
+against a direct torch computation, the runner's calibration hook, and one-line errors."""
 
 import json
 from collections import OrderedDict
@@ -15,8 +15,8 @@ from torch import nn
 
 import deltatune
 from deltatune.errors import UserError
-from deltatune.methods._sparse_layer import SparseDeltaLayer
-from deltatune.methods.sparse import Sparse, SparseConfig, entries_for
+from deltatune.methods.selective.sparse import Sparse, SparseConfig, entries_for
+from deltatune.methods.selective.sparse_layer import SparseDeltaLayer
 from deltatune.models.families import family_of
 from tests.tiny_models import tiny_bert, tiny_cnn
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deltatune.config.schema import TrainConfig
-from deltatune.methods.full import FullConfig, FullFineTuning
+from deltatune.methods.selective.full import FullConfig, FullFineTuning
 from deltatune.training.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,

@@ -14,6 +14,7 @@ from typing import Any
 
 from deltatune.config.schema import MethodConfig, RunConfig
 from deltatune.errors import UserError, closest_names
+from deltatune.methods import get_method
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -112,8 +113,6 @@ def _build(cls: type, raw: Any, path: str) -> Any:
 
 
 def _build_method(raw: Any, path: str) -> MethodConfig:
-    from deltatune.methods import get_method
-
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping with at least `name:`, got {raw!r}")
     method = get_method(str(raw.get("name", MethodConfig.name)))

@@ -16,7 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deltatune.training.checkpoint import fsync_dir, write_json_atomic
+from torch import Tensor
+
+from deltatune.training.checkpoint import fsync_dir, read_checkpoint_dir, write_json_atomic
 
 
 class RunDir:
@@ -74,6 +76,17 @@ class RunDir:
         for key, value in summary.items():
             lines.append(f"- **{key}**: {_fmt(value)}")
         (self.path / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def holds_weights(directory: Path) -> bool:
+    """Whether `directory` holds trainable weights as a run writes them (a run's weights/ or best/)."""
+    return (directory / "state.json").is_file() and (directory / "model.safetensors").is_file()
+
+
+def read_weights(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The model tensors and the JSON state (method config, ...) of such a directory."""
+    tensors, state = read_checkpoint_dir(directory)
+    return tensors.get("model", {}), state
 
 
 def _fmt(value: Any) -> str:

@@ -19,9 +19,9 @@ A layer may also hold compositions (`Composition`): modules that combine the upd
 into one (AdapterFusion, in `adapter_fusion.py`). The layer computes each fused bottleneck's update aᵢ = a_i(h) and
 adds the composition's result:  y = h + c(h, [a₁ … aₙ])  (in the norm form, y = N(s + c(z, [a₁ … aₙ]))).
 
-Implements the adapter protocol of `deltatune.adapters`. A bottleneck is not linear in its input, so it cannot be
-folded into a weight (merge refuses) nor averaged with another as a weighted sum (combine refuses; fuse them
-instead). Files: keys `adapter_down.weight`, `adapter_down.bias`, `adapter_up.weight`, `adapter_up.bias` relative
+Implements the adapter protocol (`deltatune.methods.shared.protocol`). A bottleneck is not linear in its input, so
+it cannot be folded into a weight (merge refuses) nor averaged with another as a weighted sum (combine refuses; fuse
+them instead). Files: keys `adapter_down.weight`, `adapter_down.bias`, `adapter_up.weight`, `adapter_up.bias` relative
 to the adapted module, under deltatune's own adapter type DELTATUNE_ADAPTER (PEFT has no bottleneck adapters).
 """
 
@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.adapters import replace_module
 from deltatune.errors import UserError
-from deltatune.methods._adapter_switch import AdapterSwitch
-from deltatune.methods._lora_layers import is_conv1d
 from deltatune.methods.base import WrapperLayer
+from deltatune.methods.shared.model_surgery import replace_module
+from deltatune.methods.shared.switch import AdapterSwitch
+from deltatune.methods.shared.targets import is_conv1d
 
 PEFT_TYPE = "DELTATUNE_ADAPTER"
 FILE_KEYS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")

@@ -10,19 +10,18 @@ input dimensions and m initialised to that norm (so again nothing changes at ini
 norm is a constant for backpropagation:  y = (m / ‖W + s·B·A‖) ⊙ ((W + s·B·A) x) + b.
 
 Layouts: every layer stores A as (r, fan_in, ...) and B as (fan_out, r, ...), so s·B.flatten(1) @ A.flatten(1) is
-the update in "output-major" form (one row per output unit) for every base type. The subclasses in `_lora_types.py`
+the update in "output-major" form (one row per output unit) for every base type. The subclasses in `layers_per_type.py`
 (Linear/Conv1D, Conv2d, Embedding) only say how that maps to the base weight's own layout and how A and B are
 applied to an input; everything else (forward, DoRA, merge, combination) is here, once.
 
 Parameter names and file keys follow PEFT (`lora_A.<adapter>.weight`, `lora_embedding_A.<adapter>`, magnitudes
 under `lora_magnitude_vector`), so adapters move between the two libraries unchanged. Layers implement the adapter
-protocol of `deltatune.adapters` (set_active, set_enabled, merge, unmerge, combine, adapter_state, ...).
+protocol of `deltatune.methods.shared.protocol` (set_active, set_enabled, merge, unmerge, combine, adapter_state, ...).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import UserError
-from deltatune.methods._adapter_switch import MergeableSwitch
 from deltatune.methods.base import WrapperLayer
+from deltatune.methods.shared.switch import MergeableSwitch
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
 
@@ -52,13 +51,6 @@ class LoRASettings:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether `module` is transformers' GPT-2 style Conv1D (a Linear storing its weight as (in, out))."""
-    # No Conv1D can exist unless transformers.pytorch_utils was imported, so never import it here (no side effects).
-    utils = sys.modules.get("transformers.pytorch_utils")
-    return utils is not None and isinstance(module, utils.Conv1D)
 
 
 class LoRALayer(MergeableSwitch, WrapperLayer):
@@ -182,7 +174,7 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
         return self._lora_forward(x, lora_in, name)
 
     def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
-        """Plain LoRA in one fused step where the base type has one (see `_lora_fused.py`), else None."""
+        """Plain LoRA in one fused step where the base type has one (see `fused_linear.py`), else None."""
         return None
 
     def _lora_forward(self, x: Tensor, lora_in: Tensor, name: str) -> Tensor:

@@ -1,6 +1,6 @@
 """The `Method` side shared by the prompt-side methods: applying one, and PEFT's files for it.
 
-Applying freezes the whole base, attaches the method's `VirtualTokenLayer` (see `_virtual_tokens.py`) with the
+Applying freezes the whole base, attaches the method's `VirtualTokenLayer` (see `virtual_token_layer.py`) with the
 method's encoder of the virtual tokens as adapter `adapter_name`, and gives the modules_to_save (default: the
 family's new task head, LoRA's rule) a trainable copy each, as LoRA does. A subclass says which layer it feeds
 (`layer_class`), which PEFT type its files have, and how to build its encoder.
@@ -27,13 +27,15 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from deltatune.adapters import AdapterLayer, check_new_name, set_adapter
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
-from deltatune.methods._modules_to_save import add_copies
-from deltatune.methods._virtual_token_layers import InputPromptLayer
-from deltatune.methods._virtual_tokens import PromptTable, VirtualTokenEncoder, VirtualTokenLayer
 from deltatune.methods.base import Method, set_trainable
+from deltatune.methods.shared.model_surgery import check_new_name, set_adapter
+from deltatune.methods.shared.modules_to_save import add_copies, choose_modules_to_save
+from deltatune.methods.shared.protocol import AdapterLayer
+from deltatune.methods.virtual_tokens.encoders import PromptTable, VirtualTokenEncoder
+from deltatune.methods.virtual_tokens.input_prompt_layer import InputPromptLayer
+from deltatune.methods.virtual_tokens.virtual_token_layer import VirtualTokenLayer
 from deltatune.models.families import Family
 
 PROMPT_LEARNING_PREFIX = "base_model."  # where PEFT keeps base-model modules (the new head) in these files
@@ -76,15 +78,13 @@ class VirtualTokenMethod(Method):
         self.adapter_name = adapter_name
 
     def apply(self, model: nn.Module, family: Family) -> None:
-        from deltatune.methods.lora import LoRAConfig, modules_to_save
-
         config: VirtualTokenConfig = self.config  # type: ignore[assignment]
         check_positive_int("method.num_virtual_tokens", config.num_virtual_tokens, "20")
         check_new_name(model, self.adapter_name)
         encoder = self.build_encoder(model)  # may raise a UserError: before anything changes
         encoder.insert_at = self.insert_at(model)
         # Which modules train in full follows LoRA's rule (names, suffixes or regexes; default the new head).
-        saved = modules_to_save(model, family, LoRAConfig(modules_to_save=config.modules_to_save))
+        saved = choose_modules_to_save(model, family, config.modules_to_save)
         set_trainable(model, lambda name: False)
         layer = self.layer_class.attach(model, self.file_type)
         layer.add_adapter(self.adapter_name, encoder.to(_device_of(model)))
@@ -99,7 +99,7 @@ class VirtualTokenMethod(Method):
         """Where in the sequence the virtual tokens go (key/value prefixes always come first)."""
         return 0
 
-    # ---- PEFT's files (see deltatune.adapters.PeftFormat) ------------------------------------------------------
+    # ---- PEFT's files (see deltatune.methods.shared.protocol.PeftFormat) -------------------------------------
     @classmethod
     def peft_config(cls, model: nn.Module, layers: dict[str, AdapterLayer], name: str) -> dict[str, Any]:
         (layer,) = layers.values()  # one virtual-token layer per PEFT type

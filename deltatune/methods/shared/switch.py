@@ -1,4 +1,4 @@
-"""The switch state shared by every adapter layer (the `deltatune.adapters.AdapterLayer` protocol's set_active /
+"""The switch state shared by every adapter layer (the `AdapterLayer` protocol's set_active /
 is_enabled / set_enabled), written once: plain layers mix in `AdapterSwitch`, layers that fold an adapter into
 their base weight mix in `MergeableSwitch`."""
 

@@ -2,7 +2,7 @@
 
 Each adapter gets its own trainable copy of the module, so switching adapters also switches heads and disabling
 adapters gives back the original module. Names follow PEFT (`original_module`, `modules_to_save.<adapter>`).
-Implements the adapter protocol of `deltatune.adapters`; it has nothing to merge (a full copy is already a
+Implements the adapter protocol (`protocol.py`); it has nothing to merge (a full copy is already a
 weight), and a weighted combination is taken on the copies' differences from the original, like LoRA deltas.
 """
 
@@ -15,8 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.adapters import replace_module
-from deltatune.methods._adapter_switch import AdapterSwitch
+from deltatune.methods.shared.model_surgery import base_modules, replace_module
+from deltatune.methods.shared.protocol import AdapterLayer
+from deltatune.methods.shared.switch import AdapterSwitch
+from deltatune.methods.shared.targets import select_modules
+from deltatune.models.families import Family
 
 
 class ModulesToSaveLayer(AdapterSwitch, nn.Module):
@@ -100,3 +103,20 @@ def add_copies(model: nn.Module, module_names: Sequence[str], adapter_name: str)
         if layer is not module:
             replace_module(model, module_name, layer)
         layer.add_copy(adapter_name)
+
+
+def choose_modules_to_save(model: nn.Module, family: Family, wanted: list[str] | None) -> list[str]:
+    """Modules that train in full (a method's `modules_to_save` setting): those `wanted` names select (names, name
+    suffixes or regular expressions), or by default the family's task head; the outermost of nested ones only."""
+    if wanted is not None:
+        chosen = select_modules(model, wanted, "method.modules_to_save")
+    else:
+        chosen = []
+        for name, module in base_modules(model):
+            if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveLayer):
+                continue  # another method's layer: what it wraps is adapted, not trained in full
+            owner = module.original_module if isinstance(module, ModulesToSaveLayer) else module
+            params = owner.named_parameters() if owner is not module else module.named_parameters(recurse=False)
+            if name and any(family.is_head(f"{name}.{param}") for param, _ in params):
+                chosen.append(name)
+    return [name for name in chosen if not any(name.startswith(f"{outer}.") for outer in chosen)]

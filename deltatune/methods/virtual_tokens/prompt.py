@@ -5,7 +5,7 @@ n trainable vectors P ∈ R^{n×d} (a "soft prompt") are prepended to the frozen
     h⁰ = [P ; E(x₁), ..., E(x_L)]        attention_mask' = [1ⁿ ; mask],   positions of x: n, ..., n+L-1
 
 and only P (plus the new task head, when the model has one) trains. The outputs at the n virtual positions are
-dropped, so logits line up with the input as without the method (see `_virtual_tokens.py`).
+dropped, so logits line up with the input as without the method (see `virtual_token_layer.py`).
 
 Initialisation (`prompt_tuning_init`): "sample_vocab" (default; the paper's best) = embeddings of n random
 vocabulary tokens; "text" = embeddings of `prompt_tuning_init_text` tokenised by `tokenizer_name_or_path` (default:
@@ -26,8 +26,9 @@ from torch import nn
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
-from deltatune.methods._virtual_token_method import InputPromptConfig, InputPromptMethod
-from deltatune.methods._virtual_tokens import PromptTable, input_embeddings
+from deltatune.methods.virtual_tokens.encoders import PromptTable
+from deltatune.methods.virtual_tokens.method_base import InputPromptConfig, InputPromptMethod
+from deltatune.methods.virtual_tokens.model_layout import input_embeddings
 
 INITS = ("sample_vocab", "text", "random")
 

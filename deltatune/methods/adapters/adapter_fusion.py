@@ -38,24 +38,23 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.adapters import (
-    CONFIG_FILE,
-    PEFT_PREFIX,
-    WEIGHTS_FILE,
-    adapter_layers,
-    adapter_names,
-    check_new_name,
-    set_adapter,
-)
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
-from deltatune.methods._adapter_layers import PEFT_TYPE, BottleneckLayer, Composition, file_keyed, like_options
-from deltatune.methods._modules_to_save import add_copies
-from deltatune.methods.adapter import Adapter, AdapterConfig
+from deltatune.methods.adapters.adapter import Adapter, AdapterConfig
+from deltatune.methods.adapters.bottleneck_layers import (
+    PEFT_TYPE,
+    BottleneckLayer,
+    Composition,
+    file_keyed,
+    like_options,
+)
 from deltatune.methods.base import Method, set_trainable
-from deltatune.methods.lora import modules_to_save
+from deltatune.methods.shared.model_surgery import adapter_layers, adapter_names, check_new_name, set_adapter
+from deltatune.methods.shared.modules_to_save import add_copies, choose_modules_to_save
+from deltatune.methods.shared.protocol import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 from deltatune.models.families import Family
+from deltatune.training.run_dir import RunDir, holds_weights, read_weights
 
 
 @dataclass
@@ -117,7 +116,7 @@ class AdapterFusion(Method):
         validate(config)
         check_new_name(model, self.adapter_name)
         loaded = [read_adapter(path) for path in config.adapters]
-        saved = modules_to_save(model, family, config)  # type: ignore[arg-type]  # reads only .modules_to_save
+        saved = choose_modules_to_save(model, family, config.modules_to_save)
         names = _unique_names([*(adapter.name for adapter in loaded),
                                *(f"new_{index}" for index in range(config.num_new_adapters))],
                               taken={*adapter_names(model), self.adapter_name})
@@ -157,9 +156,10 @@ def read_adapter(path: str) -> SavedAdapter:
     directory = Path(path)
     if (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
         return _read_adapter_files(directory)
-    for weights in (directory / "weights", directory):
-        if (weights / "state.json").is_file() and (weights / "model.safetensors").is_file():
-            return _read_run_weights(weights, directory.name if weights != directory else directory.parent.name)
+    # A run directory's final weights, or such a weights directory itself: either way named after the run.
+    for weights, run_name in ((RunDir(directory).weights, directory.name), (directory, directory.parent.name)):
+        if holds_weights(weights):
+            return _read_run_weights(weights, run_name)
     what = "does not exist" if not directory.exists() else "holds no saved adapter"
     raise UserError(f"method.adapters: {path} {what}; give a directory written by save_adapter or the directory of "
                     f"a finished `deltatune train` run with method adapter")
@@ -180,14 +180,12 @@ def _read_adapter_files(directory: Path) -> SavedAdapter:
 
 
 def _read_run_weights(weights: Path, name: str) -> SavedAdapter:
-    from deltatune.training.checkpoint import read_checkpoint_dir
-
-    tensors, state = read_checkpoint_dir(weights)
+    tensors, state = read_weights(weights)
     method = state.get("method") or {}
     if method.get("name") != "adapter":
         raise UserError(f"method.adapters: {weights} is a {method.get('name')!r} run; fusion combines bottleneck "
                         f"adapters trained with method adapter")
-    return SavedAdapter(name, method, file_keyed(tensors.get("model", {})))
+    return SavedAdapter(name, method, file_keyed(tensors))
 
 
 def _unique_names(wanted: list[str], taken: set[str]) -> list[str]:

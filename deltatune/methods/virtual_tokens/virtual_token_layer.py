@@ -5,11 +5,12 @@ Each of these methods trains n vectors that the frozen model reads as if they we
     input side (prompt tuning, P-tuning):  E' = [P ; E(x)],  P ∈ R^{n×d}, joined to the input embeddings
     key/value side (prefix, P-tuning v2):  at every layer l, K'_l = [P_l^K ; K_l(x)],  V'_l = [P_l^V ; V_l(x)]
 
-so every real position also attends to the n virtual ones. The frozen model is reached by composition only: a
+so every real position also attends to the n virtual ones (`encoders.py` produces them; `model_layout.py` reads the
+embedding table and attention layout they must fit). The frozen model is reached by composition only: a
 `VirtualTokenLayer` is registered as a submodule of the model (its parameters are the model's, so they move, save
 and count like any other) and adds a forward pre-hook and a forward hook to the top-level model. The pre-hook
-rewrites the call (`_virtual_token_layers.py`: the input-side layer embeds `input_ids` itself and inserts P, the
-key/value layer hands the model a KV cache already holding the prefix); both extend `attention_mask` by n ones and
+rewrites the call (`input_prompt_layer.py` embeds `input_ids` itself and inserts P, `key_value_prefix_layer.py`
+hands the model a KV cache already holding the prefix); both extend `attention_mask` by n ones and
 move the later `position_ids` by n, as PEFT does. The post-hook removes the virtual positions from per-token
 outputs, so `logits` keep the input's shape and the objectives need no change.
 
@@ -23,108 +24,25 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from deltatune.errors import UserError
-from deltatune.methods._adapter_switch import AdapterSwitch
+from deltatune.methods.shared.switch import AdapterSwitch
+from deltatune.methods.virtual_tokens.encoders import PromptTable, VirtualTokenEncoder
 
 IGNORE_INDEX = -100  # labels of virtual positions: no loss there
 PACKING_ERROR = ("prompt-side methods (prompt, ptuning, prefix, ptuning_v2) cannot keep packed examples apart "
                  "(position_ids restart inside a row); set data.packing: false")
 
 
-# ---- what the model looks like ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Where key/value prefixes go: one (key, value) pair of kv_heads × head_dim per layer and virtual token."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def kv_width(self) -> int:
-        """Width of one key (or value) vector over all key/value heads: PEFT's token_dim for prefix tuning."""
-        return self.kv_heads * self.head_dim
-
-    @property
-    def prefix_width(self) -> int:
-        """Width of one virtual token's prefix over all layers: keys and values, num_layers·2·kv_width."""
-        return self.num_layers * 2 * self.kv_width
-
-
-def attention_layout(model: nn.Module, method: str) -> AttentionLayout:
-    """The attention layout from the model's transformers config; a UserError when it cannot be found."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    values = {key: getattr(config, key, None) for key in ("num_hidden_layers", "num_attention_heads", "hidden_size")}
-    if not all(isinstance(value, int) and value > 0 for value in values.values()):
-        raise UserError(f"method {method} needs the attention layout (num_hidden_layers, num_attention_heads, "
-                        f"hidden_size in model.config), which this {type(model).__name__} lacks; use a transformers "
-                        f"model or another method (e.g. prompt or lora)")
-    heads = values["num_attention_heads"]
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or values["hidden_size"] // heads
-    return AttentionLayout(values["num_hidden_layers"], kv_heads, head_dim)
-
-
-def input_embeddings(model: nn.Module, method: str) -> nn.Embedding:
-    """The model's token embedding table; a UserError for models without one."""
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
-    if not isinstance(embeddings, nn.Embedding):
-        raise UserError(f"method {method} prepends vectors to the token embeddings, but this {type(model).__name__} "
-                        f"has no get_input_embeddings() nn.Embedding; use a transformers text model or another method")
-    return embeddings
-
-
-# ---- the trained vectors ---------------------------------------------------------------------------------------
-class VirtualTokenEncoder(nn.Module):
-    """Produces the virtual tokens: `forward()` returns a (num_virtual_tokens, width) tensor.
-
-    peft_fields: this encoder's type-specific fields of PEFT's adapter_config.json (e.g. its init or MLP size).
-    insert_at: the sequence index the virtual tokens go to; 0 (PEFT's place) or 1, after the first token, so
-    that an encoder's head that reads position 0 ([CLS]) still reads a real token.
-    """
-
-    peft_fields: dict[str, Any]
-    insert_at: int = 0
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        raise NotImplementedError
-
-
-class PromptTable(VirtualTokenEncoder):
-    """The virtual tokens as a plain trained table (prompt tuning, P-tuning v2, and every adapter read from PEFT's
-    files, which hold the resolved tokens). Named like PEFT's `embedding` so the state reads the same."""
-
-    def __init__(self, tokens: Tensor, peft_fields: dict[str, Any] | None = None, trainable: bool = True) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(*tokens.shape, device=tokens.device, dtype=torch.float32)
-        with torch.no_grad():
-            self.embedding.weight.copy_(tokens)
-        self.embedding.weight.requires_grad_(trainable)
-        self.peft_fields = dict(peft_fields or {})
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.embedding.num_embeddings
-
-    def forward(self) -> Tensor:
-        return self.embedding.weight
-
-
 # ---- the adapter layer -----------------------------------------------------------------------------------------
 class VirtualTokenLayer(AdapterSwitch, nn.Module):
     """Named virtual-token adapters of one PEFT type on a model, with the hooks that feed the active one in.
 
-    Implements `deltatune.adapters.AdapterLayer`. It holds no base module: `outside_base_model` tells
+    Implements `deltatune.methods.shared.protocol.AdapterLayer`. It holds no base module: `outside_base_model` tells
     `save_adapter` that its state sits at the top of PEFT's file (`prompt_embeddings`), not under a module name.
     """
 

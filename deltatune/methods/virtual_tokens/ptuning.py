@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
-from deltatune.methods._virtual_token_method import InputPromptConfig, InputPromptMethod, check_positive_int
-from deltatune.methods._virtual_tokens import VirtualTokenEncoder, input_embeddings
+from deltatune.methods.virtual_tokens.encoders import VirtualTokenEncoder
+from deltatune.methods.virtual_tokens.method_base import InputPromptConfig, InputPromptMethod, check_positive_int
+from deltatune.methods.virtual_tokens.model_layout import input_embeddings
 
 ENCODER_TYPES = ("MLP", "LSTM")
 

@@ -1,6 +1,6 @@
 """LoRA layers per base type: nn.Linear and transformers' Conv1D, nn.Conv2d, nn.Embedding.
 
-Each subclass of `LoRALayer` (see `_lora_layers.py` for the maths) says how its factors are stored (PEFT's names),
+Each subclass of `LoRALayer` (see `lora_layer.py` for the maths) says how its factors are stored (PEFT's names),
 how A and B apply to an input, and how the output-major update s·B·A maps onto the base weight's layout.
 """
 
@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.adapters import replace_module
 from deltatune.errors import UserError
-from deltatune.methods._lora_fused import can_fuse, fused_lora_linear
-from deltatune.methods._lora_layers import MAGNITUDE_KEY, LoRALayer, is_conv1d
+from deltatune.methods.lora.fused_linear import can_fuse, fused_lora_linear
+from deltatune.methods.lora.lora_layer import MAGNITUDE_KEY, LoRALayer
+from deltatune.methods.shared.model_surgery import replace_module
+from deltatune.methods.shared.targets import is_conv1d
 
 SUPPORTED_TYPES = "torch.nn.Linear, transformers' Conv1D, torch.nn.Conv2d (groups=1) and torch.nn.Embedding"
 

@@ -16,10 +16,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from deltatune.adapters import AdapterLayer, base_modules
 from deltatune.errors import UserError, closest_names
-from deltatune.methods._lora_layers import MAGNITUDE_KEY, LoRALayer, LoRASettings
-from deltatune.methods._lora_types import SUPPORTED_TYPES, layer_class_for, wrap
+from deltatune.methods.lora.layers_per_type import SUPPORTED_TYPES, layer_class_for, wrap
+from deltatune.methods.lora.lora_layer import MAGNITUDE_KEY, LoRALayer, LoRASettings
+from deltatune.methods.shared.model_surgery import base_modules
+from deltatune.methods.shared.protocol import AdapterLayer
 
 FILE_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", MAGNITUDE_KEY)
 

@@ -8,7 +8,7 @@ base never costs more than its 4-bit storage plus one layer's fp32 weight at a t
 the bias when it trains) but never to the quantised weight, which has no parameter at all.
 
 Merging (`deltatune.merge`) never writes into 4-bit: the layer dequantises, adds the update in fp32 and computes
-with an ordinary fp32 nn.Linear (W = Ŵ + s·B·A; DoRA as in `_lora_layers`) while it is merged; `unmerge` puts the
+with an ordinary fp32 nn.Linear (W = Ŵ + s·B·A; DoRA as in `lora_layer.py`) while it is merged; `unmerge` puts the
 untouched NF4 layer back, so unmerging is exact. That merged nn.Linear is also what an fp32 export writes.
 """
 
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.methods import _nf4
-from deltatune.methods._lora_fused import can_fuse, fused_lora_linear
-from deltatune.methods._lora_layers import LoRALayer
-from deltatune.methods._lora_types import LoRALinear
+from deltatune.methods.lora import nf4
+from deltatune.methods.lora.fused_linear import can_fuse, fused_lora_linear
+from deltatune.methods.lora.layers_per_type import LoRALinear
+from deltatune.methods.lora.lora_layer import LoRALayer
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -46,7 +46,7 @@ class _NF4Matmul(torch.autograd.Function):
 
 
 class NF4Linear(nn.Module):
-    """A frozen nn.Linear whose weight is kept only as NF4 codes and quantised block statistics (see `_nf4`).
+    """A frozen nn.Linear whose weight is kept only as NF4 codes and quantised block statistics (see `nf4.py`).
 
     Buffers: `packed_weight` (uint8, two codes per byte), `absmax` (uint8 codes with double quantisation, else
     fp32), and with double quantisation `absmax_scale` (fp32 per 256 blocks) and `absmax_offset` (fp32 scalar). The
@@ -54,7 +54,7 @@ class NF4Linear(nn.Module):
     it). `weight` is computed on demand, for code that reads it (shapes, DoRA's norms); it is never stored.
     """
 
-    def __init__(self, in_features: int, out_features: int, quantised: _nf4.NF4Tensor, block_size: int,
+    def __init__(self, in_features: int, out_features: int, quantised: nf4.NF4Tensor, block_size: int,
                  bias: nn.Parameter | None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
@@ -67,24 +67,24 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True) -> NF4Linear:
         """Quantise `linear` (deterministic: the same weights always give the same codes)."""
-        quantised = _nf4.quantize_nf4(linear.weight, block_size, double_quant)
+        quantised = nf4.quantize_nf4(linear.weight, block_size, double_quant)
         return cls(linear.in_features, linear.out_features, quantised, block_size, linear.bias)
 
     @staticmethod
     def lora_layer_class() -> type[LoRALayer]:
-        """The LoRA layer that wraps this module (the hook `_lora_types.layer_class_for` looks for)."""
+        """The LoRA layer that wraps this module (the hook `layers_per_type.layer_class_for` looks for)."""
         return QLoRALinear
 
     @property
     def double_quant(self) -> bool:
         return self.absmax_scale is not None
 
-    def quantised(self) -> _nf4.NF4Tensor:
-        return _nf4.NF4Tensor(self.packed_weight, self.absmax, self.absmax_scale, self.absmax_offset)
+    def quantised(self) -> nf4.NF4Tensor:
+        return nf4.NF4Tensor(self.packed_weight, self.absmax, self.absmax_scale, self.absmax_offset)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Ŵ as a new (out_features, in_features) tensor (bit-identical to bitsandbytes' dequantize_4bit)."""
-        weight = _nf4.dequantize_nf4(self.quantised(), (self.out_features, self.in_features), self.block_size)
+        weight = nf4.dequantize_nf4(self.quantised(), (self.out_features, self.in_features), self.block_size)
         return weight if dtype == weight.dtype else weight.to(dtype)
 
     @property

@@ -11,8 +11,8 @@ fine-tuning's backward costs; what sparse fine-tuning saves is optimizer memory 
 
 Until indices are chosen (gradient/Fisher selection waits for calibration data) they hold -1 and the layer gives
 the base output; training it then is a UserError rather than training arbitrary entries. Implements the adapter
-protocol of `deltatune.adapters`: merge writes W + Δ into W at the k positions and remembers the k original
-entries, so unmerge restores W bit for bit; combine adds sparse deltas (Ansell et al., 2022's composition).
+protocol (`deltatune.methods.shared.protocol`): merge writes W + Δ into W at the k positions and remembers the k
+original entries, so unmerge restores W bit for bit; combine adds sparse deltas (Ansell et al., 2022's composition).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.adapters import replace_module
 from deltatune.errors import UserError
-from deltatune.methods._adapter_switch import MergeableSwitch
 from deltatune.methods.base import WrapperLayer
+from deltatune.methods.shared.model_surgery import replace_module
+from deltatune.methods.shared.switch import MergeableSwitch
 
 UNCHOSEN = -1  # index value meaning "not selected yet"
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

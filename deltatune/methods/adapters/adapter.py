@@ -6,7 +6,7 @@ A small residual bottleneck is inserted after a transformer sublayer's output h 
     y = h + W_up · f(W_down · h + b_down) + b_up,     m = max(1, d // reduction_factor),  f = relu|gelu|silu|tanh
 
 W_up, b_up start at zero (the model's output is unchanged at init), W_down small random (the layer maths lives in
-`_adapter_layers.py`). Trainable parameters per adapted module: 2·d·m + d + m.
+`bottleneck_layers.py`). Trainable parameters per adapted module: 2·d·m + d + m.
 
 Where (`placement`): "houlsby" = after the attention output projection and after the feed-forward output (two per
 block, Houlsby et al.): the adapter wraps that Linear and acts on the sublayer's output h before the block's
@@ -32,11 +32,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from deltatune.adapters import AdapterLayer, base_modules, check_new_name, set_adapter
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError, closest_names
 from deltatune.methods import register_method
-from deltatune.methods._adapter_layers import (
+from deltatune.methods.adapters.bottleneck_layers import (
     FILE_KEYS,
     NON_LINEARITIES,
     PEFT_TYPE,
@@ -44,9 +43,10 @@ from deltatune.methods._adapter_layers import (
     output_size,
     wrap,
 )
-from deltatune.methods._modules_to_save import add_copies
 from deltatune.methods.base import Method, set_trainable
-from deltatune.methods.lora import modules_to_save
+from deltatune.methods.shared.model_surgery import base_modules, check_new_name, set_adapter
+from deltatune.methods.shared.modules_to_save import add_copies, choose_modules_to_save
+from deltatune.methods.shared.protocol import AdapterLayer
 from deltatune.models.families import Family
 
 # The family parts (Family.is_<part>) each placement wraps, best first: a model lacking the first takes the next.
@@ -69,7 +69,7 @@ class AdapterConfig(MethodConfig):
 class Adapter(Method):
     description = "bottleneck adapters after the attention / feed-forward outputs (Houlsby; Pfeiffer placement)"
     config_class: ClassVar[type[MethodConfig]] = AdapterConfig
-    peft_type: ClassVar[str | None] = PEFT_TYPE  # deltatune's own adapter-file type (see deltatune.adapters)
+    peft_type: ClassVar[str | None] = PEFT_TYPE  # deltatune's own adapter-file type (see shared.protocol.PeftFormat)
     model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer"})
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
@@ -80,7 +80,7 @@ class Adapter(Method):
         config: AdapterConfig = self.config  # type: ignore[assignment]
         validate(config)
         check_new_name(model, self.adapter_name)
-        saved = modules_to_save(model, family, config)  # type: ignore[arg-type]  # reads only .modules_to_save
+        saved = choose_modules_to_save(model, family, config.modules_to_save)
         sites = adapter_sites(model, family, config.placement, excluded=saved)
         set_trainable(model, lambda name: False)  # earlier adapters and the base stay frozen
         for module_name, module in sites.items():

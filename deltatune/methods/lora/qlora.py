@@ -7,7 +7,7 @@ Each frozen weight keeps only its NF4 codes (two per byte) and its block statist
 64 weights, absmax values double-quantised in blocks of 256): ≈ 0.516 bytes per weight instead of 4, and no fp32
 copy. Every forward (and backward) dequantises one layer at a time into an fp32 temporary; the LoRA factors A, B
 (and DoRA's magnitude) are ordinary fp32 parameters and are the only things that train, besides modules_to_save
-and, if asked, biases. The quantisation is deltatune's own (`_nf4.py`) and its dequantised weights are bit-identical
+and, if asked, biases. The quantisation is deltatune's own (`nf4.py`) and its dequantised weights are bit-identical
 to bitsandbytes'; quantising is deterministic, so re-applying qlora to a fresh copy of the base gives the same base.
 
 What is quantised (`quantize`): "blocks" (default, as bitsandbytes' 4-bit loading does for the body of the model)
@@ -29,14 +29,14 @@ from typing import ClassVar
 
 from torch import nn
 
-from deltatune.adapters import base_modules, replace_module
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
-from deltatune.methods._lora_layers import LoRALayer
-from deltatune.methods._nf4 import BLOCK_SIZES
-from deltatune.methods._qlora_layers import NF4Linear
-from deltatune.methods.lora import LoRA, LoRAConfig
+from deltatune.methods.lora.lora import LoRA, LoRAConfig
+from deltatune.methods.lora.lora_layer import LoRALayer
+from deltatune.methods.lora.nf4 import BLOCK_SIZES
+from deltatune.methods.lora.qlora_layers import NF4Linear
+from deltatune.methods.shared.model_surgery import base_modules, replace_module
 from deltatune.models.families import Family
 
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from deltatune.config.schema import MethodConfig
 from deltatune.methods import register_method
-from deltatune.methods.lora import LoRA, LoRAConfig
+from deltatune.methods.lora.lora import LoRA, LoRAConfig
 
 
 @dataclass

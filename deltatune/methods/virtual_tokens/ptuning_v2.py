@@ -20,9 +20,10 @@ from torch import nn
 
 from deltatune.config.schema import MethodConfig
 from deltatune.methods import register_method
-from deltatune.methods._virtual_token_method import VirtualTokenConfig
-from deltatune.methods._virtual_tokens import PromptTable, attention_layout
-from deltatune.methods.prefix import PrefixTuning, prefix_table
+from deltatune.methods.virtual_tokens.encoders import PromptTable
+from deltatune.methods.virtual_tokens.method_base import VirtualTokenConfig
+from deltatune.methods.virtual_tokens.model_layout import attention_layout
+from deltatune.methods.virtual_tokens.prefix import PrefixTuning, prefix_table
 
 
 @dataclass

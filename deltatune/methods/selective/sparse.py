@@ -56,15 +56,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.adapters import AdapterLayer, adapter_layers, base_modules, check_new_name, replace_module, set_adapter
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
-from deltatune.methods._lora_layers import is_conv1d
-from deltatune.methods._modules_to_save import ModulesToSaveLayer
-from deltatune.methods._sparse_layer import SparseDelta, SparseDeltaLayer, wrap
 from deltatune.methods.base import LossFunction, Method, set_trainable
-from deltatune.methods.lora import _select, modules_to_save
+from deltatune.methods.selective.sparse_layer import SparseDelta, SparseDeltaLayer, wrap
+from deltatune.methods.shared.model_surgery import adapter_layers, check_new_name, set_adapter
+from deltatune.methods.shared.modules_to_save import add_copies, choose_modules_to_save
+from deltatune.methods.shared.protocol import AdapterLayer
+from deltatune.methods.shared.targets import TargetRule, choose_targets, is_conv1d
 from deltatune.models.families import Family
 
 SELECTIONS = ("magnitude", "gradient", "fisher")
@@ -106,7 +106,7 @@ class Sparse(Method):
         config: SparseConfig = self.config  # type: ignore[assignment]
         validate(config)
         check_new_name(model, self.adapter_name)
-        saved = modules_to_save(model, family, config)  # type: ignore[arg-type]  # reads only .modules_to_save
+        saved = choose_modules_to_save(model, family, config.modules_to_save)
         targets = target_modules(model, family, config, excluded=saved)
         set_trainable(model, lambda name: False)  # the base and earlier adapters stay frozen
         for module_name, module in targets.items():
@@ -115,12 +115,7 @@ class Sparse(Method):
             delta = layer.add_adapter(self.adapter_name, entries_for(config.density, weight.numel()))
             if config.selection == "magnitude":
                 delta.choose(top_positions(-weight.detach().abs(), delta.values.numel()))
-        for module_name in saved:
-            module = model.get_submodule(module_name)
-            layer = module if isinstance(module, ModulesToSaveLayer) else ModulesToSaveLayer(module)
-            if layer is not module:
-                replace_module(model, module_name, layer)
-            layer.add_copy(self.adapter_name)
+        add_copies(model, saved, self.adapter_name)
         set_adapter(model, self.adapter_name)
 
     def calibrate(self, model: nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFunction) -> None:
@@ -224,37 +219,6 @@ def calibration_scores(model: nn.Module, weights: list[Tensor], batches: Iterabl
 
 
 # ---- which modules ---------------------------------------------------------------------------------------------
-def target_modules(model: nn.Module, family: Family, config: SparseConfig,
-                   excluded: list[str]) -> dict[str, nn.Module]:
-    """Module name -> module (or an existing sparse layer around it) for every weight to update sparsely."""
-    def outside(name: str) -> bool:
-        return not any(name == skip or name.startswith(f"{skip}.") for skip in excluded)
-
-    modules = {name: module for name, module in base_modules(model) if name and outside(name)}
-    wanted = config.target_modules
-    if wanted == ["all-linear"]:
-        wanted = "all-linear"  # the same shorthand whether written as a string or a one-item list
-    if wanted is None:
-        chosen = [name for name, module in modules.items()
-                  if (family.is_attention(name) or family.is_mlp(name)) and _has_weight(module)]
-        if not chosen:
-            chosen = [name for name, module in modules.items() if family.block_index(f"{name}.") is not None
-                      and _is_linear_or_conv(_base_of(module))]
-    elif wanted == "all-linear":
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        chosen = [name for name, module in modules.items()
-                  if _is_linear(_base_of(module)) and _base_of(module) is not output]
-    else:
-        entries = [wanted] if isinstance(wanted, str) else wanted
-        chosen = [name for name in _select(model, entries, "method.target_modules") if name in modules]
-        for name in chosen:
-            _check_adaptable(name, modules[name])
-    if not chosen:
-        raise UserError(f"method sparse found no module to update with target_modules={config.target_modules!r}; "
-                        f"set method.target_modules to module names (e.g. [query, value]) or all-linear")
-    return {name: modules[name] for name in chosen}
-
-
 def _base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, SparseDeltaLayer) else module
 
@@ -283,3 +247,17 @@ def _check_adaptable(name: str, module: nn.Module) -> None:
                         f"adapter; sparse cannot wrap another method's layer (narrow method.target_modules)")
     raise UserError(f"method.target_modules selects {name!r}, a {type(module).__name__} with no floating-point "
                     f"weight of its own; choose modules that have one (e.g. Linear, Conv2d)")
+
+
+# The family's attention + MLP modules with a weight; else every Linear/Conv inside the blocks (depthwise too).
+TARGETS = TargetRule(
+    method="sparse", verb="update", example="[query, value]", base_of=_base_of, by_default=_has_weight,
+    in_blocks=lambda module: _is_linear_or_conv(_base_of(module)),
+    linear=lambda module: _is_linear(_base_of(module)), check=_check_adaptable,
+)
+
+
+def target_modules(model: nn.Module, family: Family, config: SparseConfig,
+                   excluded: list[str]) -> dict[str, nn.Module]:
+    """Module name -> module (or an existing sparse layer around it) for every weight to update sparsely."""
+    return choose_targets(model, family, config.target_modules, excluded, TARGETS)

@@ -13,7 +13,7 @@ reparameterised (`prefix_projection: true`, the paper's MLP): from seeds e ∈ R
 and only the resulting prefix is kept afterwards: adapter files are PEFT's PREFIX_TUNING files, whose
 `prompt_embeddings` is the flattened prefix (n, N·2·d_kv) in PEFT's layout, and loading one gives that table.
 `prefix_projection: false` trains the prefix table itself, which is P-tuning v2 (`ptuning_v2.py`). The model gets
-the prefix as a KV cache it attends over (see `_virtual_tokens.py`), so it must read `past_key_values`.
+the prefix as a KV cache it attends over (see `virtual_token_layer.py`), so it must read `past_key_values`.
 """
 
 from __future__ import annotations
@@ -26,15 +26,11 @@ from torch import Tensor, nn
 
 from deltatune.config.schema import MethodConfig
 from deltatune.methods import register_method
-from deltatune.methods._virtual_token_method import VirtualTokenConfig, VirtualTokenMethod, check_positive_int
-from deltatune.methods._virtual_token_layers import KeyValuePrefixLayer
-from deltatune.methods._virtual_tokens import (
-    AttentionLayout,
-    PromptTable,
-    VirtualTokenEncoder,
-    VirtualTokenLayer,
-    attention_layout,
-)
+from deltatune.methods.virtual_tokens.encoders import PromptTable, VirtualTokenEncoder
+from deltatune.methods.virtual_tokens.key_value_prefix_layer import KeyValuePrefixLayer
+from deltatune.methods.virtual_tokens.method_base import VirtualTokenConfig, VirtualTokenMethod, check_positive_int
+from deltatune.methods.virtual_tokens.model_layout import AttentionLayout, attention_layout
+from deltatune.methods.virtual_tokens.virtual_token_layer import VirtualTokenLayer
 
 
 @dataclass

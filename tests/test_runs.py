@@ -130,3 +130,21 @@ def test_compare_base_is_the_plain_model_and_tuned_is_the_trained_one(tmp_path, 
     assert results[0]["base"] and results[0]["tuned"] != results[0]["base"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["after"]["validation"]["loss"] < summary["before"]["validation"]["loss"]
+
+
+def test_export_reloads_an_image_run_with_the_tasks_auto_class(tmp_path) -> None:
+    """`model.task: auto` reads the ViT's architecture; export reloads it with AutoModelForImageClassification."""
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+    from deltatune.export import export_run
+
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3, architectures=["ViTForImageClassification"])
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps({"size": 16}))
+    run_dir = tiny_run(tmp_path, "vit", [f"model.name={tmp_path / 'vit'}", "data.name=digits", "data.max_examples=60",
+                                         "train.max_steps=2", "train.batch_size=8"])
+    assert json.loads((run_dir / "summary.json").read_text())["task"] == "image-classification"
+    result = export_run(run_dir, tmp_path / "exported", echo=lambda *_: None)
+    assert result["max_abs_logit_difference"] <= 1e-5
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "exported").config.num_labels == 10

@@ -63,7 +63,8 @@ def star_rating(tmp_path, monkeypatch):
 
 
 def reviews(path: Path) -> str:
-    rows = [{"body": f"{'great' if i % 2 else 'poor'} film {i}", "rating": ["1 star", "5 stars"][i % 2]} for i in range(40)]
+    rows = [{"body": f"{'great' if i % 2 else 'poor'} film {i}", "rating": ["1 star", "5 stars"][i % 2]}
+            for i in range(40)]
     return str(write_jsonl(path, rows))
 
 

@@ -76,8 +76,8 @@ SWEEPS: dict[str, dict[str, list[str]]] = {
     "full": {"1ep": ["train.epochs=1"], "3ep": ["train.epochs=3"]},
 }
 # Stage 1 of AdapterFusion on a second task; not a table row.
-TOPIC = ["method.name=adapter", "method.placement=pfeiffer", "data.name=chatterbot", "data.text_column=prompt",
-         "data.label_column=category", "train.epochs=3", "train.lr=1e-3", "train.eval_every=null"]
+TOPIC = ["method.name=adapter", "method.placement=pfeiffer", "data.name=chatterbot", "data.columns.text=prompt",
+         "data.columns.label=category", "train.epochs=3", "train.lr=1e-3", "train.eval_every=null"]
 
 
 def run_training(run_name: str, overrides: list[str], extra: list[str]) -> None:

@@ -17,19 +17,22 @@ from sklearn.linear_model import LogisticRegression
 
 from deltatune.config.loader import load_config
 from deltatune.data import load_rows, make_splits
+from deltatune.runs import open_run
+from deltatune.tasks import get_task
 
 
 def main(argv: list[str]) -> None:
     target = Path(argv[0])
     if target.is_dir():
-        config = load_config(target / "config.yaml")
+        config = open_run(target).config  # also reads runs saved before data.columns
         splits = json.loads((target / "splits.json").read_text())
     else:
         config = load_config(target, argv[1:])
         splits = None
     rows = load_rows(config.data)
     splits = splits or make_splits(len(rows), config.data.split, config.data.max_examples)
-    text, label = config.data.text_column, config.data.label_column
+    columns = get_task("classification")().columns(config.data)
+    text, label = columns["text"], columns["label"]
 
     def column(split: str, key: str) -> list:
         return [rows[i][key] for i in splits[split]]

@@ -1,6 +1,10 @@
-"""Text generation from a causal-LM run: what the fine-tuned model says, optionally beside the base model.
+"""Text generation from a finished run whose task generates text: what the fine-tuned model says, optionally beside
+the base model.
 
     deltatune generate RUN_DIR --prompt "How are you?" --compare
+
+"base" is the pretrained model without the method (not the method's untrained start: an untrained soft prompt or
+prefix already changes what a model says).
 """
 
 from __future__ import annotations
@@ -10,12 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.config.loader import parse_config, read_yaml
 from deltatune.errors import UserError
-from deltatune.runner import build_model
-from deltatune.training.checkpoint import read_checkpoint_dir
-from deltatune.training.run_dir import RunDir
-from deltatune.training.state import load_weights
+from deltatune.runs import open_run
 
 
 @torch.no_grad()
@@ -35,25 +35,24 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int 
 
 def generate_from_run(run_path: str | Path, prompts: list[str], compare: bool = False,
                       max_new_tokens: int = 48, echo=print) -> list[dict[str, str]]:
-    """Generate with a finished causal-LM run's model (and, with `compare`, with the base model first)."""
-    from deltatune.models import load_processor, resolve_task
+    """Generate with a finished run's model (and, with `compare`, with the base model first)."""
+    from deltatune.models import load_processor
+    from deltatune.tasks import available_tasks
 
-    run_dir = RunDir(run_path)
-    if not (run_dir.weights / "state.json").exists():
-        raise UserError(f"{run_dir.path} has no final weights; pass a finished run directory")
-    config = parse_config(read_yaml(run_dir.path / "config.yaml"))
-    task = resolve_task(config.model)
-    if task != "causal-lm":
-        raise UserError(f"{run_dir.path} is a {task} run; generation needs a causal-lm run")
-    tokenizer = load_processor(config.model)
-    model, method = build_model(config, task, None)
+    saved = open_run(run_path)
+    if not saved.task.can_generate:
+        generating = [name for name, task in available_tasks().items() if task.can_generate]
+        raise UserError(f"{saved.run_dir.path} is a {saved.task.name} run; generation needs a run whose task "
+                        f"generates text ({', '.join(generating)})")
     results = [{"prompt": prompt} for prompt in prompts]
-    if compare:
+    if compare:  # the base model first and alone, so the two models never share memory
+        base, tokenizer = saved.load_base_model(), load_processor(saved.config.model)
         for result in results:
-            result["base"] = generate_text(model, tokenizer, result["prompt"], max_new_tokens)
-    load_weights(model, method, dict(read_checkpoint_dir(run_dir.weights)[0]["model"]))
+            result["base"] = generate_text(base, tokenizer, result["prompt"], max_new_tokens)
+        del base
+    run = saved.load()
     for result in results:
-        result["tuned"] = generate_text(model, tokenizer, result["prompt"], max_new_tokens)
+        result["tuned"] = generate_text(run.model, run.processor, result["prompt"], max_new_tokens)
         echo(f"prompt: {result['prompt']}")
         if compare:
             echo(f"  base:  {result['base']}")

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -26,6 +26,10 @@ from deltatune.training.loop import Batches, TrainingLoop, autocast_context, eva
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import load_weights, weights_to_save
 
+if TYPE_CHECKING:
+    from deltatune.runs import LoadedRun
+    from deltatune.tasks.base import Task
+
 
 @dataclass
 class Prepared:
@@ -35,33 +39,41 @@ class Prepared:
     model: nn.Module
     method: Method
     objective: Objective
-    task: str
+    task: str  # the registered task's name (deltatune.tasks)
     data: Any  # deltatune.data.DatasetBundle
     device: torch.device
+    processor: Any = None  # the tokenizer or ImageProcessor the data was encoded with
+
+
+def start_seeded(config: RunConfig) -> None:
+    """Apply the thread count and seed torch, so the same config always builds the same start."""
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    torch.manual_seed(config.train.seed)
 
 
 def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
     from deltatune.data import build_datasets
     from deltatune.models import load_processor, resolve_task
+    from deltatune.tasks import get_task
 
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
-    torch.manual_seed(config.train.seed)
-    task = resolve_task(config.model)
+    start_seeded(config)
+    task = get_task(resolve_task(config.model))()
     objective = get_objective(config.train.objective, task)()
     get_method(config.method.name)  # an unknown method fails before any data is read
-    data = build_datasets(config.data, task, load_processor(config.model), splits, config.model.num_labels)
+    processor = load_processor(config.model)
+    data = build_datasets(config.data, task, processor, splits, config.model.num_labels)
     num_labels = config.model.num_labels or data.num_labels
     if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
                         f"raise model.num_labels or leave it unset")
     model, method = build_model(config, task, num_labels)
     device = resolve_device(config.train.device)
-    return Prepared(config, model.to(device), method, objective, task, data, device)
+    return Prepared(config, model.to(device), method, objective, task.name, data, device, processor)
 
 
-def build_model(config: RunConfig, task: str, num_labels: int | None) -> tuple[nn.Module, Method]:
+def build_model(config: RunConfig, task: str | Task, num_labels: int | None) -> tuple[nn.Module, Method]:
     """The pretrained model with the run's method applied; seeded, so a new head starts the same every time."""
     from deltatune.models import load_model
     from deltatune.models.families import family_of
@@ -170,8 +182,8 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     return summary
 
 
-def split_metrics(prepared: Prepared) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of the model as it is now."""
+def split_metrics(prepared: Prepared | LoadedRun) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of the model as it is now (a loaded run must be loaded with its data)."""
     data, results = prepared.data, {}
     for split in ("validation", "test"):
         examples = getattr(data, split)
@@ -198,15 +210,9 @@ def save_final_weights(run_dir: RunDir, prepared: Prepared) -> None:
 
 def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
     """Rebuild a finished run's model from its directory and report its metrics on the saved splits."""
-    run_dir = RunDir(path)
-    if not (run_dir.path / "config.yaml").exists():
-        raise UserError(f"{run_dir.path} is not a run directory (no config.yaml); pass the directory `train` printed")
-    if not (run_dir.weights / "state.json").exists():
-        raise UserError(f"{run_dir.path} has no final weights yet; finish it with `deltatune train CONFIG --resume`")
-    config = parse_config(read_yaml(run_dir.path / "config.yaml"))
-    prepared = prepare(config, run_dir.read_splits())
-    load_weights(prepared.model, prepared.method, dict(read_checkpoint_dir(run_dir.weights)[0]["model"]))
-    metrics = split_metrics(prepared)
+    from deltatune.runs import load_run
+
+    metrics = split_metrics(load_run(path, with_data=True))
     echo(_format_metrics("eval", metrics))
     return metrics
 

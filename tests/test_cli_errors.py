@@ -23,7 +23,8 @@ CASES = {
     "unknown key": (BASE + "train: {learning_rate: 0.1}\n", [], r"unknown key 'learning_rate' in train.*valid keys"),
     "missing config file": (None, [], r"not found; give the path to a YAML file"),
     "missing data file": (BASE + "data: {name: nope.jsonl}\n", [], r"nope\.jsonl"),
-    "missing column": (BASE + "data: {name: good.jsonl, text_column: sentence}\n", [], r"sentence"),
+    "missing column": (BASE + "data: {name: good.jsonl, columns: {text: sentence}}\n", [],
+                       r"column 'sentence' \(data.columns.text\) not found"),
     "empty dataset": (BASE + "data: {name: empty.jsonl}\n", [], r"empty|no rows"),
     "label out of range": (BASE + "data: {name: bad_labels.jsonl}\nmodel: {name: 'tests.tiny_models:tiny_bert', "
                            "task: classification, num_labels: 2}\n", [], r"label"),

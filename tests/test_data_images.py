@@ -88,7 +88,7 @@ def test_image_paths_in_jsonl_relative_to_file(tmp_path: Path) -> None:
     rows.append({"file": "img/missing.png", "cls": 0})
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]), encoding="utf-8")
-    cfg = DataConfig(name=str(path), image_column="file", label_column="cls", split=SplitConfig(0.0, 0.0))
+    cfg = DataConfig(name=str(path), columns={"image": "file", "label": "cls"}, split=SplitConfig(0.0, 0.0))
     bundle = build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
     assert bundle.collate(bundle.train)["pixel_values"].shape == (4, 3, 4, 4)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -108,5 +108,5 @@ def test_corrupt_image_file(tmp_path: Path) -> None:
 def test_image_task_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="needs an image model"):
         build_datasets(DataConfig(name="digits"), "image-classification", object())
-    with pytest.raises(UserError, match=r"column 'text' \(data.text_column\) not found.*'image', 'label'"):
+    with pytest.raises(UserError, match=r"column 'text' \(data.columns.text\) not found.*'image', 'label'"):
         build_datasets(DataConfig(name="digits"), "classification", lambda *a, **k: None)

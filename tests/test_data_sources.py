@@ -56,7 +56,7 @@ def write_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, i
 @pytest.mark.parametrize("writer, suffix", [(write_jsonl, ".jsonl"), (write_csv, ".csv"), (write_parquet, ".parquet")])
 def test_file_formats_load_same_rows(tmp_path: Path, writer, suffix: str) -> None:
     path = writer(tmp_path / f"data{suffix}", ROWS)
-    rows = load_rows(DataConfig(name=str(path), text_column="sentence", label_column="y"))
+    rows = load_rows(DataConfig(name=str(path), columns={"text": "sentence", "label": "y"}))
     assert [row["sentence"] for row in rows] == ["good film", "bad film", "fine film"]
     # CSV keeps cells as strings; label encoding turns "1" into 1 later
     assert [int(row["y"]) for row in rows] == [1, 0, 1]

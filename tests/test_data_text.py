@@ -51,7 +51,7 @@ def review_rows(n: int = 20) -> list[dict]:
 
 def test_classification_tokenises_and_pads(tmp_path: Path, tokenizer) -> None:
     name = write_jsonl(tmp_path / "reviews.jsonl", review_rows())
-    cfg = DataConfig(name=name, text_column="review", label_column="sentiment", max_length=8,
+    cfg = DataConfig(name=name, columns={"text": "review", "label": "sentiment"}, max_length=8,
                      split=SplitConfig(validation=0.2, test=0.2, seed=0))
     bundle = build_datasets(cfg, "classification", tokenizer)
     assert (bundle.num_labels, bundle.label_names) == (2, ["neg", "pos"])
@@ -74,7 +74,7 @@ def test_classification_tokenises_and_pads(tmp_path: Path, tokenizer) -> None:
 
 def test_classification_text_pair(tmp_path: Path, tokenizer) -> None:
     name = write_jsonl(tmp_path / "pairs.jsonl", review_rows())
-    cfg = DataConfig(name=name, text_column="first", text_pair_column="review", label_column="sentiment")
+    cfg = DataConfig(name=name, columns={"text": "first", "text_pair": "review", "label": "sentiment"})
     example = build_datasets(cfg, "classification", tokenizer).train[0]
     assert example["input_ids"].count(tokenizer.sep_token_id) == 2
     assert set(example["token_type_ids"]) == {0, 1}
@@ -82,7 +82,7 @@ def test_classification_text_pair(tmp_path: Path, tokenizer) -> None:
 
 def test_classification_missing_column_names_existing(tmp_path: Path, tokenizer) -> None:
     name = write_jsonl(tmp_path / "reviews.jsonl", review_rows())
-    with pytest.raises(UserError, match=r"column 'text' \(data.text_column\), 'label' \(data.label_column\) not found.*"
+    with pytest.raises(UserError, match=r"column 'text' \(data.columns.text\), 'label' \(data.columns.label\) not found.*"
                        "columns are 'review', 'first', 'sentiment'"):
         build_datasets(DataConfig(name=name), "classification", tokenizer)
 
@@ -91,16 +91,16 @@ def test_missing_cell_and_unknown_task(tmp_path: Path, tokenizer) -> None:
     rows = review_rows()
     rows[5]["sentiment"] = None
     name = write_jsonl(tmp_path / "reviews.jsonl", rows)
-    cfg = DataConfig(name=name, text_column="review", label_column="sentiment")
+    cfg = DataConfig(name=name, columns={"text": "review", "label": "sentiment"})
     with pytest.raises(UserError, match="row 5 .* no value in column 'sentiment'"):
         build_datasets(cfg, "classification", tokenizer)
-    with pytest.raises(UserError, match="unknown task 'regression'"):
+    with pytest.raises(UserError, match="unknown model.task 'regression'"):
         build_datasets(cfg, "regression", tokenizer)
 
 
 def test_saved_splits_reused(tmp_path: Path, tokenizer) -> None:
     name = write_jsonl(tmp_path / "reviews.jsonl", review_rows())
-    cfg = DataConfig(name=name, text_column="review", label_column="sentiment")
+    cfg = DataConfig(name=name, columns={"text": "review", "label": "sentiment"})
     splits = {"train": [0, 1, 2], "validation": [3], "test": [4, 5]}
     bundle = build_datasets(cfg, "classification", tokenizer, splits=splits)
     assert bundle.splits == splits and [len(bundle.train), len(bundle.test)] == [3, 2]

@@ -36,7 +36,7 @@ def test_text_classification_learns_and_eval_matches(tmp_path):
         rows.append({"sentence": " ".join(words), "sentiment": ["neg", "pos"][label]})
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     summary = run(tmp_path, ["model.name=tests.tiny_models:tiny_bert", "model.task=classification",
-                             f"data.name={data}", "data.text_column=sentence", "data.label_column=sentiment",
+                             f"data.name={data}", "data.columns.text=sentence", "data.columns.label=sentiment",
                              "train.epochs=6", "train.lr=3e-3", "train.batch_size=16", "run_name=text"])
     assert summary["after"]["test"]["accuracy"] >= 0.9 > summary["before"]["test"]["accuracy"]
     run_dir = Path(summary["run_dir"])

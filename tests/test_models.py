@@ -13,8 +13,8 @@ import torch
 
 from deltatune.config.schema import ModelConfig
 from deltatune.errors import UserError
-from deltatune.models import (ALIASES, TASKS, ImageClassifier, ImageProcessor, load_model, load_processor,
-                              resolve_task)
+from deltatune.models import ALIASES, ImageClassifier, ImageProcessor, load_model, load_processor, resolve_task
+from deltatune.tasks import available_tasks
 
 
 def cfg(name: str, task: str = "auto", num_labels: int | None = None) -> ModelConfig:
@@ -68,7 +68,7 @@ def llama_dir(tmp_path: Path) -> Path:
 # --- module surface -------------------------------------------------------------------------------------------
 
 def test_public_surface() -> None:
-    assert TASKS == ("classification", "causal-lm", "image-classification")
+    assert list(available_tasks()) == ["causal-lm", "classification", "image-classification"]
     assert set(ALIASES) == {"minilm-l6", "smollm2-135m", "efficientnet-lite0"}
     assert ImageProcessor(224, (0.5,), (0.5,)).channels == 3
 
@@ -145,7 +145,8 @@ def test_import_path_needs_explicit_task() -> None:
 
 
 def test_bad_task() -> None:
-    with pytest.raises(UserError, match="unknown model.task 'clasification'.*closest: 'classification'"):
+    with pytest.raises(UserError, match=r"unknown model.task 'clasification' \(did you mean 'classification'\?\); "
+                       r"valid: causal-lm, classification, image-classification \(or 'auto'"):
         resolve_task(cfg("minilm-l6", task="clasification"))
     with pytest.raises(UserError, match="unknown model.task"):
         load_model(cfg("minilm-l6"), "regression", 2)

@@ -62,6 +62,26 @@ def tiny_llama_processor() -> Any:
     return tokenizer
 
 
+# A minimal chat template in the usual shape (turns end with [SEP], the generation prompt opens the assistant turn),
+# so generation prompts end in ordinary tokens and a random model does not stop at once.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def tiny_chat_llama() -> nn.Module:
+    """tiny_llama, paired with a tokenizer that has a chat template (see tiny_chat_llama_processor)."""
+    return tiny_llama()
+
+
+def tiny_chat_llama_processor() -> Any:
+    """tiny_llama's tokenizer with CHAT_TEMPLATE."""
+    tokenizer = tiny_llama_processor()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 class TinyCNN(nn.Module):
     """Three conv stages (stride 2 each) and a Linear head; forward takes the image tensor positionally, so the
     loader wraps it in ImageClassifier."""

@@ -100,6 +100,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         raise UserError(f"{path or 'config'} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_replaced(cls, raw, path)
     _reject_unknown(raw, list(fields), path)
     values = {}
     for name, value in raw.items():
@@ -117,6 +118,16 @@ def _build_method(raw: Any, path: str) -> MethodConfig:
         raise UserError(f"{path} must be a mapping with at least `name:`, got {raw!r}")
     method = get_method(str(raw.get("name", MethodConfig.name)))
     return _build(method.config_class, raw, path)
+
+
+def _reject_replaced(cls: type, raw: dict[str, Any], path: str) -> None:
+    """A key the section no longer has (its `replaced_keys`) is refused with the spelling that replaced it."""
+    for key, new_key in getattr(cls, "replaced_keys", {}).items():
+        if key in raw:
+            section, _, sub_key = new_key.partition(".")
+            value = raw[key]
+            raise UserError(f"{path}.{key} is no longer a key; write {path}.{section}: {{{sub_key}: {value}}} "
+                            f"(on the command line {path}.{new_key}={value})")
 
 
 def _reject_unknown(raw: dict[str, Any], valid: list[str], path: str) -> None:
@@ -159,8 +170,18 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{path} must be a mapping, got {value!r}")
-        return dict(value)
+        if not args or args[1] is Any:  # free-form mappings (`extra`) keep what they were given
+            return dict(value)
+        return {_coerce(key, args[0], path): _coerce_entry(item, args[1], f"{path}.{key}")
+                for key, item in value.items()}
     return _coerce_scalar(value, hint, path)
+
+
+def _coerce_entry(value: Any, hint: Any, path: str) -> Any:
+    """One value of a typed mapping such as data.columns; YAML's null is not a string, so it is refused there."""
+    if value is None and hint is str:
+        raise UserError(f"{path} must be a string, got nothing; give it a value or remove the key")
+    return _coerce(value, hint, path)
 
 
 def _coerce_scalar(value: Any, hint: Any, path: str) -> Any:

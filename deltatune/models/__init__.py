@@ -29,7 +29,9 @@ from deltatune.config.schema import ModelConfig
 from deltatune.errors import UserError
 from deltatune.models import sources
 from deltatune.models.image import ImageClassifier, ImageProcessor
-from deltatune.models.sources import ALIASES, LABELLED_TASKS, TASKS, Alias, Source
+from deltatune.models.sources import ALIASES, Alias, Source
+from deltatune.tasks import as_task, get_task
+from deltatune.tasks.base import Task
 
 # huggingface_hub reads this once when first imported: set it before anything imports transformers, so no load
 # ever waits on the network (the machines this runs on are offline). setdefault keeps a user's explicit choice.
@@ -37,7 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __all__ = [
     "ALIASES",
-    "TASKS",
     "Alias",
     "ImageClassifier",
     "ImageProcessor",
@@ -51,13 +52,13 @@ def resolve_task(cfg: ModelConfig) -> str:
     """`cfg.task` when set (checked against the model), else the task the model was built for.
 
     Aliases carry their task; a GGUF is a causal LM; a transformers directory is read from config.json's
-    `architectures` (`*ForCausalLM` -> causal-lm, `*ForImageClassification` -> image-classification, anything else
-    -> classification). An import path with task "auto" is a UserError: its task cannot be guessed.
+    `architectures`, matched against each task's `architecture_suffixes` (`*ForCausalLM` -> causal-lm, ...; bare
+    encoders -> classification). An import path with task "auto" is a UserError: its task cannot be guessed.
     """
     source = sources.parse_source(cfg.name)
     if cfg.task == "auto":
         return sources.default_task(source)
-    sources.check_task(cfg.task)
+    get_task(cfg.task)  # an unknown name fails here, naming the registered tasks
     sources.check_supported(source, cfg.task)
     return cfg.task
 
@@ -76,63 +77,58 @@ def load_processor(cfg: ModelConfig) -> Any:
     if source.kind == sources.GGUF:
         return hf.load_tokenizer(gguf_cache.ensure_tokenizer(_path(source)))
     if source.kind == sources.TRANSFORMERS:
-        task = cfg.task if cfg.task != "auto" else sources.default_task(source)
-        if task == "image-classification":
-            return image.processor_from_directory(_path(source))
-        return hf.load_tokenizer(_path(source))
+        task = get_task(cfg.task if cfg.task != "auto" else sources.default_task(source))()
+        return task.directory_processor(_path(source))
     return _import_processor(cfg.name)
 
 
-def load_model(cfg: ModelConfig, task: str, num_labels: int | None) -> nn.Module:
-    """`cfg`'s model for `task`, fp32 on CPU; classification tasks get a new head of `num_labels` outputs.
+def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None) -> nn.Module:
+    """`cfg`'s model for `task` (a registered task's name or object), fp32 on CPU; labelled tasks
+    (classification, image-classification) get a new head of `num_labels` outputs.
 
-    `num_labels` falls back to `cfg.num_labels`; it is required for classification and image-classification.
+    `num_labels` falls back to `cfg.num_labels`; labelled tasks require it. The task's `adapt_model` fix-ups
+    (e.g. wrapping a CNN in `ImageClassifier`) apply whatever the source.
     """
-    sources.check_task(task)
+    task = as_task(task)
     num_labels = num_labels if num_labels is not None else cfg.num_labels
     _check_num_labels(task, num_labels)
     source = sources.parse_source(cfg.name)
-    sources.check_supported(source, task)
-    model = _load(source, task, num_labels)
-    if task == "image-classification" and not isinstance(model, ImageClassifier):
-        from deltatune.models.image import takes_pixel_values
-
-        if not takes_pixel_values(model):
-            model = ImageClassifier(model)
+    sources.check_supported(source, task.name)
+    model = task.adapt_model(_load(source, task, num_labels))
     # Training runs in fp32 on CPU; the trainer moves and casts the model later if it wants another device/dtype.
     return model.to(device="cpu").float()
 
 
-def _load(source: Source, task: str, num_labels: int | None) -> nn.Module:
+def _load(source: Source, task: Task, num_labels: int | None) -> nn.Module:
     """Dispatch on where the weights live."""
-    from deltatune.models import gguf_cache, hf, image
+    from deltatune.models import gguf_cache, image
 
     if source.kind == sources.EFFICIENTNET:
         assert num_labels is not None  # checked by _check_num_labels: the only task here is labelled
         return image.load_efficientnet(_path(source), num_labels)
     if source.kind == sources.GGUF:
-        return hf.load_transformers_model(gguf_cache.ensure_model(_path(source)), task, num_labels)
+        return task.load_pretrained(gguf_cache.ensure_model(_path(source)), num_labels)
     if source.kind == sources.TRANSFORMERS:
-        return hf.load_transformers_model(_path(source), task, num_labels)
+        return task.load_pretrained(_path(source), num_labels)
     return _import_model(source.name, task, num_labels)
 
 
-def _check_num_labels(task: str, num_labels: int | None) -> None:
+def _check_num_labels(task: Task, num_labels: int | None) -> None:
     """Labelled tasks need a positive label count for their new head."""
-    if task not in LABELLED_TASKS:
+    if not task.labelled:
         return
     if num_labels is None:
-        raise UserError(f"task {task!r} needs the number of labels for the new head; set model.num_labels or use "
-                        f"data with a label column")
+        raise UserError(f"task {task.name!r} needs the number of labels for the new head; set model.num_labels or "
+                        f"use data with a label column")
     if num_labels < 1:
         raise UserError(f"model.num_labels is {num_labels}; set it to the number of classes (at least 1)")
 
 
-def _import_model(name: str, task: str, num_labels: int | None) -> nn.Module:
+def _import_model(name: str, task: Task, num_labels: int | None) -> nn.Module:
     """Call the import path's function (with num_labels= when it accepts it); it must return an nn.Module."""
     _, function = sources.import_target(name)
     kwargs = {}
-    if num_labels is not None and task in LABELLED_TASKS and sources.accepts_keyword(function, "num_labels"):
+    if num_labels is not None and task.labelled and sources.accepts_keyword(function, "num_labels"):
         kwargs["num_labels"] = num_labels
     model = function(**kwargs)
     if not isinstance(model, nn.Module):

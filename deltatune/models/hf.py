@@ -1,4 +1,4 @@
-"""Loading transformers directories: the Auto class per task, fp32 on CPU, with the new head sized to the labels.
+"""Loading transformers directories: the task's Auto class, fp32 on CPU, with the new head sized to the labels.
 
 transformers is imported inside the functions so that importing deltatune stays fast and silent.
 """
@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
 from deltatune.errors import UserError
 
-AUTO_CLASSES = {
-    "classification": "AutoModelForSequenceClassification",
-    "causal-lm": "AutoModelForCausalLM",
-    "image-classification": "AutoModelForImageClassification",
-}
+if TYPE_CHECKING:
+    from deltatune.tasks.base import Task
 
 
 @contextlib.contextmanager
@@ -41,39 +38,22 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_transformers_model(directory: Path, task: str, num_labels: int | None) -> nn.Module:
+def load_transformers_model(directory: Path, task: Task, num_labels: int | None) -> nn.Module:
     """The model in `directory` with the task's Auto class; labelled tasks get a head of `num_labels` outputs."""
     import transformers
 
-    auto = getattr(transformers, AUTO_CLASSES[task])
+    auto = getattr(transformers, str(task.auto_class))
     with quiet_transformers():
         config = transformers.AutoConfig.from_pretrained(directory)
     if type(config) not in auto._model_mapping:
-        raise UserError(f"{config.model_type!r} model in {directory} has no {task} variant in transformers; set "
-                        f"model.task to another task or pick another model")
+        raise UserError(f"{config.model_type!r} model in {directory} has no {task.name} variant in transformers; "
+                        f"set model.task to another task or pick another model")
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if task != "causal-lm":
+    if task.labelled:
         # A checkpoint fine-tuned for another label count gets a fresh head instead of a size-mismatch crash.
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     with quiet_transformers():
-        model = auto.from_pretrained(directory, **kwargs)
-    if task == "classification":
-        _ensure_pad_token_id(model.config)
-    return model
-
-
-def _ensure_pad_token_id(config: Any) -> None:
-    """Decoder classifiers pick the last non-pad token, so they refuse batches unless pad_token_id is set.
-
-    Use end-of-sequence, matching `load_tokenizer`, which pads with the EOS token when there is no pad token.
-    """
-    if getattr(config, "pad_token_id", None) is not None:
-        return
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    if eos is not None:
-        config.pad_token_id = eos
+        return auto.from_pretrained(directory, **kwargs)
 
 
 def load_tokenizer(directory: Path, **kwargs: Any) -> Any:

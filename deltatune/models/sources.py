@@ -20,10 +20,8 @@ from typing import Any, Callable
 
 from deltatune.errors import UserError, closest_names
 
-TASKS = ("classification", "causal-lm", "image-classification")
-
-# Tasks whose model ends in a freshly initialised head of `num_labels` outputs.
-LABELLED_TASKS = ("classification", "image-classification")
+# The tasks a .gguf file (a llama.cpp language model) can be loaded for; the first is what "auto" picks.
+GGUF_TASKS = ("causal-lm", "classification")
 
 # Source kinds: how the weights are stored, which decides the loader.
 TRANSFORMERS = "transformers"  # a directory with config.json (Auto classes)
@@ -93,14 +91,6 @@ class Source:
     alias: Alias | None = None
 
 
-def check_task(task: str) -> None:
-    """UserError unless `task` is one of TASKS."""
-    if task not in TASKS:
-        hint = closest_names(task, list(TASKS), limit=1)
-        raise UserError(f"unknown model.task {task!r} (closest: {hint[0]!r}); use one of {', '.join(TASKS)} "
-                        f"or 'auto'")
-
-
 def parse_source(name: str) -> Source:
     """Classify `model.name`; UserError for names that match no accepted form or point at nothing usable."""
     if name in ALIASES:
@@ -144,11 +134,13 @@ def _path_source(name: str, path: Path) -> Source:
 
 def supported_tasks(source: Source) -> tuple[str, ...]:
     """The tasks a source can be loaded for (import paths and transformers directories: any; checked on load)."""
+    from deltatune.tasks import available_tasks
+
     if source.alias is not None:
         return source.alias.tasks
     if source.kind == GGUF:
-        return ("causal-lm", "classification")
-    return TASKS
+        return GGUF_TASKS
+    return tuple(available_tasks())
 
 
 def check_supported(source: Source, task: str) -> None:
@@ -164,26 +156,25 @@ def default_task(source: Source) -> str:
     if source.alias is not None:
         return source.alias.task
     if source.kind == GGUF:
-        return "causal-lm"  # GGUF files hold llama.cpp language models
+        return GGUF_TASKS[0]  # GGUF files hold llama.cpp language models
     if source.kind == TRANSFORMERS:
         return _task_from_config(source.path)
+    from deltatune.tasks import available_tasks
+
     raise UserError(f"model.task is 'auto' but {source.name!r} is an import path, whose task cannot be guessed; "
-                    f"set model.task to one of {', '.join(TASKS)}")
+                    f"set model.task to one of {', '.join(available_tasks())}")
 
 
 def _task_from_config(directory: Path | None) -> str:
-    """The task the saved architecture was built for, from config.json's `architectures`."""
+    """The task the saved architecture was built for, from config.json's `architectures` (the tasks say which)."""
+    from deltatune.tasks import task_for_architectures
+
     assert directory is not None
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {directory / 'config.json'} ({exc}); fix or re-save the model") from exc
-    architectures = config.get("architectures") or []
-    if any(arch.endswith("ForCausalLM") for arch in architectures):
-        return "causal-lm"
-    if any(arch.endswith("ForImageClassification") for arch in architectures):
-        return "image-classification"
-    return "classification"  # encoders (BertModel, *ForSequenceClassification, ...) get a sequence head
+    return task_for_architectures(list(config.get("architectures") or []))
 
 
 def import_target(name: str) -> tuple[Any, Callable[..., Any]]:

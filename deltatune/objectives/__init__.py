@@ -5,7 +5,8 @@ the loop never branches on which objective it runs.
 
 from __future__ import annotations
 
-from deltatune.errors import UserError
+from typing import Protocol
+
 from deltatune.objectives.base import Objective
 from deltatune.registry import Registry
 
@@ -17,15 +18,15 @@ def available_objectives() -> dict[str, type[Objective]]:
     return OBJECTIVES.all()
 
 
-def get_objective(name: str, task: str) -> type[Objective]:
-    """The objective named `name`, or for "auto" the one that declares itself the default for `task`."""
-    if name == "auto":
-        for objective in OBJECTIVES.all().values():
-            if task in objective.default_for_tasks:
-                return objective
-        raise UserError(f"no default objective for task {task!r}; set train.objective to one of "
-                        f"{', '.join(OBJECTIVES.all())}")
-    return OBJECTIVES.get(name, "train.objective")
+class HasDefaultObjective(Protocol):
+    """What "auto" asks: a task (`deltatune.tasks.Task`) names the objective it trains with by default."""
+
+    default_objective: str
+
+
+def get_objective(name: str, task: HasDefaultObjective) -> type[Objective]:
+    """The objective named `name`; for "auto", the one `task` names as its default."""
+    return OBJECTIVES.get(task.default_objective if name == "auto" else name, "train.objective")
 
 
 __all__ = ["OBJECTIVES", "Objective", "available_objectives", "get_objective", "register_objective"]

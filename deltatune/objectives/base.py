@@ -12,7 +12,6 @@ class Objective:
     """Subclass, implement `loss` and `evaluate`, and register with `@register_objective(name)`."""
 
     name: ClassVar[str] = ""
-    default_for_tasks: ClassVar[tuple[str, ...]] = ()
     main_metric: ClassVar[str] = "loss"
     greater_is_better: ClassVar[bool] = False
 

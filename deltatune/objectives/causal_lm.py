@@ -34,7 +34,6 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 
 @register_objective("sft")
 class SupervisedFineTuning(Objective):
-    default_for_tasks = ("causal-lm",)
     main_metric = "loss"
     greater_is_better = False
 

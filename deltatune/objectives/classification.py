@@ -19,7 +19,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 @register_objective("classification")
 class Classification(Objective):
-    default_for_tasks = ("classification", "image-classification")
     main_metric = "accuracy"
     greater_is_better = True
 

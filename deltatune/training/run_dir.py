@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from deltatune.errors import UserError
 from deltatune.training.checkpoint import fsync_dir, read_checkpoint_dir, write_json_atomic
 
 
@@ -40,6 +41,32 @@ class RunDir:
         tmp.write_text(text)
         os.replace(tmp, self.path / "config.yaml")
         fsync_dir(self.path)
+
+    def read_config(self) -> dict[str, Any]:
+        """The saved config.yaml as a plain dict; a UserError when this is not a run directory."""
+        from deltatune.config.loader import read_yaml
+
+        if not (self.path / "config.yaml").is_file():
+            raise UserError(f"{self.path} is not a run directory (no config.yaml); pass the directory `deltatune "
+                            f"train` printed")
+        return read_yaml(self.path / "config.yaml")
+
+    def check_finished(self) -> None:
+        """A UserError unless the run finished, i.e. wrote its final weights."""
+        if not (self.weights / "state.json").is_file():
+            raise UserError(f"{self.path} has no final weights yet; finish it with `deltatune train CONFIG --resume`")
+
+    def read_final_weights(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(the trainable weights by parameter name, the method's config as a dict) the finished run saved.
+
+        A UserError when the run has not finished or its weights/ directory lacks the tensors.
+        """
+        self.check_finished()
+        tensors, state = read_checkpoint_dir(self.weights)
+        if "model" not in tensors:
+            raise UserError(f"{self.weights} has no model.safetensors; finish the run again with `deltatune train "
+                            f"CONFIG --resume`")
+        return dict(tensors["model"]), dict(state.get("method") or {})
 
     def write_splits(self, splits: dict[str, list[int]]) -> None:
         write_json_atomic(self.path / "splits.json", splits)

@@ -1,0 +1,47 @@
+"""A dataset's raw rows seen through a task's columns: what a task's `encode` reads.
+
+Tasks ask for values by role ("text", "label", "image", ...), never by the file's column names, so a run can map any
+file onto a task with `data.columns` and the task code stays the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.data.labels import EncodedLabels, encode_labels
+from deltatune.data.sources import column_values, text_values
+
+Row = dict[str, Any]
+
+
+@dataclass
+class Table:
+    """Raw rows plus the run's role -> column mapping (only the roles this run uses are keys of `columns`)."""
+
+    rows: list[Row]
+    columns: dict[str, str]
+    source: str  # how error messages name the dataset, e.g. "dataset 'reviews.jsonl'"
+    label_names: tuple[str, ...] | None = None  # names of integer labels 0..N-1, when the dataset alias knows them
+    base_dir: Path | None = None  # the data file's folder: relative file paths in the rows start there
+
+    def has(self, role: str) -> bool:
+        """Whether this run reads `role` (optional roles are read only when data.columns names them)."""
+        return role in self.columns
+
+    def values(self, role: str, indices: list[int]) -> list[Any]:
+        """The role's values for the given rows; a missing cell is a UserError naming the row."""
+        return column_values(self.rows, indices, self.columns[role], self.source)
+
+    def texts(self, role: str, indices: list[int]) -> list[str]:
+        """The role's values as strings (numbers become their string form)."""
+        return text_values(self.rows, indices, self.columns[role], self.source)
+
+    def labels(self, role: str, num_labels: int | None) -> EncodedLabels:
+        """Class ids for every row of the table (not only a split's rows), so ids never depend on the split.
+
+        `num_labels` (the model's head size, if fixed) widens the allowed integer range beyond the distinct labels.
+        """
+        values = self.values(role, list(range(len(self.rows))))
+        return encode_labels(values, self.columns[role], num_labels, self.label_names)

@@ -75,7 +75,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
 
 def evaluate_run(run_dir: str) -> dict[str, dict[str, float]]:
     """Metrics of a finished run on its saved validation/test splits."""
-    from deltatune.runner import evaluate_run as run_evaluation
+    from deltatune.runs import evaluate_run as run_evaluation
 
     return run_evaluation(run_dir)
 

@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from deltatune.runner import evaluate_run
+    from deltatune.runs import evaluate_run
 
     evaluate_run(args.run_dir)
 

@@ -46,7 +46,7 @@ def generate_from_run(run_path: str | Path, prompts: list[str], compare: bool = 
                         f"generates text ({', '.join(generating)})")
     results = [{"prompt": prompt} for prompt in prompts]
     if compare:  # the base model first and alone, so the two models never share memory
-        base, tokenizer = saved.load_base_model(), load_processor(saved.config.model)
+        base, tokenizer = saved.load_base_model(), load_processor(saved.config.model, saved.task)
         for result in results:
             result["base"] = generate_text(base, tokenizer, result["prompt"], max_new_tokens)
         del base

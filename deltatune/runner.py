@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deltatune.config.loader import config_to_dict, parse_config, read_yaml
-from deltatune.config.schema import RunConfig
+from deltatune.config.schema import RunConfig, TrainConfig
 from deltatune.errors import UserError
 from deltatune.methods import get_method
 from deltatune.methods.base import Method
@@ -27,7 +27,6 @@ from deltatune.training.run_dir import RunDir
 from deltatune.training.state import load_weights, weights_to_save
 
 if TYPE_CHECKING:
-    from deltatune.runs import LoadedRun
     from deltatune.tasks.base import Task
 
 
@@ -54,15 +53,14 @@ def start_seeded(config: RunConfig) -> None:
 
 def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
-    from deltatune.data import build_datasets
-    from deltatune.models import load_processor, resolve_task
-    from deltatune.tasks import get_task
+    from deltatune.models import load_processor
+    from deltatune.tasks import build_datasets, get_task, resolve_task
 
     start_seeded(config)
     task = get_task(resolve_task(config.model))()
     objective = get_objective(config.train.objective, task)()
     get_method(config.method.name)  # an unknown method fails before any data is read
-    processor = load_processor(config.model)
+    processor = load_processor(config.model, task)
     data = build_datasets(config.data, task, processor, splits, config.model.num_labels)
     num_labels = config.model.num_labels or data.num_labels
     if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
@@ -73,7 +71,7 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
     return Prepared(config, model.to(device), method, objective, task.name, data, device, processor)
 
 
-def build_model(config: RunConfig, task: str | Task, num_labels: int | None) -> tuple[nn.Module, Method]:
+def build_model(config: RunConfig, task: Task, num_labels: int | None) -> tuple[nn.Module, Method]:
     """The pretrained model with the run's method applied; seeded, so a new head starts the same every time."""
     from deltatune.models import load_model
     from deltatune.models.families import family_of
@@ -162,7 +160,7 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     loop = TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data,
                         validation, config.train, run_dir, prepared.device)
     before = _metrics_before(prepared, run_dir, resume)
-    echo(_format_metrics("before", before))
+    echo(format_metrics("before", before))
     if resume and loop.resume():
         echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
     state = loop.run()
@@ -170,7 +168,7 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
         load_weights(prepared.model, prepared.method, dict(read_checkpoint_dir(run_dir.best)[0]["model"]))
     save_final_weights(run_dir, prepared)
     after = split_metrics(prepared)
-    echo(_format_metrics("after", after))
+    echo(format_metrics("after", after))
     summary = {"run_dir": str(run_dir.path), "task": prepared.task, "method": config.method.name,
                "trainable_parameters": trainable, "total_parameters": total, "steps": state.step,
                "best_step": state.best_step, "stopped_early": state.stopped_early,
@@ -182,14 +180,20 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     return summary
 
 
-def split_metrics(prepared: Prepared | LoadedRun) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of the model as it is now (a loaded run must be loaded with its data)."""
-    data, results = prepared.data, {}
+def split_metrics(prepared: Prepared) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of the prepared model as it is now."""
+    return metrics_on_splits(prepared.model, prepared.objective, prepared.data, prepared.config.train,
+                             prepared.device)
+
+
+def metrics_on_splits(model: nn.Module, objective: Objective, data: Any, train_config: TrainConfig,
+                      device: torch.device) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of `model` on `data` (a DatasetBundle), as `objective` measures them."""
+    results = {}
     for split in ("validation", "test"):
         examples = getattr(data, split)
         if examples:
-            results[split] = evaluate(prepared.model, prepared.objective, Batches(examples, data.collate),
-                                      prepared.config.train, prepared.device)
+            results[split] = evaluate(model, objective, Batches(examples, data.collate), train_config, device)
     return results
 
 
@@ -208,15 +212,6 @@ def save_final_weights(run_dir: RunDir, prepared: Prepared) -> None:
                          {"method": config_to_dict(prepared.config.method)})
 
 
-def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
-    """Rebuild a finished run's model from its directory and report its metrics on the saved splits."""
-    from deltatune.runs import load_run
-
-    metrics = split_metrics(load_run(path, with_data=True))
-    echo(_format_metrics("eval", metrics))
-    return metrics
-
-
-def _format_metrics(label: str, metrics: dict[str, dict[str, float]]) -> str:
+def format_metrics(label: str, metrics: dict[str, dict[str, float]]) -> str:
     parts = [f"{split} " + " ".join(f"{k}={v:.4f}" for k, v in values.items()) for split, values in metrics.items()]
     return f"{label}: " + " | ".join(parts)

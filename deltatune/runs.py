@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config.loader import parse_config
+from deltatune.config.loader import parse_config, read_yaml
 from deltatune.config.schema import DataConfig, RunConfig
 from deltatune.methods.base import Method
 from deltatune.objectives import get_objective
 from deltatune.objectives.base import Objective
-from deltatune.runner import build_model, prepare, start_seeded
-from deltatune.tasks import get_task
+from deltatune.runner import build_model, format_metrics, metrics_on_splits, prepare, start_seeded
+from deltatune.tasks import get_task, resolve_task
 from deltatune.tasks.base import Task
 from deltatune.training.loop import resolve_device
 from deltatune.training.run_dir import RunDir
@@ -89,7 +89,7 @@ class SavedRun:
 
         start_seeded(self.config)
         objective = get_objective(self.config.train.objective, self.task)()
-        processor = load_processor(self.config.model)
+        processor = load_processor(self.config.model, self.task)
         model, method = build_model(self.config, self.task, self.config.model.num_labels)
         device = resolve_device(self.config.train.device)
         return LoadedRun(self.run_dir, self.config, self.task, model.to(device), method, objective, processor, device)
@@ -97,10 +97,9 @@ class SavedRun:
 
 def open_run(path: str | Path) -> SavedRun:
     """The finished run in `path`: config parsed, task resolved; a UserError when the directory cannot be used."""
-    from deltatune.models import resolve_task
-
     run_dir = RunDir(path)
-    raw = run_dir.read_config()
+    run_dir.check_is_run()
+    raw = read_yaml(run_dir.path / "config.yaml")
     run_dir.check_finished()
     legacy_columns = _take_legacy_columns(raw)
     config = parse_config(raw)
@@ -132,3 +131,11 @@ def _upgraded_columns(legacy: dict[str, str], task: Task) -> dict[str, str]:
     """The legacy pairs that matter to `task`: its roles, where they differ from its defaults (the old config
     listed every role of every task, most of them unused)."""
     return {role: column for role, column in legacy.items() if role in task.roles and column != task.roles[role]}
+
+
+def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
+    """Rebuild a finished run's model from its directory and report its metrics on the saved splits."""
+    run = load_run(path, with_data=True)
+    metrics = metrics_on_splits(run.model, run.objective, run.data, run.config.train, run.device)
+    echo(format_metrics("eval", metrics))
+    return metrics

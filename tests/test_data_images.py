@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from deltatune.config.schema import DataConfig, SplitConfig
-from deltatune.data import ImageProcessor, build_datasets
+from deltatune.data import ImageProcessor
+from deltatune.tasks import build_datasets
 from deltatune.data.images import ImageCollator, array_to_chw
 from deltatune.errors import UserError
 

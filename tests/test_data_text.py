@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from deltatune.config.schema import DataConfig, SplitConfig
-from deltatune.data import IGNORE_INDEX, build_datasets
+from deltatune.data import IGNORE_INDEX
+from deltatune.tasks import build_datasets
 from deltatune.data.sft import CausalLMCollator, encode_sft, pack_examples
 from deltatune.errors import UserError
 

@@ -11,7 +11,7 @@ import torch
 from deltatune import load_config, train
 from deltatune.cli import main
 from deltatune.generate import generate_from_run
-from deltatune.runner import evaluate_run
+from deltatune.runs import evaluate_run
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

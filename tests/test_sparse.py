@@ -239,7 +239,7 @@ def test_gradient_and_fisher_selection_pick_the_top_entries(selection):
 
 def test_runner_calibrates_before_training_and_the_run_reloads_exactly(tmp_path):
     from deltatune import load_config, train
-    from deltatune.runner import evaluate_run
+    from deltatune.runs import evaluate_run
 
     rows = [{"text": f"{'good great fine' if i % 2 else 'bad awful dull'} film {i}", "label": i % 2}
             for i in range(48)]

@@ -12,11 +12,10 @@ import pytest
 import deltatune.tasks as tasks_package
 from deltatune.config.loader import config_to_dict, load_config, parse_config
 from deltatune.config.schema import DataConfig, ModelConfig
-from deltatune.data import build_datasets
+from deltatune.tasks import build_datasets
 from deltatune.errors import UserError
-from deltatune.models import resolve_task
 from deltatune.objectives import get_objective
-from deltatune.tasks import TASKS, available_tasks, get_task, task_for_architectures
+from deltatune.tasks import TASKS, available_tasks, get_task, resolve_task, task_for_architectures
 from tests.bad_input import TINY_BERT, assert_refused, config_file, make_workspace, write_jsonl
 
 # A whole new task, written as a user would write deltatune/tasks/star_rating.py: its own roles and defaults,
@@ -82,7 +81,7 @@ def test_the_three_tasks_are_registered_with_their_roles_and_defaults() -> None:
 
 def test_a_new_task_file_registers_itself_and_trains(star_rating, tmp_path) -> None:
     from deltatune import train
-    from deltatune.runner import evaluate_run
+    from deltatune.runs import evaluate_run
 
     assert "star-rating" in available_tasks()
     assert get_task("star-rating")().columns(DataConfig()) == {"review": "review", "stars": "stars"}

@@ -109,3 +109,22 @@ def tiny_cnn(num_labels: int = 10) -> nn.Module:
 def tiny_cnn_processor() -> ImageProcessor:
     """32x32 RGB scaled to [-1, 1]."""
     return ImageProcessor(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def task(name: str) -> Any:
+    """The registered task called `name`, as the loaders take it."""
+    from deltatune.tasks import get_task
+
+    return get_task(name)()
+
+
+def processor_of(model_config: Any) -> Any:
+    """What `model_config`'s model inputs need, for the task it resolves to (as a run loads it). Import paths name
+    their processor function themselves, so they need no task."""
+    from deltatune.models import load_processor
+    from deltatune.models.sources import IMPORT, parse_source
+    from deltatune.tasks import resolve_task
+
+    if parse_source(model_config.name).kind == IMPORT:
+        return load_processor(model_config, None)
+    return load_processor(model_config, task(resolve_task(model_config)))

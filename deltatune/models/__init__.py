@@ -30,8 +30,7 @@ from deltatune.errors import UserError
 from deltatune.models import sources
 from deltatune.models.image import ImageClassifier, ImageProcessor
 from deltatune.models.sources import ALIASES, Alias, Source
-from deltatune.tasks import as_task, get_task
-from deltatune.tasks.base import Task
+from deltatune.models.head import ModelHead
 
 # huggingface_hub reads this once when first imported: set it before anything imports transformers, so no load
 # ever waits on the network (the machines this runs on are offline). setdefault keeps a user's explicit choice.
@@ -44,30 +43,16 @@ __all__ = [
     "ImageProcessor",
     "load_model",
     "load_processor",
-    "resolve_task",
+    "ModelHead",
 ]
 
 
-def resolve_task(cfg: ModelConfig) -> str:
-    """`cfg.task` when set (checked against the model), else the task the model was built for.
-
-    Aliases carry their task; a GGUF is a causal LM; a transformers directory is read from config.json's
-    `architectures`, matched against each task's `architecture_suffixes` (`*ForCausalLM` -> causal-lm, ...; bare
-    encoders -> classification). An import path with task "auto" is a UserError: its task cannot be guessed.
-    """
-    source = sources.parse_source(cfg.name)
-    if cfg.task == "auto":
-        return sources.default_task(source)
-    get_task(cfg.task)  # an unknown name fails here, naming the registered tasks
-    sources.check_supported(source, cfg.task)
-    return cfg.task
-
-
-def load_processor(cfg: ModelConfig) -> Any:
+def load_processor(cfg: ModelConfig, task: ModelHead | None) -> Any:
     """The tokenizer or `ImageProcessor` for `cfg`'s model, without loading its weights.
 
     For a GGUF the tokenizer is read from the file once and cached next to the converted model. Import paths
-    return the result of `<function>_processor()` or None (see the module docstring).
+    return the result of `<function>_processor()` or None (see the module docstring). A transformers directory's
+    processor depends on the task (tokenizer or image processor), so `task` is required for one.
     """
     from deltatune.models import gguf_cache, hf, image
 
@@ -77,19 +62,19 @@ def load_processor(cfg: ModelConfig) -> Any:
     if source.kind == sources.GGUF:
         return hf.load_tokenizer(gguf_cache.ensure_tokenizer(_path(source)))
     if source.kind == sources.TRANSFORMERS:
-        task = get_task(cfg.task if cfg.task != "auto" else sources.default_task(source))()
+        if task is None:
+            raise UserError(f"{cfg.name!r} is a transformers directory; name the task to load its processor for")
         return task.directory_processor(_path(source))
     return _import_processor(cfg.name)
 
 
-def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None) -> nn.Module:
-    """`cfg`'s model for `task` (a registered task's name or object), fp32 on CPU; labelled tasks
+def load_model(cfg: ModelConfig, task: ModelHead, num_labels: int | None) -> nn.Module:
+    """`cfg`'s model for `task` (a registered task, `deltatune.tasks.get_task(name)()`), fp32 on CPU; labelled tasks
     (classification, image-classification) get a new head of `num_labels` outputs.
 
     `num_labels` falls back to `cfg.num_labels`; labelled tasks require it. The task's `adapt_model` fix-ups
     (e.g. wrapping a CNN in `ImageClassifier`) apply whatever the source.
     """
-    task = as_task(task)
     num_labels = num_labels if num_labels is not None else cfg.num_labels
     _check_num_labels(task, num_labels)
     source = sources.parse_source(cfg.name)
@@ -99,7 +84,7 @@ def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None) -> nn
     return model.to(device="cpu").float()
 
 
-def _load(source: Source, task: Task, num_labels: int | None) -> nn.Module:
+def _load(source: Source, task: ModelHead, num_labels: int | None) -> nn.Module:
     """Dispatch on where the weights live."""
     from deltatune.models import gguf_cache, image
 
@@ -113,7 +98,7 @@ def _load(source: Source, task: Task, num_labels: int | None) -> nn.Module:
     return _import_model(source.name, task, num_labels)
 
 
-def _check_num_labels(task: Task, num_labels: int | None) -> None:
+def _check_num_labels(task: ModelHead, num_labels: int | None) -> None:
     """Labelled tasks need a positive label count for their new head."""
     if not task.labelled:
         return
@@ -124,7 +109,7 @@ def _check_num_labels(task: Task, num_labels: int | None) -> None:
         raise UserError(f"model.num_labels is {num_labels}; set it to the number of classes (at least 1)")
 
 
-def _import_model(name: str, task: Task, num_labels: int | None) -> nn.Module:
+def _import_model(name: str, task: ModelHead, num_labels: int | None) -> nn.Module:
     """Call the import path's function (with num_labels= when it accepts it); it must return an nn.Module."""
     _, function = sources.import_target(name)
     kwargs = {}

@@ -15,7 +15,7 @@ from torch import nn
 from deltatune.errors import UserError
 
 if TYPE_CHECKING:
-    from deltatune.tasks.base import Task
+    from deltatune.models.head import ModelHead
 
 
 @contextlib.contextmanager
@@ -38,7 +38,7 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_transformers_model(directory: Path, task: Task, num_labels: int | None) -> nn.Module:
+def load_transformers_model(directory: Path, task: ModelHead, num_labels: int | None) -> nn.Module:
     """The model in `directory` with the task's Auto class; labelled tasks get a head of `num_labels` outputs."""
     import transformers
 

@@ -132,49 +132,44 @@ def _path_source(name: str, path: Path) -> Source:
                     f"at a directory saved with save_pretrained, a .gguf file, or an alias ({', '.join(ALIASES)})")
 
 
-def supported_tasks(source: Source) -> tuple[str, ...]:
-    """The tasks a source can be loaded for (import paths and transformers directories: any; checked on load)."""
-    from deltatune.tasks import available_tasks
-
+def supported_tasks(source: Source) -> tuple[str, ...] | None:
+    """The tasks a source can be loaded for; None for any (import paths and transformers directories: checked on
+    load)."""
     if source.alias is not None:
         return source.alias.tasks
     if source.kind == GGUF:
         return GGUF_TASKS
-    return tuple(available_tasks())
+    return None
 
 
 def check_supported(source: Source, task: str) -> None:
     """UserError when the source cannot serve `task` (e.g. a CNN asked for causal-lm)."""
     tasks = supported_tasks(source)
-    if task not in tasks:
+    if tasks is not None and task not in tasks:
         raise UserError(f"model {source.name!r} cannot be loaded for task {task!r}; set model.task to "
                         f"{' or '.join(tasks)}, or pick another model")
 
 
-def default_task(source: Source) -> str:
-    """What task "auto" means for this source."""
+def declared_task(source: Source) -> str | None:
+    """The task an alias or a GGUF file is for; None when only the saved architectures can tell."""
     if source.alias is not None:
         return source.alias.task
     if source.kind == GGUF:
         return GGUF_TASKS[0]  # GGUF files hold llama.cpp language models
-    if source.kind == TRANSFORMERS:
-        return _task_from_config(source.path)
-    from deltatune.tasks import available_tasks
-
-    raise UserError(f"model.task is 'auto' but {source.name!r} is an import path, whose task cannot be guessed; "
-                    f"set model.task to one of {', '.join(available_tasks())}")
+    return None
 
 
-def _task_from_config(directory: Path | None) -> str:
-    """The task the saved architecture was built for, from config.json's `architectures` (the tasks say which)."""
-    from deltatune.tasks import task_for_architectures
-
-    assert directory is not None
+def saved_architectures(source: Source) -> list[str] | None:
+    """config.json's `architectures` of a transformers directory (e.g. ["LlamaForCausalLM"]); None for sources
+    that have no config.json (import paths)."""
+    if source.kind != TRANSFORMERS:
+        return None
+    assert source.path is not None
     try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {directory / 'config.json'} ({exc}); fix or re-save the model") from exc
-    return task_for_architectures(list(config.get("architectures") or []))
+        raise UserError(f"cannot read {source.path / 'config.json'} ({exc}); fix or re-save the model") from exc
+    return list(config.get("architectures") or [])
 
 
 def import_target(name: str) -> tuple[Any, Callable[..., Any]]:

@@ -9,7 +9,16 @@ Nothing outside this package compares task names. Modules are imported on the fi
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from deltatune.config.schema import DataConfig, ModelConfig
+from deltatune.data import ALIASES, DatasetBundle
+from deltatune.data.sources import load_rows, require_columns
+from deltatune.data.splits import check_splits, make_splits
+from deltatune.data.table import Table
 from deltatune.errors import UserError
+from deltatune.models import sources
 from deltatune.registry import Registry
 from deltatune.tasks.base import Task
 
@@ -32,6 +41,28 @@ def as_task(task: str | Task) -> Task:
     return task if isinstance(task, Task) else get_task(task)()
 
 
+def resolve_task(cfg: ModelConfig) -> str:
+    """`cfg.task` when set (checked against the model), else the task the model was built for.
+
+    Aliases carry their task; a GGUF is a causal LM; a transformers directory is read from config.json's
+    `architectures`, matched against each task's `architecture_suffixes` (`*ForCausalLM` -> causal-lm, ...; bare
+    encoders -> the fallback task). An import path with task "auto" is a UserError: its task cannot be guessed.
+    """
+    source = sources.parse_source(cfg.name)
+    if cfg.task != "auto":
+        get_task(cfg.task)  # an unknown name fails here, naming the registered tasks
+        sources.check_supported(source, cfg.task)
+        return cfg.task
+    declared = sources.declared_task(source)
+    if declared is not None:
+        return declared
+    architectures = sources.saved_architectures(source)
+    if architectures is None:
+        raise UserError(f"model.task is 'auto' but {source.name!r} is an import path, whose task cannot be guessed; "
+                        f"set model.task to one of {', '.join(available_tasks())}")
+    return task_for_architectures(architectures)
+
+
 def task_for_architectures(architectures: list[str]) -> str:
     """The task a transformers model was saved for, from config.json's `architectures` (e.g. LlamaForCausalLM).
 
@@ -49,4 +80,37 @@ def task_for_architectures(architectures: list[str]) -> str:
     return fallbacks[0]
 
 
-__all__ = ["TASKS", "Task", "as_task", "available_tasks", "get_task", "register_task", "task_for_architectures"]
+def build_datasets(
+    cfg: DataConfig,
+    task: str | Task,
+    processor: Any,
+    splits: dict[str, list[int]] | None = None,
+    num_labels: int | None = None,
+) -> DatasetBundle:
+    """Load, split and let `task` (a registered task's name or object) encode the dataset.
+
+    `processor` is what the model's inputs need (a Hugging Face tokenizer, an `ImageProcessor`, ...); the task checks
+    it. `splits` given (e.g. from a saved run) are used exactly; otherwise they come from `make_splits` with
+    cfg.split and cfg.max_examples. `num_labels` (the model's head size, if fixed) widens the allowed integer label
+    range beyond the number of distinct labels.
+    """
+    definition = as_task(task)
+    columns = definition.columns(cfg)  # a wrong role fails before any data is read
+    rows = load_rows(cfg)
+    chosen = check_splits(splits, len(rows)) if splits is not None else make_splits(len(rows), cfg.split,
+                                                                                   cfg.max_examples)
+    if not chosen["train"]:
+        raise UserError(f"the train split of '{cfg.name}' is empty; add rows or lower data.split fractions")
+    source = f"dataset '{cfg.name}'"
+    require_columns(rows, {f"columns.{role}": column for role, column in columns.items()}, source)
+    path = Path(cfg.name)
+    alias = ALIASES.get(cfg.name)
+    table = Table(rows, columns, source, label_names=alias.label_names if alias else None,
+                  base_dir=path.parent if alias is None and path.is_file() else None)
+    return definition.encode(table, chosen, cfg, processor, num_labels)
+
+
+__all__ = [
+    "TASKS", "Task", "as_task", "available_tasks", "build_datasets", "get_task", "register_task", "resolve_task",
+    "task_for_architectures",
+]

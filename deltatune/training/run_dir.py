@@ -42,14 +42,11 @@ class RunDir:
         os.replace(tmp, self.path / "config.yaml")
         fsync_dir(self.path)
 
-    def read_config(self) -> dict[str, Any]:
-        """The saved config.yaml as a plain dict; a UserError when this is not a run directory."""
-        from deltatune.config.loader import read_yaml
-
+    def check_is_run(self) -> None:
+        """A UserError unless this directory holds a run (its config.yaml)."""
         if not (self.path / "config.yaml").is_file():
             raise UserError(f"{self.path} is not a run directory (no config.yaml); pass the directory `deltatune "
                             f"train` printed")
-        return read_yaml(self.path / "config.yaml")
 
     def check_finished(self) -> None:
         """A UserError unless the run finished, i.e. wrote its final weights."""

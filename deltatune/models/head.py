@@ -1,0 +1,33 @@
+"""What loading a model needs to know of the task it is loaded for.
+
+`deltatune.tasks.Task` provides it; the loaders here take it as an argument instead of importing the task registry,
+which sits above them (a task's hooks themselves call these loaders).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import nn
+
+
+class ModelHead(Protocol):
+    """The task's name, its transformers Auto class (or None), whether it ends in a new head of `num_labels`
+    outputs, and its three loading hooks."""
+
+    name: str
+    auto_class: str | None
+    labelled: bool
+
+    def load_pretrained(self, directory: Path, num_labels: int | None) -> nn.Module:
+        """The model saved in a transformers directory, with the task's head."""
+        ...
+
+    def adapt_model(self, model: nn.Module) -> nn.Module:
+        """Fix-ups every loaded model gets for the task."""
+        ...
+
+    def directory_processor(self, directory: Path) -> Any:
+        """What a transformers directory's inputs need for the task (a tokenizer, an image processor)."""
+        ...

@@ -36,6 +36,7 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 class SupervisedFineTuning(Objective):
     default_for_tasks = ("causal-lm",)
     main_metric = "loss"
+    metrics = ("loss", "perplexity")
     greater_is_better = False
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -22,6 +22,7 @@ class Classification(Objective):
     default_for_tasks = ("classification", "image-classification")
     main_metric = "accuracy"
     greater_is_better = True
+    metrics = ("loss", "accuracy")
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model_logits(model, batch)

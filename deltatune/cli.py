@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 from deltatune.errors import UserError
 
@@ -51,7 +51,12 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, except that a usage mistake raises a UserError (one line, exit 2) instead of printing usage."""
+    """argparse, except that a usage mistake raises a UserError (one line, exit 2) instead of printing usage, and a
+    flag must be spelt out (`--resum` is a typo, not `--resume`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{message}; see `{self.prog} --help`")

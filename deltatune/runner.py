@@ -42,7 +42,7 @@ from deltatune.training.resume import (
     run_names,
 )
 from deltatune.training.run_dir import RunDir
-from deltatune.training.state import LoopState, load_weights, weights_to_save
+from deltatune.training.state import load_weights, weights_to_save
 
 
 @dataclass
@@ -162,8 +162,8 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
 
     Everything checkable is checked before the run directory is written: ranges and choices of the config, what
     --resume may change, the device, the metric, the output directory and its free space, whether a resume has
-    steps left to take. If the run still fails before its first step checkpoint, what it wrote is removed again,
-    so the corrected command can simply be run again.
+    steps left and its checkpoint loads. If the run still fails before its first step checkpoint, what it wrote is
+    removed again, so the corrected command can simply be run again.
     """
     from deltatune.models import resolve_task
 
@@ -177,18 +177,20 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     prepared = prepare(config, run_dir.read_splits() if resume else None)
     calibrate(prepared)
     check_free_space(run_dir.path, prepared.model)
-    data = prepared.data
-    validation = Batches(data.validation, data.collate) if data.validation else None
-    training_data = Batches(data.train, data.collate, config.train.group_by_length)
-    loop = TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data,
-                        validation, config.train, run_dir, prepared.device)
+    loop = _training_loop(prepared, run_dir)
     if resume:
         check_resume_point(run_dir, loop.total_steps)
     trainable, total = count_parameters(prepared.model)
     echo(f"model {config.model.name} ({prepared.task}), method {config.method.name}: "
          f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), device {prepared.device}")
+    before = _metrics_before(prepared, run_dir, resume)  # of the untrained model: measured before loading a checkpoint
+    echo(_format_metrics("before", before))
+    resumed = resume and loop.resume()
     with _removed_on_failure(run_dir):
-        state, before = _run_loop(prepared, loop, run_dir, resume, echo)
+        _write_run_files(run_dir, prepared, before, loop.state.step if resumed else None)
+        if resumed:
+            echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
+        state = loop.run()
         if (run_dir.best / "state.json").exists():
             load_weights(prepared.model, prepared.method, dict(read_checkpoint_dir(run_dir.best)[0]["model"]))
         save_final_weights(run_dir, prepared)
@@ -205,17 +207,23 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     return summary
 
 
-def _run_loop(prepared: Prepared, loop: TrainingLoop, run_dir: RunDir, resume: bool, echo) -> tuple[LoopState, Any]:
-    """Write the run's config and splits, report the untrained metrics, then train (from the newest checkpoint
-    when resuming). Returns the final loop state and the 'before' metrics."""
+def _training_loop(prepared: Prepared, run_dir: RunDir) -> TrainingLoop:
+    data, train_config = prepared.data, prepared.config.train
+    validation = Batches(data.validation, data.collate) if data.validation else None
+    training_data = Batches(data.train, data.collate, train_config.group_by_length)
+    return TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data, validation, train_config,
+                        run_dir, prepared.device)
+
+
+def _write_run_files(run_dir: RunDir, prepared: Prepared, before: dict[str, Any], resumed_step: int | None) -> None:
+    """The first writes of a run: its config, splits and 'before' metrics; on resume, drop the metrics records the
+    interrupted run logged after its checkpoint (they will be logged again)."""
     run_dir.create()
     run_dir.write_config(config_to_dict(prepared.config))
     run_dir.write_splits(prepared.data.splits)
-    before = _metrics_before(prepared, run_dir, resume)
-    echo(_format_metrics("before", before))
-    if resume and loop.resume():
-        echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
-    return loop.run(), before
+    write_json_atomic(run_dir.path / "before.json", before)
+    if resumed_step is not None:
+        run_dir.truncate_metrics_after(resumed_step)
 
 
 @contextlib.contextmanager
@@ -249,13 +257,12 @@ def split_metrics(prepared: Prepared) -> dict[str, dict[str, float]]:
 
 
 def _metrics_before(prepared: Prepared, run_dir: RunDir, resume: bool) -> dict[str, dict[str, float]]:
-    """Metrics of the untrained model; stored so a resumed run reports the same 'before' without recomputing."""
+    """Metrics of the untrained model; stored (by `train`) so a resumed run reports the same 'before' without
+    recomputing."""
     path = run_dir.path / "before.json"
     if resume and path.exists():
         return read_json(path, "delete it to measure the untrained model again")
-    before = split_metrics(prepared)
-    write_json_atomic(path, before)
-    return before
+    return split_metrics(prepared)
 
 
 def save_final_weights(run_dir: RunDir, prepared: Prepared) -> None:

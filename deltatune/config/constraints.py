@@ -9,8 +9,9 @@ A field opts in through its dataclass metadata, so the rule sits next to the def
     device: str = field(default="auto", metadata=matching(r"auto|cpu|cuda(:\\d+)?", "auto, cpu, cuda, cuda:N"))
 
 Any config dataclass can use them, method configs included: `check_config` walks every nested dataclass. A range
-applies to each item of a list or tuple field; `None` (an unset optional field) is never checked. Independently
-of any rule, every float must be finite: nan and inf are refused wherever they appear.
+applies to each item of a list or tuple field; `None` (an unset optional field) is never checked, nor are the
+contents of free-form mapping fields such as `extra`. Independently of any rule, every float field (and every float
+item of a list or tuple field) must be finite: nan and inf are refused.
 """
 
 from __future__ import annotations

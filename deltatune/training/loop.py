@@ -180,13 +180,13 @@ class TrainingLoop:
         self.state = LoopState()
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint; False when there is none."""
+        """Load the newest complete checkpoint (model, optimizer, schedule, RNG, loop state); False when there is
+        none. It only reads: the caller drops the metrics logged after that step (`RunDir.truncate_metrics_after`)
+        once it has checked everything else, so a refused resume changes no file."""
         found = step_checkpoints(self.run_dir.checkpoints)
         if not found:
             return False
-        step, path = found[-1]
-        self.state = load_training_checkpoint(path, self.model, self.method, self.optimizer, self.scheduler)
-        self.run_dir.truncate_metrics_after(step)
+        self.state = load_training_checkpoint(found[-1][1], self.model, self.method, self.optimizer, self.scheduler)
         return True
 
     def run(self) -> LoopState:

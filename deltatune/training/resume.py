@@ -80,8 +80,9 @@ def check_resume_point(run_dir: RunDir, total_steps: int) -> None:
     if latest is None:
         return
     if latest.step > total_steps:
-        raise UserError(f"{run_dir.path} already took {latest.step} steps but the config now asks for {total_steps}; "
-                        f"give a larger train.max_steps (or train.epochs), or leave them as they were")
+        raise UserError(f"{run_dir.path} already took {latest.step} steps but the config given now asks for "
+                        f"{total_steps} in all; resume with train.max_steps={latest.step} or more (its config.yaml "
+                        f"has the budget it was last given)")
     finished = (run_dir.path / "summary.json").exists() and (run_dir.weights / "state.json").exists()
     if not finished:
         return

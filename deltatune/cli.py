@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune as a YAML config says")
     train.add_argument("config", help="YAML config file (see examples/)")
-    train.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, e.g. train.lr=3e-5 method.name=bitfit")
+    train.add_argument("overrides", nargs="*", default=[],
+                       help="key.sub=value overrides, e.g. train.lr=3e-5 method.name=bitfit")
     train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(handler=_train)

@@ -239,7 +239,10 @@ def _removed_on_failure(run_dir: RunDir) -> Iterator[None]:
         if not step_checkpoints(run_dir.checkpoints):
             if existed:
                 for path in set(run_dir.path.iterdir()) - kept:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
             else:
                 shutil.rmtree(run_dir.path, ignore_errors=True)
         raise

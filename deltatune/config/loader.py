@@ -36,7 +36,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not a text file (byte {error.start} is not UTF-8); give a YAML config file") from None
+        raise UserError(f"{path} is not a text file (byte {error.start} is not UTF-8); "
+                        f"give a YAML config file") from None
     except OSError as error:
         raise UserError(f"cannot read {path} ({error.strerror}); check the file's permissions") from None
     try:

@@ -1,6 +1,8 @@
 """`deltatune` command line: train, eval, methods.
 
 Bad input exits with code 2 and one line on stderr saying what to fix; `--debug` shows the traceback instead.
+That holds for the command line itself too: a usage mistake is one `error:` line, not argparse's usage block.
+Flags may stand anywhere on a `train` line: `deltatune train cfg.yaml train.lr=1e-4 --resume train.max_steps=400`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 from deltatune.errors import UserError
 
@@ -48,14 +50,27 @@ def _methods(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {method.description}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a usage mistake raises a UserError (one line, exit 2) instead of printing usage, and a
+    flag must be spelt out (`--resum` is a typo, not `--resume`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pretrained models, one config away.")
+    parser = _OneLineParser(prog="deltatune", description="Fine-tune pretrained models, one config away.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune as a YAML config says")
     train.add_argument("config", help="YAML config file (see examples/)")
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-5 method.name=bitfit")
+    train.add_argument("overrides", nargs="*", default=[],
+                       help="key.sub=value overrides, e.g. train.lr=3e-5 method.name=bitfit")
     train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(handler=_train)
@@ -84,16 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line. `key=value` words after a flag are train overrides too (argparse alone would stop
+    collecting the positional overrides at the first flag and reject the rest)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+    if extra and (args.command != "train" or len(overrides) != len(extra)):
+        unknown = [word for word in extra if args.command != "train" or word not in overrides]
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see `deltatune {args.command} --help`")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler: Callable[[argparse.Namespace], None] = args.handler
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # The embedded models and data are local; never let a library reach for a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
+        args = parse_arguments(argv)
+        handler: Callable[[argparse.Namespace], None] = args.handler
         handler(args)
     except UserError as error:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@ This is the only place that wires the pieces; each piece stays ignorant of the o
 
 from __future__ import annotations
 
-import json
+import contextlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,32 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
-from deltatune.config.loader import config_to_dict, parse_config, read_yaml
+from deltatune.config.constraints import check_config
+from deltatune.config.loader import config_to_dict
 from deltatune.config.schema import RunConfig, TrainConfig
-from deltatune.errors import UserError
+from deltatune.errors import UserError, closest_names
 from deltatune.methods import get_method
 from deltatune.methods.base import Method
 from deltatune.objectives import get_objective
 from deltatune.objectives.base import Objective
-from deltatune.training.checkpoint import read_checkpoint_dir, write_checkpoint_dir, write_json_atomic
+from deltatune.training.checkpoint import (
+    read_checkpoint_dir,
+    read_json,
+    step_checkpoints,
+    write_checkpoint_dir,
+    write_json_atomic,
+)
 from deltatune.training.loop import Batches, TrainingLoop, autocast_context, evaluate, resolve_device, to_device
+from deltatune.training.preflight import check_free_space, check_metric, check_writable
+from deltatune.resume import (
+    LOCATION,
+    RESUMABLE,
+    check_resume_point,
+    flatten,
+    read_saved_config,
+    resumed_config,
+    run_names,
+)
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import load_weights, weights_to_save
 
@@ -114,11 +132,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
-    """The run's directory: `output_dir/run_name`; when resuming without a name, the newest run of this config."""
+    """The run's directory: `output_dir/run_name`; when resuming without a name, the newest run of this config.
+    Resuming a run that does not exist is an error naming the directory looked in, never a fresh start."""
     root = Path(config.output_dir)
     if config.run_name:
         run_dir = RunDir(root / config.run_name)
-        if not resume and run_dir.path.exists() and any(run_dir.path.iterdir()):
+        if resume and not (run_dir.path / "config.yaml").is_file():
+            close = closest_names(config.run_name, run_names(root), limit=1)
+            guess = f" (did you mean run_name={close[0]}?)" if close else ""
+            raise UserError(f"--resume found no run in {run_dir.path} (it has no config.yaml){guess}; check "
+                            f"run_name and output_dir, or drop --resume to start a new run")
+        if not resume and run_dir.path.is_dir() and any(run_dir.path.iterdir()):
             raise UserError(f"run directory {run_dir.path} already exists; pass --resume to continue it "
                             f"or set run_name to a new name")
         return run_dir
@@ -126,9 +150,11 @@ def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
         wanted = _comparable(config_to_dict(config))
         candidates = sorted(root.glob("*/config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
         for path in candidates:
-            import yaml
-
-            if _comparable(yaml.safe_load(path.read_text()) or {}) == wanted:
+            try:
+                saved = config_to_dict(read_saved_config(RunDir(path.parent)))
+            except UserError:
+                continue  # a damaged run directory, or one of an older deltatune: not this run
+            if _comparable(saved) == wanted:
                 return RunDir(path.parent)
         raise UserError(f"--resume found no earlier run of this config under {root}; set run_name to the run to continue")
     stem = Path(config.model.name.split(":")[-1]).stem
@@ -136,38 +162,49 @@ def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in config_dict.items() if key not in ("run_name", "train")} | {
-        "train": {k: v for k, v in config_dict.get("train", {}).items() if k not in ("progress", "num_threads")}
-    }
+    """What identifies a run when resuming without a run_name: its config, less where it is and what a resume may
+    change (so `--resume train.max_steps=N` finds the run it extends)."""
+    return {key: value for key, value in flatten(config_dict).items() if key not in LOCATION and key not in RESUMABLE}
 
 
 def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]:
-    """Fine-tune as `config` says; returns the summary also written to the run directory."""
+    """Fine-tune as `config` says; returns the summary also written to the run directory.
+
+    Everything checkable is checked before the run directory is written: ranges and choices of the config, what
+    --resume may change, the device, the metric, the output directory and its free space, whether a resume has
+    steps left and its checkpoint loads. If the run still fails before its first step checkpoint, what it wrote is
+    removed again, so the corrected command can simply be run again.
+    """
+    from deltatune.tasks import get_task, resolve_task
+
+    check_config(config)
     run_dir = find_run_dir(config, resume)
-    if resume and run_dir.path.exists():
-        config = parse_config(read_yaml(run_dir.path / "config.yaml"))
+    if resume:
+        config = resumed_config(run_dir, config)
+    check_writable(run_dir.path)
+    resolve_device(config.train.device)
+    check_metric(config.train.metric, get_objective(config.train.objective, get_task(resolve_task(config.model))()))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
     calibrate(prepared)
+    check_free_space(run_dir.path, prepared.model)
+    loop = _training_loop(prepared, run_dir)
+    if resume:
+        check_resume_point(run_dir, loop.total_steps)
     trainable, total = count_parameters(prepared.model)
     echo(f"model {config.model.name} ({prepared.task}), method {config.method.name}: "
          f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), device {prepared.device}")
-    run_dir.create()
-    run_dir.write_config(config_to_dict(config))
-    run_dir.write_splits(prepared.data.splits)
-    data = prepared.data
-    validation = Batches(data.validation, data.collate) if data.validation else None
-    training_data = Batches(data.train, data.collate, config.train.group_by_length)
-    loop = TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data,
-                        validation, config.train, run_dir, prepared.device)
-    before = _metrics_before(prepared, run_dir, resume)
+    before = _metrics_before(prepared, run_dir, resume)  # of the untrained model: measured before loading a checkpoint
     echo(format_metrics("before", before))
-    if resume and loop.resume():
-        echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
-    state = loop.run()
-    if (run_dir.best / "state.json").exists():
-        load_weights(prepared.model, prepared.method, dict(read_checkpoint_dir(run_dir.best)[0]["model"]))
-    save_final_weights(run_dir, prepared)
-    after = split_metrics(prepared)
+    resumed = resume and loop.resume()
+    with _removed_on_failure(run_dir):
+        _write_run_files(run_dir, prepared, before, loop.state.step if resumed else None)
+        if resumed:
+            echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
+        state = loop.run()
+        if (run_dir.best / "state.json").exists():
+            load_weights(prepared.model, prepared.method, dict(read_checkpoint_dir(run_dir.best)[0]["model"]))
+        save_final_weights(run_dir, prepared)
+        after = split_metrics(prepared)
     echo(format_metrics("after", after))
     summary = {"run_dir": str(run_dir.path), "task": prepared.task, "method": config.method.name,
                "trainable_parameters": trainable, "total_parameters": total, "steps": state.step,
@@ -178,6 +215,47 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     run_dir.write_summary(summary)
     echo(f"run saved in {run_dir.path}")
     return summary
+
+
+def _training_loop(prepared: Prepared, run_dir: RunDir) -> TrainingLoop:
+    data, train_config = prepared.data, prepared.config.train
+    validation = Batches(data.validation, data.collate) if data.validation else None
+    training_data = Batches(data.train, data.collate, train_config.group_by_length)
+    return TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data, validation, train_config,
+                        run_dir, prepared.device)
+
+
+def _write_run_files(run_dir: RunDir, prepared: Prepared, before: dict[str, Any], resumed_step: int | None) -> None:
+    """The first writes of a run: its config, splits and 'before' metrics; on resume, drop the metrics records the
+    interrupted run logged after its checkpoint (they will be logged again)."""
+    run_dir.create()
+    run_dir.write_config(config_to_dict(prepared.config))
+    run_dir.write_splits(prepared.data.splits)
+    write_json_atomic(run_dir.path / "before.json", before)
+    if resumed_step is not None:
+        run_dir.truncate_metrics_after(resumed_step)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(run_dir: RunDir) -> Iterator[None]:
+    """When the block fails while the run directory holds no step checkpoint, remove what the block added to it:
+    nothing there could be resumed, and a leftover config.yaml would turn the corrected rerun away with "already
+    exists". Ctrl-C is left alone: it exits 130 and `--resume` continues."""
+    existed = run_dir.path.is_dir()
+    kept = set(run_dir.path.iterdir()) if existed else set()
+    try:
+        yield
+    except Exception:
+        if not step_checkpoints(run_dir.checkpoints):
+            if existed:
+                for path in set(run_dir.path.iterdir()) - kept:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            else:
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
 
 
 def split_metrics(prepared: Prepared) -> dict[str, dict[str, float]]:
@@ -198,13 +276,12 @@ def metrics_on_splits(model: nn.Module, objective: Objective, data: Any, train_c
 
 
 def _metrics_before(prepared: Prepared, run_dir: RunDir, resume: bool) -> dict[str, dict[str, float]]:
-    """Metrics of the untrained model; stored so a resumed run reports the same 'before' without recomputing."""
+    """Metrics of the untrained model; stored (by `train`) so a resumed run reports the same 'before' without
+    recomputing."""
     path = run_dir.path / "before.json"
     if resume and path.exists():
-        return json.loads(path.read_text())
-    before = split_metrics(prepared)
-    write_json_atomic(path, before)
-    return before
+        return read_json(path, "delete it to measure the untrained model again")
+    return split_metrics(prepared)
 
 
 def save_final_weights(run_dir: RunDir, prepared: Prepared) -> None:
@@ -213,5 +290,7 @@ def save_final_weights(run_dir: RunDir, prepared: Prepared) -> None:
 
 
 def format_metrics(label: str, metrics: dict[str, dict[str, float]]) -> str:
-    parts = [f"{split} " + " ".join(f"{k}={v:.4f}" for k, v in values.items()) for split, values in metrics.items()]
+    # A metric saved as null (non-finite, see run_dir) reads back as None.
+    parts = [f"{split} " + " ".join(f"{k}={v if v is None else format(v, '.4f')}" for k, v in values.items())
+             for split, values in metrics.items()]
     return f"{label}: " + " | ".join(parts)

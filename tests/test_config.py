@@ -79,3 +79,96 @@ def test_bad_override_syntax():
         apply_override({}, "train.lr")
     with pytest.raises(UserError, match="is a value, not a section"):
         apply_override({"train": 3}, "train.lr=1")
+
+
+def test_binary_config_file_is_refused(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00\x89PNG\xff\xfe")
+    with pytest.raises(UserError, match=r"weights\.bin is not a text file \(byte 1 is not UTF-8\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=0", r"^train\.batch_size must be at least 1, got 0; write e\.g\. train\.batch_size=32$"),
+        ("train.lr=0", r"^train\.lr must be above 0, got 0\.0"),
+        ("train.lr=nan", r"^train\.lr must be a finite number, got nan"),
+        ("train.adam_eps=-inf", r"^train\.adam_eps must be a finite number, got -inf"),
+        ("train.warmup_ratio=1.5", r"^train\.warmup_ratio must be in \[0, 1\], got 1\.5"),
+        ("train.early_stopping_patience=0", r"^train\.early_stopping_patience must be at least 1, got 0$"),
+        ("train.dtype=float16", r"^unknown train\.dtype 'float16' \(did you mean 'fp16'\?\); valid: auto, fp32, bf16"),
+        ("train.device=cuda:x", r"^unknown train\.device 'cuda:x'; valid: auto, cpu, cuda, cuda:N, mps$"),
+        ("data.image_size=0", r"^data\.image_size must be at least 1, got 0$"),
+    ],
+)
+def test_ranges_and_choices_are_checked_when_parsing(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["train.device=cuda:1", "train.device=cpu", "train.max_steps=null",
+                                      "train.warmup_ratio=0", "train.warmup_ratio=1", "data.split.test=0"])
+def test_values_at_the_edges_of_their_ranges_are_accepted(override):
+    load_config(None, [override])
+
+
+def test_every_numeric_and_choice_field_declares_its_rule():
+    """New fields must say what range they accept, or the strict parser cannot refuse a nonsense value."""
+    import dataclasses
+    import typing
+
+    from deltatune.config.schema import DataConfig, ModelConfig, SplitConfig, TrainConfig
+
+    unruled = []
+    for section in (ModelConfig, DataConfig, SplitConfig, TrainConfig):
+        hints = typing.get_type_hints(section)
+        for item in dataclasses.fields(section):
+            text = str(hints[item.name])
+            numeric = any(word in text for word in ("int", "float"))
+            if numeric and "range" not in item.metadata:
+                unruled.append(f"{section.__name__}.{item.name}")
+    assert unruled == []
+    for name in ("schedule", "dtype"):
+        assert "choices" in {f.name: f for f in dataclasses.fields(TrainConfig)}[name].metadata
+
+
+def test_any_config_dataclass_can_declare_rules():
+    """The mechanism method configs get: metadata on their own fields, checked by the same walk."""
+    import dataclasses
+
+    from deltatune.config.constraints import above, at_least, check_config, one_of
+
+    @dataclasses.dataclass
+    class ToyMethodConfig:
+        name: str = "toy"
+        rank: int = dataclasses.field(default=8, metadata=at_least(1))
+        dropout: float | None = dataclasses.field(default=None, metadata=above(0))
+        init: str = dataclasses.field(default="gaussian", metadata=one_of("gaussian", "zeros"))
+        scales: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0], metadata=above(0))
+        free: float = 0.5
+
+    check_config(ToyMethodConfig())
+    for changes, message in [({"rank": 0}, r"method\.rank must be at least 1, got 0; write e\.g\. method\.rank=8$"),
+                             ({"dropout": -0.1}, r"method\.dropout must be above 0, got -0\.1$"),
+                             ({"init": "gauss"}, r"unknown method\.init 'gauss' \(did you mean 'gaussian'\?\)"),
+                             ({"scales": [1.0, 0.0]}, r"method\.scales\[1\] must be above 0, got 0\.0"),
+                             ({"free": float("nan")}, r"method\.free must be a finite number, got nan")]:
+        with pytest.raises(UserError, match=message):
+            check_config(dataclasses.replace(ToyMethodConfig(), **changes), "method")
+
+
+def test_python_api_configs_are_checked_before_anything_runs(tmp_path):
+    from deltatune.config.schema import TrainConfig
+    from deltatune.runner import train
+
+    config = RunConfig(train=TrainConfig(batch_size=0), output_dir=str(tmp_path / "runs"))
+    with pytest.raises(UserError, match=r"train\.batch_size must be at least 1"):
+        train(config)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dict_fields_keep_working():
+    """Free-form mappings (`extra`, and column maps) are not walked by the rules: their keys are the user's."""
+    config = parse_config({"extra": {"note": "baseline", "batch_size": 0, "nested": {"lr": -1}}})
+    assert config.extra == {"note": "baseline", "batch_size": 0, "nested": {"lr": -1}}

@@ -23,11 +23,22 @@ NF4_MAX_HALF_GAP = 0.1519  # half the widest gap of the NF4 code book (between -
 
 def bnb_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True):
     """(packed, state, dequantised) from bitsandbytes. The compiled fallback bitsandbytes takes for an odd last
-    dimension is run eagerly: compiling it costs seconds and computes the same products."""
+    dimension is run eagerly: compiling it costs seconds and computes the same products.
+
+    The dequantised weights are read from bitsandbytes' stored bytes with its own code book and absmax (nested
+    absmax dequantised by its own blockwise function), not taken from `dequantize_4bit`: on some CPUs (seen on an
+    AMD EPYC with bitsandbytes 0.50.2) that kernel reads the wrong block's absmax when a block spans rows of a 2-D
+    weight, giving values that are not on the NF4 grid of any block at all, while the stored bytes stay exact."""
     with torch._dynamo.config.patch(disable=True):
         packed, state = bnb.quantize_4bit(weight, blocksize=block_size, compress_statistics=double_quant,
                                           quant_type="nf4")
-        return packed, state, bnb.dequantize_4bit(packed, state, quant_type="nf4")
+        absmax = state.absmax.float()
+        if double_quant:
+            absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    codes = packed.view(-1)
+    nibbles = torch.stack([codes >> 4, codes & 15], dim=-1).reshape(-1)[: weight.numel()].long()
+    scales = absmax.repeat_interleave(block_size)[: weight.numel()]
+    return packed, state, (state.code[nibbles] * scales).reshape(weight.shape)
 
 
 def gaussian(*shape: int, seed: int = 0, scale: float = 0.02) -> torch.Tensor:

@@ -82,3 +82,76 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     logged = [json.loads(line)["step"] for line in (tmp_path / "runs" / "victim" / "metrics.jsonl").open()
               if json.loads(line)["type"] == "train"]
     assert logged == sorted(set(logged)), "metrics of the killed run must not be duplicated after resume"
+
+
+# In-process runs on a schedule that does not depend on the step budget, so a run extended from 3 to 6 steps must
+# match one that took 6 steps at once, bit for bit.
+SHORT = """
+model: {name: 'tests.tiny_models:tiny_bert', task: classification}
+data: {name: data.jsonl, max_length: 16, split: {validation: 0.2, test: 0.2, seed: 3}}
+train: {max_steps: 3, batch_size: 4, lr: 1.0e-3, schedule: constant, warmup_steps: 0, save_every: 2, log_every: 1,
+        num_threads: 1, progress: false, seed: 5}
+output_dir: runs
+"""
+
+
+def short_workspace(root: Path) -> None:
+    rows = [{"text": f"word{i % 7} film{i % 3} plot", "label": i % 2} for i in range(40)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "config.yaml").write_text(SHORT)
+
+
+def last_checkpoint_weights(run: Path) -> dict[str, torch.Tensor]:
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    return load_file(newest / "model.safetensors")
+
+
+def assert_same_weights(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_resume_extends_a_finished_run_from_its_last_step(tmp_path, monkeypatch, capsys):
+    from deltatune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    short_workspace(tmp_path)
+    assert main(["train", "config.yaml", "run_name=straight", "train.max_steps=6"]) == 0
+    assert main(["train", "config.yaml", "run_name=extended"]) == 0
+    capsys.readouterr()
+    # No run_name: --resume finds the run by its config, the step budget aside; flags may come before overrides.
+    assert main(["train", "config.yaml", "--resume", "train.max_steps=6"]) == 0
+    assert "resumed from step 3 of 6" in capsys.readouterr().out
+    run = tmp_path / "runs" / "extended"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open() if '"train"' in line]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    assert "max_steps: 6" in (run / "config.yaml").read_text()  # a later --resume continues to the new budget
+    assert_same_weights(last_checkpoint_weights(tmp_path / "runs" / "straight"), last_checkpoint_weights(run))
+
+
+def test_ctrl_c_exits_130_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    from deltatune.cli import main
+    from deltatune.training.loop import TrainingLoop
+
+    monkeypatch.chdir(tmp_path)
+    short_workspace(tmp_path)
+    assert main(["train", "config.yaml", "run_name=reference", "train.max_steps=6"]) == 0
+    real_after_step = TrainingLoop._after_step
+
+    def ctrl_c_at_step_5(self, loss, stats):
+        real_after_step(self, loss, stats)
+        if self.state.step == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TrainingLoop, "_after_step", ctrl_c_at_step_5)
+    capsys.readouterr()
+    assert main(["train", "config.yaml", "run_name=victim", "train.max_steps=6"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted; continue with --resume"]
+    run = tmp_path / "runs" / "victim"
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
+    monkeypatch.setattr(TrainingLoop, "_after_step", real_after_step)
+    assert main(["train", "config.yaml", "run_name=victim", "train.max_steps=6", "--resume"]) == 0
+    assert "resumed from step 4 of 6" in capsys.readouterr().out
+    assert_same_weights(final_weights(tmp_path / "runs" / "reference"), final_weights(run))

@@ -198,3 +198,120 @@ def test_early_stopping_stops_after_patience_evaluations(tmp_path):
     model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=50, lr=0.0, eval_every=1, early_stopping_patience=2)
     state = loop.run()
     assert state.stopped_early and state.step == 3 and state.best_step == 1
+
+
+def _strict(text):
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} is not JSON"))
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    from deltatune.training.checkpoint import write_json_atomic
+    from deltatune.training.run_dir import RunDir
+
+    run_dir = RunDir(tmp_path)
+    run_dir.log({"step": 1, "loss": float("nan"), "perplexity": float("inf"), "values": [1.0, float("-inf")]})
+    assert _strict(run_dir.metrics_file.read_text()) == {"step": 1, "loss": None, "perplexity": None,
+                                                         "values": [1.0, None]}
+    write_json_atomic(tmp_path / "summary.json", {"after": {"validation": {"loss": float("nan"), "accuracy": 0.5}}})
+    assert _strict((tmp_path / "summary.json").read_text()) == {"after": {"validation": {"loss": None,
+                                                                                         "accuracy": 0.5}}}
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import deltatune.training.checkpoint as checkpoint
+    from deltatune.errors import UserError
+
+    target = tmp_path / "best"
+    write_checkpoint_dir(target, {"model": {"w": torch.zeros(2)}}, {"v": 1})
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_durably", disk_full)  # the JSON write after the tensors
+    with pytest.raises(UserError, match=r"^cannot write .*\.best\.tmp/state\.json \(No space left on device\); free "
+                                        r"space on that disk, then run again$"):
+        write_checkpoint_dir(target, {"model": {"w": torch.ones(2)}}, {"v": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"], "the partial copy must be removed"
+    tensors, state = read_checkpoint_dir(target)
+    assert state == {"v": 1} and torch.equal(tensors["model"]["w"], torch.zeros(2))
+
+
+def test_safetensors_io_errors_count_as_disk_errors(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import deltatune.training.checkpoint as checkpoint
+    from deltatune.errors import UserError
+
+    def quota_exceeded(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: Disk quota exceeded (os error 122) at path "x"')
+
+    monkeypatch.setattr(checkpoint, "save_file", quota_exceeded)
+    with pytest.raises(UserError, match=r"\(Disk quota exceeded\); free space within your disk quota"):
+        write_checkpoint_dir(tmp_path / "step-00000001", {"model": {"w": torch.zeros(2)}}, {})
+
+    def other_failure(*args, **kwargs):
+        raise SafetensorError("Error while serializing: tensor is not contiguous")
+
+    monkeypatch.setattr(checkpoint, "save_file", other_failure)
+    with pytest.raises(SafetensorError):  # not a disk problem: a bug, which keeps its traceback
+        write_checkpoint_dir(tmp_path / "step-00000001", {"model": {"w": torch.zeros(2)}}, {})
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe"])
+def test_damaged_checkpoint_files_name_themselves(tmp_path, damage):
+    from deltatune.errors import UserError
+    from deltatune.training.state import latest_loop_state
+
+    write_checkpoint_dir(tmp_path / "step-00000001", {"model": {"w": torch.zeros(2)}}, {"loop": {"step": 1}})
+    assert latest_loop_state(tmp_path).step == 1
+    (tmp_path / "step-00000001" / "state.json").write_bytes(damage)
+    with pytest.raises(UserError, match=r"step-00000001/state\.json is damaged"):
+        read_checkpoint_dir(tmp_path / "step-00000001")
+    with pytest.raises(UserError, match=r"step-00000001/state\.json is damaged.*delete .*step-00000001 to resume"):
+        latest_loop_state(tmp_path)
+
+
+def test_resolve_device_refuses_devices_this_machine_lacks(monkeypatch):
+    from deltatune.errors import UserError
+    from deltatune.training.loop import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match=r"train\.device=cuda:0 but torch finds no CUDA GPU"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(UserError, match=r"has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_objectives_declare_the_metrics_they_report(tmp_path):
+    from deltatune.objectives import available_objectives
+
+    model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=1)
+    from deltatune.training.loop import evaluate
+
+    metrics = evaluate(model, loop.objective, loop.validation_data, loop.cfg, torch.device("cpu"))
+    assert tuple(metrics) == type(loop.objective).metrics
+    for objective in available_objectives().values():
+        assert objective.main_metric in objective.metrics
+
+
+@pytest.mark.parametrize("max_grad_norm, fix", [(None, r"lower train\.lr \(now 1e\+30\) or set train\.max_grad_norm"),
+                                                (1.0, r"lower train\.lr \(now 1e\+30\) and run again$")])
+def test_divergence_stops_before_a_non_finite_step(tmp_path, max_grad_norm, fix):
+    from deltatune.errors import UserError
+
+    model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=20, lr=1e30, save_every=1)
+    loop.cfg.max_grad_norm = max_grad_norm
+    with pytest.raises(UserError, match=r"^training diverged: .* at step \d+; " + fix) as refused:
+        loop.run()
+    saved = step_checkpoints(loop.run_dir.checkpoints)
+    assert saved, "the steps before the divergence were checkpointed"
+    for _, path in saved:
+        tensors, _ = read_checkpoint_dir(path)
+        assert all(torch.isfinite(t).all() for t in tensors["model"].values())

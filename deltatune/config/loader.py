@@ -1,7 +1,8 @@
 """Strict config parsing: YAML files, `key.sub=value` overrides and plain dicts all become the same dataclasses.
 
 Strict means an unknown key, a wrong type or an unparsable value is a `UserError` that names the key, what was
-expected and the valid keys, so a typo never silently falls back to a default.
+expected and the valid keys, so a typo never silently falls back to a default. A value outside the range or the
+choices its field declares (`deltatune.config.constraints`), or a nan/inf anywhere, is refused the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from deltatune.config.constraints import check_config
 from deltatune.config.schema import MethodConfig, RunConfig
 from deltatune.errors import UserError, closest_names
 from deltatune.methods import get_method
@@ -33,7 +35,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found; give the path to a YAML file (see examples/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not a text file (byte {error.start} is not UTF-8); "
+                        f"give a YAML config file") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); check the file's permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -72,14 +81,18 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     raw = dict(raw)
     # Resolve the method section even when absent, so the saved config names the method's every option.
     raw.setdefault("method", {})
-    return _build(RunConfig, raw, "")
+    config = _build(RunConfig, raw, "")
+    check_config(config)
+    return config
 
 
 def method_config(raw: dict[str, Any] | MethodConfig) -> MethodConfig:
     """A method's config object from a dict like {"name": "freeze", "last_n_blocks": 2} (or pass one through)."""
     if isinstance(raw, MethodConfig):
         return raw
-    return _build_method(raw, "method")
+    config = _build_method(raw, "method")
+    check_config(config, "method")
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -3,12 +3,21 @@
 Every field has a default so an empty YAML file is a valid run (MiniLM on Rotten Tomatoes, full fine-tuning).
 The `method` section is polymorphic: its `name` picks a dataclass registered by a file in `deltatune/methods/`,
 so adding a method never touches this file.
+
+Numeric ranges and choices live in each field's metadata (`deltatune.config.constraints`); the strict parser checks
+them, so a zero batch size or a misspelt schedule is refused before anything is built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from deltatune.config.constraints import above, at_least, between, matching, one_of
+
+SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+SEED_RANGE = between(0, 2**32 - 1)  # what every seeded generator (torch, numpy) accepts
 
 
 @dataclass
@@ -28,7 +37,7 @@ class ModelConfig:
 
     name: str = "minilm-l6"
     task: str = "auto"  # a registered task (`deltatune/tasks/`); "auto": the task the model was built for
-    num_labels: int | None = None  # None: counted from the training data
+    num_labels: int | None = field(default=None, metadata=at_least(1))  # None: counted from the training data
     family: str = "auto"  # architecture table entry; "auto" detects it from the model
 
 
@@ -36,9 +45,9 @@ class ModelConfig:
 class SplitConfig:
     """Seeded train/validation/test fractions; the resulting row indices are saved with the run."""
 
-    validation: float = 0.1
-    test: float = 0.1
-    seed: int = 0
+    validation: float = field(default=0.1, metadata=between(0, 1, high_open=True))
+    test: float = field(default=0.1, metadata=between(0, 1, high_open=True))
+    seed: int = field(default=0, metadata=SEED_RANGE)
 
 
 @dataclass
@@ -60,10 +69,11 @@ class DataConfig:
 
     name: str = "rotten-tomatoes"
     columns: dict[str, str] = field(default_factory=dict)  # role -> column; unset roles take the task's default
-    max_length: int = 128
-    max_examples: int | None = None  # keep the first N rows after shuffling (quick experiments)
+    max_length: int = field(default=128, metadata=at_least(1))
+    # keep the first N rows after shuffling (quick experiments)
+    max_examples: int | None = field(default=None, metadata=at_least(1))
     packing: bool = False  # causal-LM SFT: pack several examples per sequence, attention kept within each
-    image_size: int | None = None  # None: the model's own input size
+    image_size: int | None = field(default=None, metadata=at_least(1))  # None: the model's own input size
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
@@ -72,29 +82,32 @@ class TrainConfig:
     """The one training loop's settings; objectives plug in by name."""
 
     objective: str = "auto"  # "auto": the task's default objective
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 32
-    eval_batch_size: int = 64
+    epochs: float = field(default=1.0, metadata=above(0))
+    max_steps: int | None = field(default=None, metadata=at_least(1))  # optimizer steps; overrides epochs when set
+    batch_size: int = field(default=32, metadata=at_least(1))
+    eval_batch_size: int = field(default=64, metadata=at_least(1))
     group_by_length: bool = True  # batch similar-length texts together (less padding); order stays seeded
-    gradient_accumulation: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    schedule: str = "linear"  # linear | cosine | constant
-    warmup_ratio: float = 0.06
-    warmup_steps: int | None = None  # overrides warmup_ratio when set
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None  # optimizer steps; None: once per epoch
-    save_every: int | None = None  # optimizer steps; None: at each evaluation
-    log_every: int = 10
+    gradient_accumulation: int = field(default=1, metadata=at_least(1))
+    lr: float = field(default=5e-5, metadata=above(0))
+    weight_decay: float = field(default=0.01, metadata=at_least(0))
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=between(0, 1, high_open=True))
+    adam_eps: float = field(default=1e-8, metadata=above(0))
+    schedule: str = field(default="linear", metadata=one_of(*SCHEDULES))
+    warmup_ratio: float = field(default=0.06, metadata=between(0, 1))
+    warmup_steps: int | None = field(default=None, metadata=at_least(0))  # overrides warmup_ratio when set
+    max_grad_norm: float | None = field(default=1.0, metadata=above(0))  # None: no clipping
+    eval_every: int | None = field(default=None, metadata=at_least(1))  # optimizer steps; None: once per epoch
+    save_every: int | None = field(default=None, metadata=at_least(1))  # optimizer steps; None: at each evaluation
+    log_every: int = field(default=10, metadata=at_least(1))
     metric: str = "auto"  # validation metric for the best checkpoint; "auto": the objective's main metric
-    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA if supported) | fp32 | bf16 | fp16
-    num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's choice
+    # evaluations without improvement before stopping
+    early_stopping_patience: int | None = field(default=None, metadata=at_least(1))
+    seed: int = field(default=0, metadata=SEED_RANGE)
+    device: str = field(default="auto", metadata=matching(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N, mps"))
+    # auto (fp32 on CPU, bf16 on CUDA if supported) | fp32 | bf16 | fp16
+    dtype: str = field(default="auto", metadata=one_of(*DTYPES))
+    # torch intra-op threads on CPU; None leaves torch's choice
+    num_threads: int | None = field(default=None, metadata=at_least(1))
     progress: bool = True
 
 

@@ -14,6 +14,7 @@ class Objective:
     name: ClassVar[str] = ""
     main_metric: ClassVar[str] = "loss"
     greater_is_better: ClassVar[bool] = False
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)  # the keys `evaluate` reports; train.metric must be one of them
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar to minimise for one micro-batch, and cheap statistics to log with it."""

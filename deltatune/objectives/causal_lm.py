@@ -35,6 +35,7 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 @register_objective("sft")
 class SupervisedFineTuning(Objective):
     main_metric = "loss"
+    metrics = ("loss", "perplexity")
     greater_is_better = False
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

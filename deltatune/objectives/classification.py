@@ -21,6 +21,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 class Classification(Objective):
     main_metric = "accuracy"
     greater_is_better = True
+    metrics = ("loss", "accuracy")
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model_logits(model, batch)

@@ -3,6 +3,9 @@ through `fit`; the loop knows nothing about tasks or methods beyond the `Objecti
 
 Determinism: the order of examples in epoch e is a permutation seeded by (seed, e), and checkpoints carry the
 RNG state, so a run killed and resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+
+Divergence: a non-finite loss or gradient norm stops training before the optimizer applies it, and the trainable
+weights are checked to be finite before every evaluation and checkpoint, so no saved file ever holds nan weights.
 """
 
 from __future__ import annotations
@@ -76,9 +79,21 @@ class Batches:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device `train.device` names; a UserError when this machine does not have it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"train.device={name} but torch finds no CUDA GPU on this machine; "
+                            f"set train.device=auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"train.device={name} but this machine has {count} CUDA GPU(s), cuda:0 to "
+                            f"cuda:{count - 1}; pick one of those")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"train.device={name} but torch finds no Apple GPU (MPS) here; set train.device=auto or cpu")
+    return device
 
 
 def autocast_context(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager:
@@ -87,6 +102,7 @@ def autocast_context(device: torch.device, dtype_name: str) -> contextlib.Abstra
         dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if dtype_name == "fp32":
         return contextlib.nullcontext()
+    # Names outside DTYPES never get here: the config parser refuses them.
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -164,13 +180,13 @@ class TrainingLoop:
         self.state = LoopState()
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint; False when there is none."""
+        """Load the newest complete checkpoint (model, optimizer, schedule, RNG, loop state); False when there is
+        none. It only reads: the caller drops the metrics logged after that step (`RunDir.truncate_metrics_after`)
+        once it has checked everything else, so a refused resume changes no file."""
         found = step_checkpoints(self.run_dir.checkpoints)
         if not found:
             return False
-        step, path = found[-1]
-        self.state = load_training_checkpoint(path, self.model, self.method, self.optimizer, self.scheduler)
-        self.run_dir.truncate_metrics_after(step)
+        self.state = load_training_checkpoint(found[-1][1], self.model, self.method, self.optimizer, self.scheduler)
         return True
 
     def run(self) -> LoopState:
@@ -214,9 +230,13 @@ class TrainingLoop:
             (loss / len(group)).backward()
             total_loss += loss.item() / len(group)
             tokens += self.objective.tokens_in(batch)
+        if not math.isfinite(total_loss):
+            raise self._diverged(f"the loss is {total_loss}", self.state.step + 1)
         if self.cfg.max_grad_norm:
             params = [p for p in self.model.parameters() if p.requires_grad]
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            if not math.isfinite(stats["grad_norm"]):
+                raise self._diverged(f"the gradient norm is {stats['grad_norm']}", self.state.step + 1)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -226,9 +246,24 @@ class TrainingLoop:
         stats["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - started)
         return total_loss, stats
 
+    def _diverged(self, problem: str, step: int) -> UserError:
+        """The error that stops training before a non-finite loss or gradient turns every weight into nan."""
+        fix = f"lower train.lr (now {self.cfg.lr:g})"
+        if not self.cfg.max_grad_norm:
+            fix += " or set train.max_grad_norm (e.g. 1.0)"
+        return UserError(f"training diverged: {problem} at step {step}; {fix} and run again")
+
+    def _check_weights_finite(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and not bool(torch.isfinite(param).all()):
+                raise self._diverged(f"weight {name} is not finite", self.state.step)
+
     def _after_step(self, loss: float, stats: dict[str, float]) -> None:
         step = self.state.step
-        if step % self.cfg.log_every == 0 or step == self.total_steps:
+        last = step == self.total_steps
+        if last or step % self.save_every == 0 or (self.validation_data is not None and step % self.eval_every == 0):
+            self._check_weights_finite()  # nothing non-finite may reach best/ or a checkpoint
+        if step % self.cfg.log_every == 0 or last:
             self.run_dir.log({"type": "train", "step": step, "epoch": self._epoch_progress(), "loss": loss,
                               "lr": self.scheduler.get_last_lr()[0], **stats})
         if self.validation_data is not None and (step % self.eval_every == 0 or step == self.total_steps):

@@ -7,6 +7,8 @@
     best/              trainable weights of the best validation score so far
     weights/           the final trainable weights (+ method config) the run produced
     summary.json/.md   headline numbers
+
+Every JSON file here is strict JSON: a non-finite number (a nan or inf metric) is written as null.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from typing import Any
 from torch import Tensor
 
 from deltatune.errors import UserError
-from deltatune.training.checkpoint import fsync_dir, read_checkpoint_dir, write_json_atomic
+from deltatune.training.checkpoint import (
+    disk_writes,
+    fsync_dir,
+    read_checkpoint_dir,
+    read_json,
+    strict_json,
+    write_json_atomic,
+)
 
 
 class RunDir:
@@ -31,16 +40,18 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
 
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        with disk_writes(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, config_dict: dict[str, Any]) -> None:
         import yaml
 
         text = yaml.safe_dump(config_dict, sort_keys=False)
         tmp = self.path / ".config.yaml.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.path / "config.yaml")
-        fsync_dir(self.path)
+        with disk_writes(self.path / "config.yaml"):
+            tmp.write_text(text)
+            os.replace(tmp, self.path / "config.yaml")
+            fsync_dir(self.path)
 
     def check_is_run(self) -> None:
         """A UserError unless this directory holds a run (its config.yaml)."""
@@ -70,12 +81,15 @@ class RunDir:
 
     def read_splits(self) -> dict[str, list[int]] | None:
         path = self.path / "splits.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        return read_json(path, "restore it from a backup, or start a new run (the test split must not change)")
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics record and flush it to disk, so a killed run keeps what it logged."""
-        with open(self.metrics_file, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(strict_json(record), sort_keys=True, allow_nan=False) + "\n"
+        with disk_writes(self.metrics_file), open(self.metrics_file, "a") as handle:
+            handle.write(line)
             handle.flush()
 
     def truncate_metrics_after(self, step: int) -> None:
@@ -91,15 +105,17 @@ class RunDir:
             if record.get("step", 0) <= step:
                 kept.append(line)
         tmp = self.path / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_file)
+        with disk_writes(self.metrics_file):
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_file)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)
         lines = [f"# Run {self.path.name}", ""]
         for key, value in summary.items():
             lines.append(f"- **{key}**: {_fmt(value)}")
-        (self.path / "summary.md").write_text("\n".join(lines) + "\n")
+        with disk_writes(self.path / "summary.md"):
+            (self.path / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def holds_weights(directory: Path) -> bool:

@@ -6,9 +6,8 @@ import math
 
 import torch
 
+from deltatune.config.schema import SCHEDULES
 from deltatune.errors import UserError
-
-SCHEDULES = ("linear", "cosine", "constant")
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

@@ -10,11 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltatune.errors import UserError
 from deltatune.methods.base import Method
 from deltatune.training.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_checkpoint_dir,
+    read_json,
+    step_checkpoints,
     write_checkpoint_dir,
 )
 
@@ -73,6 +76,20 @@ def save_training_checkpoint(
     )
 
 
+def latest_loop_state(root: Path) -> LoopState | None:
+    """The loop state saved in the newest step checkpoint under `root` (only its state.json is read), or None."""
+    found = step_checkpoints(root)
+    if not found:
+        return None
+    path = found[-1][1] / "state.json"
+    state = read_json(path, f"delete {path.parent} to resume from the checkpoint before it")
+    try:
+        return LoopState(**state["loop"])
+    except (KeyError, TypeError):
+        raise UserError(f"{path} is damaged (no valid 'loop' entry); delete {path.parent} to resume from the "
+                        f"checkpoint before it") from None
+
+
 def load_training_checkpoint(
     directory: Path,
     model: nn.Module,
@@ -80,7 +97,23 @@ def load_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> LoopState:
+    """Restore model, optimizer, schedule and RNG from a step checkpoint; a UserError naming it when it is damaged."""
     tensors, state = read_checkpoint_dir(directory)
+    try:
+        return _restore(tensors, state, model, method, optimizer, scheduler)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{directory} does not fit this run ({type(error).__name__}: {error}); delete it to resume "
+                        f"from the checkpoint before it") from None
+
+
+def _restore(
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict,
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> LoopState:
     load_weights(model, method, dict(tensors["model"]))
     device = next(model.parameters()).device
     optimizer_state = optimizer_from_tensors(

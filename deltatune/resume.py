@@ -1,0 +1,100 @@
+"""What `--resume` may change, and whether a run directory can be continued at all.
+
+A resumed run continues with the config saved in its directory. The config given now must match that one except
+in `RESUMABLE` keys: the step budget (`train.max_steps`, `train.epochs`; extending a finished or interrupted run is
+the common wish) and settings that do not change what is computed (progress bar, CPU threads, device). Any other
+difference is refused by name, so a resume never silently ignores what the command line asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deltatune.config.loader import config_to_dict, parse_config, read_yaml
+from deltatune.config.schema import RunConfig
+from deltatune.errors import UserError
+from deltatune.training.run_dir import RunDir
+from deltatune.training.state import latest_loop_state
+
+RESUMABLE = ("train.max_steps", "train.epochs", "train.progress", "train.num_threads", "train.device")
+LOCATION = ("run_name", "output_dir")  # where the run is, not what it computes: never compared
+_ABSENT = object()
+
+
+def flatten(config_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 0.1, ...}: one dotted key per leaf value of a nested config dict."""
+    flat: dict[str, Any] = {}
+    for key, value in config_dict.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "extra":
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def changed_keys(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (location keys left out), in config order."""
+    one, two = flatten(first), flatten(second)
+    keys = list(one) + [key for key in two if key not in one]
+    return [key for key in keys if key not in LOCATION and one.get(key, _ABSENT) != two.get(key, _ABSENT)]
+
+
+def read_saved_config(run_dir: RunDir) -> RunConfig:
+    """The config a run directory was started with; a UserError naming the file when it no longer parses."""
+    path = run_dir.path / "config.yaml"
+    try:
+        return parse_config(read_yaml(path))
+    except UserError as error:
+        message = str(error)
+        raise UserError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def resumed_config(run_dir: RunDir, requested: RunConfig) -> RunConfig:
+    """The saved config with the requested values of the changed `RESUMABLE` keys; refuses any other change."""
+    saved = config_to_dict(read_saved_config(run_dir))
+    wanted = config_to_dict(requested)
+    changes = changed_keys(saved, wanted)
+    refused = [key for key in changes if key not in RESUMABLE]
+    if refused:
+        key = refused[0]
+        was, now = flatten(saved).get(key, "unset"), flatten(wanted).get(key, "unset")
+        raise UserError(f"--resume continues {run_dir.path} as it was configured, but {key} changed ({was!r} -> "
+                        f"{now!r}); on resume only {', '.join(RESUMABLE)} may change: undo that change, or give "
+                        f"the run a new run_name to start it afresh")
+    merged = saved
+    for key in changes:
+        *sections, name = key.split(".")
+        node = merged
+        for section in sections:
+            node = node[section]
+        node[name] = flatten(wanted)[key]
+    return parse_config(merged)
+
+
+def check_resume_point(run_dir: RunDir, total_steps: int) -> None:
+    """Refuse a resume that would train nothing: a finished run without a larger step budget, or a budget below
+    the steps already taken. A run killed while finishing (after its last step, before its summary) may finish."""
+    latest = latest_loop_state(run_dir.checkpoints)
+    if latest is None:
+        return
+    if latest.step > total_steps:
+        raise UserError(f"{run_dir.path} already took {latest.step} steps but the config given now asks for "
+                        f"{total_steps} in all; resume with train.max_steps={latest.step} or more (its config.yaml "
+                        f"has the budget it was last given)")
+    finished = (run_dir.path / "summary.json").exists() and (run_dir.weights / "state.json").exists()
+    if not finished:
+        return
+    if latest.stopped_early:
+        raise UserError(f"{run_dir.path} stopped early at step {latest.step} (no validation improvement for "
+                        f"train.early_stopping_patience evaluations); more steps would stop again, so start a new "
+                        f"run (new run_name) instead")
+    if latest.step == total_steps:
+        raise UserError(f"{run_dir.path} already finished its {total_steps} steps; to train further, resume with a "
+                        f"larger budget, e.g. train.max_steps={2 * total_steps}")
+
+
+def run_names(root: Path) -> list[str]:
+    """Names of the run directories (those holding a config.yaml) under `root`."""
+    return sorted(path.parent.name for path in root.glob("*/config.yaml")) if root.is_dir() else []

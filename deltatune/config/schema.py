@@ -30,6 +30,8 @@ class ModelConfig:
     task: str = "auto"  # classification | causal-lm | image-classification; "auto" takes the alias's task
     num_labels: int | None = None  # None: counted from the training data
     family: str = "auto"  # architecture table entry; "auto" detects it from the model
+    # Pickle-only weights (pytorch_model.bin) are refused unless this is true; they are then read weights-only.
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -56,6 +58,9 @@ class DataConfig:
     prompt_column: str = "prompt"
     response_column: str = "response"
     image_column: str = "image"
+    # Text files' encoding: "auto" reads UTF-8 (a byte-order mark is dropped) and names the fix when that fails;
+    # anything else is a Python codec name such as latin-1 or cp1252.
+    encoding: str = "auto"
     max_length: int = 128
     max_examples: int | None = None  # keep the first N rows after shuffling (quick experiments)
     packing: bool = False  # causal-LM SFT: pack several examples per sequence, attention kept within each

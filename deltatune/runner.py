@@ -44,6 +44,7 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
     from deltatune.data import build_datasets
     from deltatune.models import load_processor, resolve_task
+    from deltatune.models.positions import check_max_length
 
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -51,12 +52,14 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
     task = resolve_task(config.model)
     objective = get_objective(config.train.objective, task)()
     get_method(config.method.name)  # an unknown method fails before any data is read
-    data = build_datasets(config.data, task, load_processor(config.model), splits, config.model.num_labels)
+    processor = load_processor(config.model)
+    data = build_datasets(config.data, task, processor, splits, config.model.num_labels)
     num_labels = config.model.num_labels or data.num_labels
     if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
                         f"raise model.num_labels or leave it unset")
     model, method = build_model(config, task, num_labels)
+    check_max_length(model, config.data.max_length, processor)
     device = resolve_device(config.train.device)
     return Prepared(config, model.to(device), method, objective, task, data, device)
 

@@ -93,7 +93,7 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int | None) -> nn.Module
     _check_num_labels(task, num_labels)
     source = sources.parse_source(cfg.name)
     sources.check_supported(source, task)
-    model = _load(source, task, num_labels)
+    model = _load(source, task, num_labels, cfg.allow_pickle)
     if task == "image-classification" and not isinstance(model, ImageClassifier):
         from deltatune.models.image import takes_pixel_values
 
@@ -103,8 +103,8 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int | None) -> nn.Module
     return model.to(device="cpu").float()
 
 
-def _load(source: Source, task: str, num_labels: int | None) -> nn.Module:
-    """Dispatch on where the weights live."""
+def _load(source: Source, task: str, num_labels: int | None, allow_pickle: bool = False) -> nn.Module:
+    """Dispatch on where the weights live; `allow_pickle` lets a pickle-only transformers directory load."""
     from deltatune.models import gguf_cache, hf, image
 
     if source.kind == sources.EFFICIENTNET:
@@ -113,7 +113,7 @@ def _load(source: Source, task: str, num_labels: int | None) -> nn.Module:
     if source.kind == sources.GGUF:
         return hf.load_transformers_model(gguf_cache.ensure_model(_path(source)), task, num_labels)
     if source.kind == sources.TRANSFORMERS:
-        return hf.load_transformers_model(_path(source), task, num_labels)
+        return hf.load_transformers_model(_path(source), task, num_labels, allow_pickle)
     return _import_model(source.name, task, num_labels)
 
 

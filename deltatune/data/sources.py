@@ -84,7 +84,7 @@ def read_text_file(path: Path, encoding: str = "auto") -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read data file {path} ({exc.strerror}); check that it exists and is readable") from None
+        raise UserError(f"cannot read data file {path} ({exc.strerror}); check that it is readable") from None
     try:
         return raw.decode(codec)
     except LookupError:
@@ -104,8 +104,10 @@ def read_text_file(path: Path, encoding: str = "auto") -> str:
 def read_jsonl(path: Path, encoding: str = "auto") -> list[Row]:
     """One JSON object per line; blank lines are skipped."""
     rows: list[Row] = []
-    # split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON strings may contain
-    for number, line in enumerate(read_text_file(path, encoding).split("\n"), start=1):
+    # Split on line ends only: str.splitlines would also cut at U+2028 and friends, which JSON strings may contain.
+    # A raw "\r" cannot sit inside a JSON string, so old Mac line ends can safely become "\n".
+    text = read_text_file(path, encoding).replace("\r\n", "\n").replace("\r", "\n")
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -313,3 +313,10 @@ def test_pickle_with_an_unknown_digest_is_never_unpickled(tmp_path: Path, monkey
         ensure_safetensors(weights, "5793442400000000000000000000000000000000000000000000000000000000")
     assert not (tmp_path / PAYLOAD_RAN).exists()
     assert not list((tmp_path / "cache" / "safetensors").iterdir())  # nothing half-built is left to be read
+
+
+def test_the_hostile_pickle_is_live(tmp_path: Path) -> None:
+    """The payload cases above prove something only if unpickling without restrictions would run the payload."""
+    path = hostile_pickle(tmp_path / "hostile.pt", tmp_path / PAYLOAD_RAN)
+    torch.load(path, weights_only=False)
+    assert (tmp_path / PAYLOAD_RAN).exists()

@@ -173,3 +173,15 @@ def test_efficientnet_runs_read_only_the_safetensors_copy(tmp_cache: Path, monke
     second = load_model(ModelConfig(name="efficientnet-lite0"), "image-classification", 3)
     backbone = {k: v for k, v in first.state_dict().items() if "_fc." not in k}
     assert all(torch.equal(v, second.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_a_conversion_that_changes_a_tensor_is_never_published(tmp_path: Path, tmp_cache: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.models import safetensors_cache
+
+    path = tmp_path / "weights.pth"
+    torch.save({"weight": torch.ones(4)}, path)
+    monkeypatch.setattr(safetensors_cache, "read_safetensors", lambda file: {"weight": torch.ones(4) * 2})
+    with pytest.raises(RuntimeError, match="conversion changed tensor 'weight'"):
+        safetensors_cache.ensure_safetensors(path, safetensors_cache.file_sha256(path))
+    assert list((tmp_cache / "safetensors").iterdir()) == []

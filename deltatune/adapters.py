@@ -212,8 +212,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
 
     Everything is validated before the model changes: a file for a different base is a UserError naming the module
     and both shapes, and leaves the model as it was. `activate` makes it the active adapter; `trainable` lets its
-    parameters train (default: frozen, for inference). Never unpickles: `adapter_model.bin` is refused."""
-    from safetensors.torch import load_file
+    parameters train (default: frozen, for inference). Never unpickles: `adapter_model.bin` is refused, and an
+    unreadable config or weights file (a renamed pickle, a truncated download) is a UserError naming the file."""
+    from deltatune.models.weight_files import read_json_object, read_safetensors
 
     directory = Path(path)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -223,14 +224,11 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     for required in (config_path, weights_path):
         if not required.is_file():
             raise UserError(f"{required} not found; give a directory written by save_adapter or peft's save_pretrained")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{config_path} is not valid JSON ({error}); re-save the adapter") from None
+    config = read_json_object(config_path, "re-save the adapter")
     check_new_name(model, name)
     file_format = _format_for(str(config.get("peft_type")))
     prefix = getattr(file_format, "peft_key_prefix", PEFT_PREFIX)
-    tensors = {key.removeprefix(prefix): tensor for key, tensor in load_file(str(weights_path)).items()}
+    tensors = {key.removeprefix(prefix): tensor for key, tensor in read_safetensors(weights_path).items()}
     steps = _plan_modules_to_save(model, config.get("modules_to_save") or [], tensors, name, trainable)
     claimed = {key for key in tensors if any(key.startswith(f"{module}.") for module in steps)}
     apply_method, method_keys = file_format.plan_peft_load(

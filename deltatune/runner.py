@@ -72,6 +72,7 @@ def start_seeded(config: RunConfig) -> None:
 def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
     from deltatune.models import load_processor
+    from deltatune.models.positions import check_max_length
     from deltatune.tasks import build_datasets, get_task, resolve_task
 
     start_seeded(config)
@@ -85,6 +86,7 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
                         f"raise model.num_labels or leave it unset")
     model, method = build_model(config, task, num_labels)
+    check_max_length(model, config.data.max_length, processor)
     device = resolve_device(config.train.device)
     return Prepared(config, model.to(device), method, objective, task.name, data, device, processor)
 

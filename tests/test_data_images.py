@@ -97,13 +97,23 @@ def test_image_paths_in_jsonl_relative_to_file(tmp_path: Path) -> None:
         build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
 
 
-def test_corrupt_image_file(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.png").write_bytes(b"not a png")
-    cfg = DataConfig(name=str(tmp_path), split=SplitConfig(0.0, 0.0))
-    bundle = build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
+def test_corrupt_image_file_stops_the_build(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "pets", {"a": 2, "b": 2})
+    (root / "a" / "x.png").write_bytes(b"not a png")
+    cfg = DataConfig(name=str(root), split=SplitConfig(0.0, 0.0))
     with pytest.raises(UserError, match="cannot decode .*x.png"):
+        build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
+
+
+def test_image_damaged_after_the_build_is_one_line_at_decode(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "pets", {"a": 2, "b": 2})
+    cfg = DataConfig(name=str(root), split=SplitConfig(0.0, 0.0))
+    bundle = build_datasets(cfg, "image-classification", ImageProcessor(image_size=4))
+    whole = (root / "a" / "0.png").read_bytes()
+    (root / "a" / "0.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=r"cannot decode .*0.png \(.*\); remove or re-save") as caught:
         bundle.collate(bundle.train)
+    assert "\n" not in str(caught.value)
 
 
 def test_image_task_errors(tmp_path: Path) -> None:

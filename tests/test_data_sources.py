@@ -146,3 +146,49 @@ def test_alias_images(name: str, count: int, shape: tuple[int, int]) -> None:
     assert image.dtype == np.uint8 and image.shape == shape
     assert max(int(row["image"].max()) for row in rows[:200]) > 200  # rescaled to the 0..255 range
     assert sorted({row["label"] for row in rows}) == list(range(10))
+
+
+# --- encodings, long cells and other valid files that must load -----------------------------------------------
+
+def test_explicit_encoding_reads_latin_1_and_auto_drops_a_byte_order_mark(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncafé crème,1\n".encode("latin-1"))
+    assert load_rows(DataConfig(name=str(latin), encoding="latin-1")) == [{"text": "café crème", "label": "1"}]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + '{"text": "café", "label": 0}\n'.encode("utf-8"))
+    assert load_rows(DataConfig(name=str(bom))) == [{"text": "café", "label": 0}]
+
+
+def test_utf_16_file_names_utf_16(tmp_path: Path) -> None:
+    path = tmp_path / "wide.csv"
+    path.write_bytes("text,label\na,1\n".encode("utf-16"))
+    with pytest.raises(UserError, match=r"wide.csv is not UTF-8 text: byte 0xff at offset 0 \(line 1\).*"
+                                        r"data.encoding=utf-16"):
+        load_rows(DataConfig(name=str(path)))
+    assert load_rows(DataConfig(name=str(path), encoding="utf-16")) == [{"text": "a", "label": "1"}]
+
+
+def test_csv_cell_beyond_the_default_field_limit_loads_and_the_limit_is_restored(tmp_path: Path) -> None:
+    long_text = "word " * 40_000  # 200,000 characters, over the csv module's 131,072 default
+    path = write_csv(tmp_path / "long.csv", [{"text": long_text, "label": 1}, {"text": "short", "label": 0}])
+    limit = csv.field_size_limit()
+    rows = load_rows(DataConfig(name=str(path)))
+    assert rows[0]["text"] == long_text and rows[1]["text"] == "short"
+    assert csv.field_size_limit() == limit
+
+
+def test_jsonl_line_separator_inside_a_string_stays_one_row(tmp_path: Path) -> None:
+    path = tmp_path / "sep.jsonl"
+    path.write_text('{"text": "one\u2028line", "label": 0}\n', encoding="utf-8")  # raw U+2028 is valid JSON
+    assert load_rows(DataConfig(name=str(path))) == [{"text": "one\u2028line", "label": 0}]
+
+
+def test_nan_and_bytes_cells(tmp_path: Path) -> None:
+    from deltatune.data.sources import column_values, text_values
+
+    rows = [{"text": "a", "label": float("nan")}, {"text": b"raw", "label": 1}]
+    with pytest.raises(UserError, match="row 0 of data has no value in column 'label'"):
+        column_values(rows, [0, 1], "label", "data")
+    with pytest.raises(UserError, match="row 1 of data holds bytes in text column 'text'"):
+        text_values(rows, [0, 1], "text", "data")
+    assert text_values([{"text": 3}], [0], "text", "data") == ["3"]  # numbers still read as their text

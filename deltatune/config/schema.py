@@ -39,6 +39,8 @@ class ModelConfig:
     task: str = "auto"  # a registered task (`deltatune/tasks/`); "auto": the task the model was built for
     num_labels: int | None = field(default=None, metadata=at_least(1))  # None: counted from the training data
     family: str = "auto"  # architecture table entry; "auto" detects it from the model
+    # Pickle-only weights (pytorch_model.bin) are refused unless this is true; they are then read weights-only.
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -69,6 +71,9 @@ class DataConfig:
 
     name: str = "rotten-tomatoes"
     columns: dict[str, str] = field(default_factory=dict)  # role -> column; unset roles take the task's default
+    # Text files' encoding: "auto" reads UTF-8 (a byte-order mark is dropped) and names the fix when that fails;
+    # anything else is a Python codec name such as latin-1 or cp1252.
+    encoding: str = "auto"
     max_length: int = field(default=128, metadata=at_least(1))
     # keep the first N rows after shuffling (quick experiments)
     max_examples: int | None = field(default=None, metadata=at_least(1))

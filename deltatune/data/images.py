@@ -10,6 +10,7 @@ only batches carry "pixel_values".
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,43 @@ def array_to_chw(value: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(array, order="C")).permute(2, 0, 1).contiguous()
 
 
+def _undecodable(source: str | bytes, exc: Exception) -> UserError:
+    """The one-line error for an image PIL cannot read."""
+    name = source if isinstance(source, str) else "image bytes"
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return UserError(f"cannot decode {name} ({reason}); remove or re-save that image")
+
+
+# What PIL raises for a damaged or hostile file: OSError (truncated, unidentified), SyntaxError (broken PNG chunks),
+# ValueError/struct.error (bad headers) and DecompressionBombError (a huge declared size meant to exhaust memory).
+_PIL_FAILURES = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
 def decode_file(source: str | bytes, channels: int) -> torch.Tensor:
     """Decode an image file (path or encoded bytes) with PIL into uint8 (channels, H, W)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    name = source if isinstance(source, str) else "image bytes"
     try:
         with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
             image = image.convert("RGB" if channels == 3 else "L")  # also flattens palettes and drops alpha
             return array_to_chw(np.asarray(image))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot decode {name} ({exc}); remove or re-save that image") from None
+    except (*_PIL_FAILURES, Image.DecompressionBombError) as exc:
+        raise _undecodable(source, exc) from None
+
+
+def check_image_file(source: str | bytes) -> None:
+    """UserError unless PIL recognises the image and its structure is whole (checksums, not a truncated file).
+
+    Run when the dataset is built, so a bad file stops the run before training instead of at its first batch;
+    `verify` reads the file's structure without decoding the pixels.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
+            image.verify()
+    except (*_PIL_FAILURES, Image.DecompressionBombError) as exc:
+        raise _undecodable(source, exc) from None
 
 
 def prepare_image_value(value: Any, base_dir: Path | None) -> torch.Tensor | str | bytes:
@@ -82,6 +109,7 @@ def prepare_image_value(value: Any, base_dir: Path | None) -> torch.Tensor | str
     if isinstance(value, dict):  # the Hugging Face datasets layout: {"bytes": ..., "path": ...}
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
+        check_image_file(bytes(value))
         return bytes(value)
     if isinstance(value, (str, Path)):
         path = Path(value)
@@ -89,6 +117,7 @@ def prepare_image_value(value: Any, base_dir: Path | None) -> torch.Tensor | str
             path = base_dir / path  # paths in a data file are relative to that file
         if not path.is_file():
             raise UserError(f"image file {value} not found; image paths are relative to the data file's folder")
+        check_image_file(str(path))
         return str(path)
     if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
         return array_to_chw(np.asarray(value))

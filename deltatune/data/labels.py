@@ -64,8 +64,20 @@ def encode_labels(
             "make them all integers 0..N-1 or all class names"
         )
     if all(is_name):
-        return _encode_names([str(value).strip() for value in values], column, num_labels)
-    return _check_ints([int(number) for number in as_ints if number is not None], column, num_labels, known_names)
+        encoded = _encode_names([str(value).strip() for value in values], column, num_labels)
+    else:
+        encoded = _check_ints([int(number) for number in as_ints if number is not None], column, num_labels,
+                              known_names)
+    _require_two_classes(encoded.ids, values, column)
+    return encoded
+
+
+def _require_two_classes(ids: list[int], values: Sequence[Any], column: str) -> None:
+    """One class would train a head that cannot be wrong and report accuracy 1.0 (with a 1-output head, every loss
+    is 0): refuse it, whatever model.num_labels says."""
+    if len(set(ids)) < 2:
+        raise UserError(f"classification needs at least two classes; found only {values[0]!r} in label column "
+                        f"'{column}' (an image folder needs one subfolder per class): add examples of another class")
 
 
 def _encode_names(values: list[str], column: str, num_labels: int | None) -> EncodedLabels:

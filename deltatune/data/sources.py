@@ -2,15 +2,19 @@
 
 Rows are plain dicts keyed by the file's own column names; mapping columns to roles (text, label, ...) happens later
 in the tasks (`data.columns`), so one loader serves every task. Image-folder rows are keyed by the configured image
-and label columns so the same mapping selects them.
+and label columns so the same mapping selects them. Text files are read as UTF-8 unless `data.encoding` names
+another codec (see `read_text_file`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from deltatune.config.schema import DataConfig
 from deltatune.data.aliases import ALIASES
@@ -37,6 +41,9 @@ def load_rows(cfg: DataConfig) -> list[Row]:
 def _load_path(name: str, cfg: DataConfig) -> list[Row]:
     """Rows from a path, with a message that tells a mistyped alias from a missing file."""
     path = Path(name).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"data.name '{name}' is a symbolic link to nothing (broken or a loop); point it at the real "
+                        "file or folder")
     if not path.exists():
         looks_like_path = any(sep in name for sep in ("/", "\\")) or path.suffix.lower() in FILE_SUFFIXES
         if looks_like_path:
@@ -51,11 +58,14 @@ def _load_path(name: str, cfg: DataConfig) -> list[Row]:
     if path.is_dir():
         # Folder rows are keyed by the run's image and label columns, so the tasks' roles find them.
         return load_image_folder(path, cfg.columns.get("image", "image"), cfg.columns.get("label", "label"))
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise UserError(f"data.name '{name}' is not a regular file; point it at a {'/'.join(FILE_SUFFIXES)} file "
+                        "or an image folder")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return read_jsonl(path)
+        return read_jsonl(path, cfg.encoding)
     if suffix in (".csv", ".tsv"):
-        return read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+        return read_csv(path, delimiter="\t" if suffix == ".tsv" else ",", encoding=cfg.encoding)
     if suffix == ".parquet":
         return read_parquet(path)
     raise UserError(
@@ -64,40 +74,96 @@ def _load_path(name: str, cfg: DataConfig) -> list[Row]:
     )
 
 
-def read_jsonl(path: Path) -> list[Row]:
+def read_text_file(path: Path, encoding: str = "auto") -> str:
+    """The whole file decoded as text.
+
+    "auto" reads UTF-8 and drops a byte-order mark (Excel and Notepad write one); there is no silent fallback to
+    another encoding, because latin-1 decodes any bytes and would turn a cp1252 or UTF-16 file into quiet garbage.
+    A decoding failure is a UserError naming the byte offset, the line and the setting that fixes it.
+    """
+    codec = "utf-8-sig" if encoding == "auto" else encoding
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read data file {path} ({exc.strerror}); check that it is readable") from None
+    try:
+        return raw.decode(codec)
+    except LookupError:
+        raise UserError(f"data.encoding '{encoding}' is not a text encoding Python knows; use auto, utf-8, latin-1 "
+                        "or cp1252") from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        shown = "UTF-8" if encoding == "auto" else encoding
+        fix = "set data.encoding to the file's real encoding"
+        if encoding == "auto":
+            utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))  # the byte-order marks UTF-16 files start with
+            fix = "set data.encoding=utf-16" if utf16 else "set data.encoding=latin-1 (or cp1252, the real encoding)"
+        raise UserError(f"{path} is not {shown} text: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}) "
+                        f"cannot be decoded; {fix}, or re-save the file as UTF-8") from None
+
+
+def read_jsonl(path: Path, encoding: str = "auto") -> list[Row]:
     """One JSON object per line; blank lines are skipped."""
     rows: list[Row] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                message = f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line"
-                raise UserError(message) from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not an object; "
-                                "write one {\"column\": value, ...} object per line")
-            rows.append(record)
+    # Split on line ends only: str.splitlines would also cut at U+2028 and friends, which JSON strings may contain.
+    # A raw "\r" cannot sit inside a JSON string, so old Mac line ends can safely become "\n".
+    text = read_text_file(path, encoding).replace("\r\n", "\n").replace("\r", "\n")
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            message = f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line"
+            raise UserError(message) from None
+        except RecursionError:  # e.g. [[[[...]]]] nested deeper than the parser goes
+            raise UserError(f"{path} line {number} nests JSON too deeply; write one flat object per line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not an object; "
+                            "write one {\"column\": value, ...} object per line")
+        rows.append(record)
     return rows
 
 
-def read_csv(path: Path, delimiter: str = ",") -> list[Row]:
+def read_csv(path: Path, delimiter: str = ",", encoding: str = "auto") -> list[Row]:
     """A CSV/TSV file with a header row. Cells stay strings; labels like "3" become integers later."""
-    # utf-8-sig drops the byte-order mark Excel writes, which would otherwise glue itself to the first column name
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise UserError(f"{path} has no header row; the first line must name the columns")
-        # DictReader files surplus cells under the key None; that is almost always a quoting mistake
-        rows: list[Row] = []
-        for number, record in enumerate(reader, start=2):
-            if None in record:
-                raise UserError(f"{path} line {number} has more cells than the header; quote cells that contain "
-                                f"'{delimiter}'")
-            rows.append(dict(record))
+    text = read_text_file(path, encoding)
+    # newline="" hands line endings to the csv module, which must see the ones inside quoted cells
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[Row] = []
+    with _field_size_limit(len(text) + 1):  # no cell is longer than the file, so long valid cells load
+        try:
+            header = reader.fieldnames
+            if not header:
+                raise UserError(f"{path} has no header row; the first line must name the columns")
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise UserError(f"{path} header names column '{repeated[0]}' more than once; give every column a "
+                                "distinct name")
+            # DictReader files surplus cells under the key None; that is almost always a quoting mistake
+            for number, record in enumerate(reader, start=2):
+                if None in record:
+                    raise UserError(f"{path} line {number} has more cells than the header; quote cells that contain "
+                                    f"'{delimiter}'")
+                rows.append(dict(record))
+        except csv.Error as exc:
+            raise UserError(f"{path} line {reader.line_num} is not valid CSV ({exc}); fix its quoting") from None
     return rows
+
+
+@contextlib.contextmanager
+def _field_size_limit(size: int) -> Iterator[None]:
+    """Raise the csv module's per-cell limit (131,072 characters by default) to `size` for the duration.
+
+    The limit is process-wide, so it is restored afterwards; 2**31 - 1 is the largest value every platform's C long
+    holds.
+    """
+    previous = csv.field_size_limit()
+    csv.field_size_limit(max(previous, min(size, 2**31 - 1)))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
 
 
 def read_parquet(path: Path) -> list[Row]:
@@ -107,7 +173,8 @@ def read_parquet(path: Path) -> list[Row]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-        raise UserError(f"cannot read parquet file {path} ({exc}); check that it is a valid parquet file") from None
+        reason = " ".join(str(exc).split())  # pyarrow's messages can span lines; the error must stay one line
+        raise UserError(f"cannot read parquet file {path} ({reason}); check that it is a valid parquet file") from None
     return table.to_pylist()
 
 
@@ -120,6 +187,10 @@ def load_image_folder(folder: Path, image_column: str, label_column: str) -> lis
     folder = folder.resolve()  # absolute paths keep working if the working directory changes later
     classes = sorted(child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))
     if not classes:
+        data_files = sorted(child.name for child in folder.iterdir() if child.suffix.lower() in FILE_SUFFIXES)
+        if data_files:
+            raise UserError(f"data.name {folder} is a folder, read as an image folder, but it holds {data_files[0]}; "
+                            f"set data.name to that file")
         raise UserError(f"image folder {folder} has no subfolders; put each class's images in its own subfolder")
     rows: list[Row] = []
     for name in classes:
@@ -145,16 +216,31 @@ def require_columns(rows: list[Row], columns: dict[str, str], source: str) -> No
 
 
 def column_values(rows: list[Row], indices: list[int], column: str, source: str) -> list[Any]:
-    """Values of one column for the given rows; a missing cell is a UserError naming the row."""
+    """Values of one column for the given rows; a missing cell (None, or NaN as pandas writes gaps) is a UserError
+    naming the row."""
     values: list[Any] = []
     for index in indices:
         value = rows[index].get(column)
-        if value is None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             raise UserError(f"row {index} of {source} has no value in column '{column}'; fill it in or drop that row")
         values.append(value)
     return values
 
 
+# Cell types whose str() is a Python repr, not text a model should read.
+_NOT_TEXT = {dict: "a JSON object", list: "a JSON list", tuple: "a list", bytes: "bytes", bytearray: "bytes"}
+
+
 def text_values(rows: list[Row], indices: list[int], column: str, source: str) -> list[str]:
-    """A text column as strings (numbers become their string form; missing cells are errors)."""
-    return [value if isinstance(value, str) else str(value) for value in column_values(rows, indices, column, source)]
+    """A text column as strings (numbers become their string form; missing cells are errors).
+
+    Objects, lists and bytes are refused: training on their Python repr ("{'a': 1}") is never what was meant.
+    """
+    texts: list[str] = []
+    for index, value in zip(indices, column_values(rows, indices, column, source)):
+        kind = _NOT_TEXT.get(type(value))
+        if kind is not None:
+            raise UserError(f"row {index} of {source} holds {kind} in text column '{column}', not text; store plain "
+                            "strings there (or point the column option at a text column)")
+        texts.append(value if isinstance(value, str) else str(value))
+    return texts

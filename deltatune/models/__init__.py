@@ -79,13 +79,13 @@ def load_model(cfg: ModelConfig, task: ModelHead, num_labels: int | None) -> nn.
     _check_num_labels(task, num_labels)
     source = sources.parse_source(cfg.name)
     sources.check_supported(source, task.name)
-    model = task.adapt_model(_load(source, task, num_labels))
+    model = task.adapt_model(_load(source, task, num_labels, cfg.allow_pickle))
     # Training runs in fp32 on CPU; the trainer moves and casts the model later if it wants another device/dtype.
     return model.to(device="cpu").float()
 
 
-def _load(source: Source, task: ModelHead, num_labels: int | None) -> nn.Module:
-    """Dispatch on where the weights live."""
+def _load(source: Source, task: ModelHead, num_labels: int | None, allow_pickle: bool = False) -> nn.Module:
+    """Dispatch on where the weights live; `allow_pickle` lets a pickle-only transformers directory load."""
     from deltatune.models import gguf_cache, image
 
     if source.kind == sources.EFFICIENTNET:
@@ -94,7 +94,7 @@ def _load(source: Source, task: ModelHead, num_labels: int | None) -> nn.Module:
     if source.kind == sources.GGUF:
         return task.load_pretrained(gguf_cache.ensure_model(_path(source)), num_labels)
     if source.kind == sources.TRANSFORMERS:
-        return task.load_pretrained(_path(source), num_labels)
+        return task.load_pretrained(_path(source), num_labels, allow_pickle)
     return _import_model(source.name, task, num_labels)
 
 

@@ -20,8 +20,9 @@ class ModelHead(Protocol):
     auto_class: str | None
     labelled: bool
 
-    def load_pretrained(self, directory: Path, num_labels: int | None) -> nn.Module:
-        """The model saved in a transformers directory, with the task's head."""
+    def load_pretrained(self, directory: Path, num_labels: int | None, allow_pickle: bool = False) -> nn.Module:
+        """The model saved in a transformers directory, with the task's head (`allow_pickle`: see
+        ModelConfig.allow_pickle)."""
         ...
 
     def adapt_model(self, model: nn.Module) -> nn.Module:

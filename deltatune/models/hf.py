@@ -6,6 +6,7 @@ transformers is imported inside the functions so that importing deltatune stays 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -38,22 +39,47 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_transformers_model(directory: Path, task: ModelHead, num_labels: int | None) -> nn.Module:
-    """The model in `directory` with the task's Auto class; labelled tasks get a head of `num_labels` outputs."""
+def load_transformers_model(
+    directory: Path, task: ModelHead, num_labels: int | None, allow_pickle: bool = False
+) -> nn.Module:
+    """The model in `directory` with the task's Auto class; labelled tasks get a head of `num_labels` outputs.
+
+    Weight files are checked first (`deltatune.models.weight_files`): safetensors only, unless `allow_pickle` lets a
+    pickle-only directory be read weights-only. Custom code is never run (no trust_remote_code).
+    """
     import transformers
 
+    from deltatune.models.weight_files import brief, check_model_directory
+
+    pickle_file = check_model_directory(directory, allow_pickle)
     auto = getattr(transformers, str(task.auto_class))
-    with quiet_transformers():
-        config = transformers.AutoConfig.from_pretrained(directory)
+    try:
+        with quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # unknown model_type, malformed fields
+        raise UserError(f"cannot read the model configuration {directory / 'config.json'} ({brief(exc)}); fix it "
+                        f"or re-save the model with save_pretrained") from None
     if type(config) not in auto._model_mapping:
-        raise UserError(f"{config.model_type!r} model in {directory} has no {task.name} variant in transformers; "
-                        f"set model.task to another task or pick another model")
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+        raise UserError(f"{config.model_type!r} model in {directory} has no {task.name} variant in transformers; set "
+                        f"model.task to another task or pick another model")
+    # use_safetensors=True: transformers must never fall back to a pickle on its own
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": pickle_file is None, "weights_only": True}
     if task.labelled:
         # A checkpoint fine-tuned for another label count gets a fresh head instead of a size-mismatch crash.
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
-    with quiet_transformers():
-        return auto.from_pretrained(directory, **kwargs)
+    try:
+        with quiet_transformers(), warnings.catch_warnings():
+            # torch warns on stderr about pickle protocols it did not write; the refusal below says what matters
+            warnings.filterwarnings("ignore", module="torch._weights_only_unpickler")
+            model = auto.from_pretrained(directory, **kwargs)
+    except Exception as exc:
+        if pickle_file is None:
+            raise  # safetensors were checked up front: a failure here is not the file's fault
+        # An untrusted pickle fails the restricted unpickler in many ways (UnpicklingError, KeyError, EOFError...)
+        raise UserError(f"torch's weights-only loader refused {pickle_file} ({type(exc).__name__}: {brief(exc)}); "
+                        f"it is damaged or holds more than tensors: do not use it, get the weights as "
+                        f"safetensors") from None
+    return model
 
 
 def load_tokenizer(directory: Path, **kwargs: Any) -> Any:
@@ -64,7 +90,9 @@ def load_tokenizer(directory: Path, **kwargs: Any) -> Any:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"no usable tokenizer in {directory} ({exc}); save one there with "
+        from deltatune.models.weight_files import brief  # transformers' messages span lines; the error must not
+
+        raise UserError(f"no usable tokenizer in {directory} ({brief(exc)}); save one there with "
                         f"tokenizer.save_pretrained") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Padded positions are masked out, so reusing EOS is harmless and the usual choice for decoders.

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,9 @@ from deltatune.errors import UserError
 
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] at 224x224 (see shared/ASSETS.md).
 EFFICIENTNET_LITE0 = {"image_size": 224, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+# SHA-256 of efficientnet-lite0-57934424.pth (its name carries the first 8 digits, as torch hub files do): the only
+# pickle deltatune ever reads, once, to convert it.
+EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
 @dataclass
@@ -58,13 +59,21 @@ def efficientnet_processor() -> ImageProcessor:
 
 
 def load_efficientnet(weights: Path, num_labels: int) -> ImageClassifier:
-    """EfficientNet-Lite0 with its ImageNet weights and a new final Linear of `num_labels` outputs, wrapped."""
+    """EfficientNet-Lite0 with its ImageNet weights and a new final Linear of `num_labels` outputs, wrapped.
+
+    `weights` is the asset package's pickled `.pth`; it is read only through its verified safetensors copy
+    (`deltatune.models.safetensors_cache`), so no run unpickles it after the first.
+    """
     from efficientnet_lite_pytorch import EfficientNet  # model code only; the weights package is read by path
 
-    # Load the full ImageNet model (the library asserts that no key is missing), then swap the head, so the new
-    # head is fresh even when num_labels happens to be 1000.
-    with contextlib.redirect_stdout(io.StringIO()):  # the library prints "Loaded pretrained weights ..."
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights), num_classes=1000)
+    from deltatune.models.safetensors_cache import ensure_safetensors
+    from deltatune.models.weight_files import read_safetensors
+
+    state = read_safetensors(ensure_safetensors(weights, EFFICIENTNET_LITE0_SHA256))
+    # Build and fill the full ImageNet model (strict: every key must match), then swap the head, so the new head
+    # is fresh even when num_labels happens to be 1000.
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    model.load_state_dict(state, strict=True)
     model._fc = nn.Linear(model._fc.in_features, num_labels)
     return ImageClassifier(model)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import os
 import re
 import sys
@@ -119,10 +118,12 @@ def _path_source(name: str, path: Path) -> Source:
     path = path.resolve()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
+            _check_gguf_magic(name, path)
             return Source(name, GGUF, path)
         raise UserError(f"model file {name!r} is not a .gguf file; give a .gguf file or a transformers directory "
                         f"(with config.json)")
     if (path / "config.json").is_file():
+        read_model_config(path)  # refuses unreadable configs and custom code before anything loads
         return Source(name, TRANSFORMERS, path)
     ggufs = sorted(path.glob("*.gguf"))
     if ggufs:
@@ -130,6 +131,31 @@ def _path_source(name: str, path: Path) -> Source:
                         f".gguf file")
     raise UserError(f"directory {name!r} has no config.json, so it is not a transformers model; point model.name "
                     f"at a directory saved with save_pretrained, a .gguf file, or an alias ({', '.join(ALIASES)})")
+
+
+def _check_gguf_magic(name: str, path: Path) -> None:
+    """A file named .gguf must start with the GGUF magic bytes (the full parse waits for the cache build)."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if start != b"GGUF":
+        raise UserError(f"model file {name!r} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                        f"download it again or give a transformers directory")
+
+
+def read_model_config(directory: Path) -> dict[str, Any]:
+    """config.json of a transformers directory as a dict; UserError when it is unreadable or names custom code.
+
+    `auto_map` points transformers at Python files shipped with the model; deltatune never runs them (it never
+    passes trust_remote_code), and a model whose architecture needs them cannot be loaded faithfully without them.
+    """
+    from deltatune.models.weight_files import read_json_object
+
+    path = directory / "config.json"
+    config = read_json_object(path, "fix it or re-save the model with save_pretrained")
+    if config.get("auto_map"):
+        raise UserError(f"{path} names custom model code (auto_map), which deltatune never runs; use a model whose "
+                        f"architecture transformers ships, or remove auto_map if the built-in class fits")
+    return config
 
 
 def supported_tasks(source: Source) -> tuple[str, ...] | None:
@@ -165,11 +191,8 @@ def saved_architectures(source: Source) -> list[str] | None:
     if source.kind != TRANSFORMERS:
         return None
     assert source.path is not None
-    try:
-        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {source.path / 'config.json'} ({exc}); fix or re-save the model") from exc
-    return list(config.get("architectures") or [])
+    listed = read_model_config(source.path).get("architectures")
+    return [arch for arch in listed if isinstance(arch, str)] if isinstance(listed, list) else []
 
 
 def import_target(name: str) -> tuple[Any, Callable[..., Any]]:

@@ -65,14 +65,14 @@ class Task(ABC):
         `num_labels` is the model's head size when fixed by the config.
         """
 
-    def load_pretrained(self, directory: Path, num_labels: int | None) -> nn.Module:
+    def load_pretrained(self, directory: Path, num_labels: int | None, allow_pickle: bool = False) -> nn.Module:
         """The model saved in a transformers directory, with this task's head (override for another builder)."""
         from deltatune.models.hf import load_transformers_model
 
         if self.auto_class is None:
             raise UserError(f"task {self.name!r} has no transformers head; load its model with model.name "
                             f"set to package.module:function")
-        return load_transformers_model(directory, self, num_labels)
+        return load_transformers_model(directory, self, num_labels, allow_pickle)
 
     def adapt_model(self, model: nn.Module) -> nn.Module:
         """Fix-ups every loaded model gets for this task (whatever its source); returns the model to train."""

@@ -1,10 +1,14 @@
-"""The worked examples of docs/extending.md really work: the toy method (toy_scale) and the toy objective
-(toy_label_smoothing) are defined here exactly as on that page (a test compares the two), registered only for the
-duration of this module, and checked to do what the page says on tiny random models."""
+"""The worked examples of docs/extending.md really work. The toy method (toy_scale) and the toy objective
+(toy_label_smoothing) live in tests/extending_examples/ exactly as the page shows them (a test compares the files with
+the page), are registered only while this module runs, and are checked to do what the page says."""
 
+import contextlib
+import importlib
 import json
 import re
-import textwrap
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,141 +21,38 @@ from deltatune.errors import UserError
 from deltatune.methods import METHODS
 from deltatune.models.families import family_of
 from deltatune.objectives import OBJECTIVES, get_objective
+from deltatune.registry import Registry
 from tests import test_method_contracts as contracts
 from tests.tiny_models import tiny_bert, tiny_llama
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
+EXAMPLES = Path(__file__).resolve().parent / "extending_examples"
+
+
+@contextlib.contextmanager
+def _registered(key: str, registry: Registry) -> Iterator[types.ModuleType]:
+    """Import tests/extending_examples/KEY.py, whose decorator registers KEY; afterwards undo both, so the other tests
+    (which list every registered method) never see it and a later import registers it afresh."""
+    module_name = f"tests.extending_examples.{key}"
+    try:
+        yield importlib.import_module(module_name)
+    finally:
+        registry._entries.pop(key, None)
+        sys.modules.pop(module_name, None)
 
 
 @pytest.fixture(scope="module")
 def toy_scale():
-    """Registers method toy_scale (the page's code, between the markers) and removes it again afterwards, so the
-    other tests, which list every registered method, never see it."""
-    # --- begin docs/extending.md: toy_scale ---
-    """Toy output scaling, after (IA)³ (Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and
-    Cheaper than In-Context Learning"): each chosen linear layer keeps its weights frozen and learns one scale per
-    output feature.
-
-    Update: y = ℓ ⊙ (W x + b), with ℓ ∈ R^out initialised to 1, so the model computes exactly what it did before
-    training starts. Only ℓ (and the new task head) train: out_features numbers per chosen layer.
-    """
-
-    from dataclasses import dataclass
-
-    import torch
-    from torch import nn
-
-    from deltatune.config.schema import MethodConfig
-    from deltatune.errors import UserError
-    from deltatune.methods import register_method
-    from deltatune.methods.base import Method, WrapperLayer, set_trainable
-    from deltatune.models.families import Family
-
-
-    @dataclass
-    class ToyScaleConfig(MethodConfig):
-        name: str = "toy_scale"
-        include_mlp: bool = True  # scale the feed-forward linears too, not only the attention ones
-        train_head: bool = True  # a freshly initialised head must train or the model cannot learn the task
-
-
-    class ScaledLinear(WrapperLayer):
-        """y = scale ⊙ base_layer(x): the frozen linear layer, then one trained factor per output feature."""
-
-        def __init__(self, base_layer: nn.Linear) -> None:
-            super().__init__()
-            self.base_layer = base_layer
-            self.scale = nn.Parameter(torch.ones(base_layer.out_features))
-
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            return self.base_layer(inputs) * self.scale
-
-
-    @register_method("toy_scale")
-    class ToyScale(Method):
-        description = "learn one scale per output feature of the attention (and MLP) linears, as (IA)3 does"
-        config_class = ToyScaleConfig
-        model_kinds = frozenset({"transformer"})
-
-        def apply(self, model: nn.Module, family: Family) -> None:
-            config: ToyScaleConfig = self.config  # type: ignore[assignment]
-            targets = [
-                name for name, module in model.named_modules()
-                if isinstance(module, nn.Linear)
-                and (family.is_attention(name) or (config.include_mlp and family.is_mlp(name)))
-            ]
-            if not targets:
-                raise UserError("method toy_scale found no attention or MLP linear layer in this model; "
-                                "choose another method (deltatune methods lists them)")
-            # Freeze everything first: the scales created below are new parameters and train by default.
-            set_trainable(model, lambda name: config.train_head and family.is_head(name))
-            for name in targets:
-                parent_name, _, child_name = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                setattr(parent, child_name, ScaledLinear(getattr(parent, child_name)))
-    # --- end ---
-    try:
-        yield ToyScale, ScaledLinear
-    finally:
-        METHODS._entries.pop("toy_scale", None)
+    """Method toy_scale and its layer class, registered while this module's tests run."""
+    with _registered("toy_scale", METHODS) as module:
+        yield module.ToyScale, module.ScaledLinear
 
 
 @pytest.fixture(scope="module")
 def toy_label_smoothing():
-    """Registers objective toy_label_smoothing (the page's code) and removes it again afterwards."""
-    # --- begin docs/extending.md: toy_label_smoothing ---
-    """Classification with label smoothing (Szegedy et al., 2016, "Rethinking the Inception Architecture"): the target
-    puts 1 - ε on the true class and spreads ε evenly over all K classes, so the logits are never pushed towards
-    infinite confidence.
-
-    loss = (1 - ε) · (-log p_y) + ε · (1/K) Σ_k (-log p_k),  with p = softmax(logits).
-    Validation reports the same smoothed loss and plain accuracy.
-    """
-
-    from collections.abc import Iterable
-    from typing import ClassVar
-
-    import torch
-    from torch import nn
-
-    from deltatune.objectives import register_objective
-    from deltatune.objectives.base import Objective, model_logits
-
-
-    def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
-        """The smoothed cross-entropy of every row (the formula above); the caller averages or sums."""
-        log_probabilities = torch.log_softmax(logits.float(), dim=-1)
-        true_class = -log_probabilities.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        uniform = -log_probabilities.mean(dim=-1)
-        return (1 - smoothing) * true_class + smoothing * uniform
-
-
-    @register_objective("toy_label_smoothing")
-    class LabelSmoothedClassification(Objective):
-        main_metric = "accuracy"
-        greater_is_better = True
-        smoothing: ClassVar[float] = 0.1  # ε
-
-        def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-            logits = model_logits(model, batch)
-            loss = label_smoothing_loss(logits, batch["labels"], self.smoothing).mean()
-            accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
-            return loss, {"accuracy": float(accuracy)}
-
-        @torch.no_grad()
-        def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-            total_loss, correct, count = 0.0, 0, 0
-            for batch in batches:
-                logits = model_logits(model, batch)
-                total_loss += float(label_smoothing_loss(logits, batch["labels"], self.smoothing).sum())
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                count += len(batch["labels"])
-            return {"loss": total_loss / count, "accuracy": correct / count} if count else {}
-    # --- end ---
-    try:
-        yield LabelSmoothedClassification
-    finally:
-        OBJECTIVES._entries.pop("toy_label_smoothing", None)
+    """Objective toy_label_smoothing, registered while this module's tests run."""
+    with _registered("toy_label_smoothing", OBJECTIVES) as module:
+        yield module.LabelSmoothedClassification
 
 
 def _doc_block(key: str) -> str:
@@ -161,26 +62,12 @@ def _doc_block(key: str) -> str:
     return match.group(1)
 
 
-def _fixture_block(key: str) -> str:
-    """The code between this file's begin/end markers for `key` (inside its fixture), dedented."""
-    source = Path(__file__).read_text(encoding="utf-8")
-    match = re.search(rf"# --- begin docs/extending.md: {key} ---\n(.*?)\n\s*# --- end ---", source, re.S)
-    assert match, f"no marked block for {key}"
-    return textwrap.dedent(match.group(1))
-
-
-def _normalise(code: str) -> list[str]:
-    # Indentation of docstring continuation lines and blank-line counts differ between a file and a fixture body;
-    # every statement and comment must be the same, in the same order.
-    return [line.strip() for line in code.splitlines() if line.strip()]
-
-
 @pytest.mark.parametrize("key", ["toy_scale", "toy_label_smoothing"])
-def test_the_page_and_this_file_hold_the_same_code(key):
-    assert _normalise(_fixture_block(key)) == _normalise(_doc_block(key))
+def test_the_page_shows_exactly_the_tested_code(key):
+    assert (EXAMPLES / f"{key}.py").read_text(encoding="utf-8") == _doc_block(key)
 
 
-def test_toy_scale_keeps_the_output_trains_only_its_scales_and_rejects_models_without_linears(toy_scale):
+def test_toy_scale_keeps_the_output_trains_only_its_scales_and_refuses_cnns(toy_scale):
     method_class, scaled_linear = toy_scale
     assert deltatune.available_methods()["toy_scale"] is method_class
     torch.manual_seed(0)

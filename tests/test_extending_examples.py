@@ -22,6 +22,7 @@ from deltatune.methods import METHODS
 from deltatune.models.families import family_of
 from deltatune.objectives import OBJECTIVES, get_objective
 from deltatune.registry import Registry
+from deltatune.tasks import TASKS, build_datasets, get_task
 from tests import test_method_contracts as contracts
 from tests.tiny_models import tiny_bert, tiny_llama
 
@@ -30,14 +31,14 @@ EXAMPLES = Path(__file__).resolve().parent / "extending_examples"
 
 
 @contextlib.contextmanager
-def _registered(key: str, registry: Registry) -> Iterator[types.ModuleType]:
-    """Import tests/extending_examples/KEY.py, whose decorator registers KEY; afterwards undo both, so the other tests
-    (which list every registered method) never see it and a later import registers it afresh."""
+def _registered(key: str, registry: Registry, name: str | None = None) -> Iterator[types.ModuleType]:
+    """Import tests/extending_examples/KEY.py, whose decorator registers NAME (default: KEY); afterwards undo both, so
+    the other tests (which list every registered entry) never see it and a later import registers it afresh."""
     module_name = f"tests.extending_examples.{key}"
     try:
         yield importlib.import_module(module_name)
     finally:
-        registry._entries.pop(key, None)
+        registry._entries.pop(name or key, None)
         sys.modules.pop(module_name, None)
 
 
@@ -55,6 +56,13 @@ def toy_label_smoothing():
         yield module.LabelSmoothedClassification
 
 
+@pytest.fixture(scope="module")
+def stars_sentiment():
+    """Task stars-sentiment, registered while this module's tests run."""
+    with _registered("stars_sentiment", TASKS, "stars-sentiment") as module:
+        yield module
+
+
 def _doc_block(key: str) -> str:
     """The python block that follows `<!-- tested: KEY -->` in docs/extending.md."""
     match = re.search(rf"<!-- tested: {key} -->\n```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
@@ -62,7 +70,7 @@ def _doc_block(key: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("key", ["toy_scale", "toy_label_smoothing"])
+@pytest.mark.parametrize("key", ["toy_scale", "toy_label_smoothing", "stars_sentiment"])
 def test_the_page_shows_exactly_the_tested_code(key):
     assert (EXAMPLES / f"{key}.py").read_text(encoding="utf-8") == _doc_block(key)
 
@@ -115,7 +123,7 @@ def test_label_smoothing_loss_is_the_formula(toy_label_smoothing):
         def forward(self, inputs: torch.Tensor) -> torch.Tensor:
             return logits
 
-    objective = get_objective("toy_label_smoothing", "classification")()
+    objective = get_objective("toy_label_smoothing", get_task("classification")())()
     loss, stats = objective.loss(Fixed(), {"inputs": torch.zeros(6), "labels": labels})
     # torch's own label smoothing is the same target: 1 - ε + ε/K on the true class, ε/K elsewhere.
     assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
@@ -126,7 +134,7 @@ def test_label_smoothing_loss_is_the_formula(toy_label_smoothing):
     metrics = objective.evaluate(Fixed(), [{"inputs": torch.zeros(6), "labels": labels}])
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-6)
     # `auto` still picks the built-in classification objective: the toy names no default task.
-    assert get_objective("auto", "classification").name == "classification"
+    assert get_objective("auto", get_task("classification")()).name == "classification"
 
 
 def _sentiment_rows(count: int = 240) -> list[dict]:
@@ -175,3 +183,49 @@ def test_the_toy_method_and_objective_learn_on_pretrained_minilm(toy_scale, toy_
     assert summary["after"]["test"]["accuracy"] >= 0.9 and summary["before"]["test"]["accuracy"] <= 0.7
     # Label smoothing keeps the loss above the smoothed target's entropy: -(0.95 ln 0.95 + 0.05 ln 0.05) = 0.199.
     assert summary["after"]["test"]["loss"] > 0.198
+
+
+def _rated_reviews(path: Path, count: int = 60) -> Path:
+    """Rated reviews under the file's own column names: the star count decides which word the review holds."""
+    words = {1: "awful", 2: "poor", 3: "okay", 4: "good", 5: "superb"}
+    rows = [{"review": f"the film was {words[1 + i % 5]}", "rating": 1 + i % 5} for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_stars_sentiment_maps_stars_to_three_classes_and_names_a_bad_row(stars_sentiment, tmp_path):
+    from tests.tiny_models import tiny_bert_processor
+
+    data = _rated_reviews(tmp_path / "reviews.jsonl")
+    config = deltatune.DataConfig(name=str(data), columns={"text": "review", "stars": "rating"})
+    bundle = build_datasets(config, "stars-sentiment", tiny_bert_processor())
+    assert bundle.num_labels == 3 and bundle.label_names == ["negative", "neutral", "positive"]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for name in ("train", "test"):
+        expected = [{1: 0, 2: 0, 3: 1, 4: 2, 5: 2}[rows[i]["rating"]] for i in bundle.splits[name]]
+        assert [example["labels"] for example in getattr(bundle, name)] == expected
+    with pytest.raises(UserError, match="task 'stars-sentiment' does not read; its roles are text, stars"):
+        build_datasets(deltatune.DataConfig(name=str(data), columns={"label": "rating"}), "stars-sentiment", None)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(data.read_text().replace('"rating": 3', '"rating": "three"', 1))
+    with pytest.raises(UserError, match=r"row 2: stars must be a number from 1 to 5, got 'three'"):
+        build_datasets(deltatune.DataConfig(name=str(broken), columns={"text": "review", "stars": "rating"}),
+                       "stars-sentiment", tiny_bert_processor())
+
+
+def test_a_stars_sentiment_run_trains_a_three_way_head_and_eval_reproduces_it(stars_sentiment, tmp_path):
+    data = _rated_reviews(tmp_path / "reviews.jsonl", count=100)
+    config = deltatune.load_config(None, [
+        f"output_dir={tmp_path / 'runs'}", "run_name=stars", "train.progress=false", "train.num_threads=2",
+        "model.name=tests.tiny_models:tiny_bert", "model.task=stars-sentiment", f"data.name={data}",
+        "data.columns.text=review", "data.columns.stars=rating", "data.max_length=16", "train.epochs=6",
+        "train.lr=3e-3", "train.batch_size=16"])
+    summary = deltatune.train(config)
+    from safetensors.torch import load_file
+
+    assert summary["task"] == "stars-sentiment"
+    assert summary["after"]["validation"]["loss"] < summary["before"]["validation"]["loss"]
+    saved = load_file(Path(summary["run_dir"]) / "weights" / "model.safetensors")
+    assert saved["classifier.weight"].shape == (3, 32)  # negative, neutral, positive
+    again = deltatune.evaluate_run(summary["run_dir"])
+    assert again["test"] == pytest.approx(summary["after"]["test"], rel=1e-5)

@@ -117,8 +117,16 @@ def set_train_mode(model: nn.Module) -> None:
                 module.eval()
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
+def to_device(batch: Any, device: torch.device) -> Any:
+    """`batch` with every tensor moved to `device`, however deeply it sits in dicts, lists and tuples (a preference
+    pair's chosen/rejected halves are nested batches); anything else is kept as it is."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
 
 
 def evaluate(

@@ -28,6 +28,7 @@ def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: 
 class LabelSmoothedClassification(Objective):
     main_metric = "accuracy"
     greater_is_better = True
+    metrics = ("loss", "accuracy")
     smoothing: ClassVar[float] = 0.1  # ε
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.config.loader import config_to_dict, parse_config, read_yaml
-from deltatune.config.schema import RunConfig
+from deltatune.config.schema import DataConfig, RunConfig
 from deltatune.errors import UserError
+from deltatune.tasks import get_task, resolve_task
+from deltatune.tasks.base import Task
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import latest_loop_state
 
@@ -42,13 +44,41 @@ def changed_keys(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
 
 
 def read_saved_config(run_dir: RunDir) -> RunConfig:
-    """The config a run directory was started with; a UserError naming the file when it no longer parses."""
+    """The config a run directory was started with; a UserError naming the file when it no longer parses.
+
+    Runs saved before `data.columns` are read with their per-role column keys mapped onto it."""
     path = run_dir.path / "config.yaml"
     try:
-        return parse_config(read_yaml(path))
+        raw = read_yaml(path)
+        legacy_columns = _take_legacy_columns(raw)
+        config = parse_config(raw)
+        if legacy_columns:
+            task = get_task(resolve_task(config.model))()
+            config.data.columns = _upgraded_columns(legacy_columns, task) | config.data.columns
+        return config
     except UserError as error:
         message = str(error)
         raise UserError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _take_legacy_columns(raw: dict[str, Any]) -> dict[str, str]:
+    """Runs saved before `data.columns` wrote one key per role (text_column: text, ...): remove those keys from
+    `raw` and return the role -> column pairs they set, so such runs still load."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return {}
+    columns = {}
+    for key, new_key in DataConfig.replaced_keys.items():
+        value = data.pop(key, None)
+        if value is not None:
+            columns[new_key.partition(".")[2]] = str(value)
+    return columns
+
+
+def _upgraded_columns(legacy: dict[str, str], task: Task) -> dict[str, str]:
+    """The legacy pairs that matter to `task`: its roles, where they differ from its defaults (the old config
+    listed every role of every task, most of them unused)."""
+    return {role: column for role, column in legacy.items() if role in task.roles and column != task.roles[role]}
 
 
 def resumed_config(run_dir: RunDir, requested: RunConfig) -> RunConfig:

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config.loader import parse_config, read_yaml
-from deltatune.config.schema import DataConfig, RunConfig
+from deltatune.config.schema import RunConfig
 from deltatune.methods.base import Method
 from deltatune.objectives import get_objective
 from deltatune.objectives.base import Objective
+from deltatune.resume import read_saved_config
 from deltatune.runner import build_model, format_metrics, metrics_on_splits, prepare, start_seeded
 from deltatune.tasks import get_task, resolve_task
 from deltatune.tasks.base import Task
@@ -99,38 +99,15 @@ def open_run(path: str | Path) -> SavedRun:
     """The finished run in `path`: config parsed, task resolved; a UserError when the directory cannot be used."""
     run_dir = RunDir(path)
     run_dir.check_is_run()
-    raw = read_yaml(run_dir.path / "config.yaml")
     run_dir.check_finished()
-    legacy_columns = _take_legacy_columns(raw)
-    config = parse_config(raw)
+    config = read_saved_config(run_dir)
     task = get_task(resolve_task(config.model))()
-    config.data.columns = _upgraded_columns(legacy_columns, task) | config.data.columns
     return SavedRun(run_dir, config, task)
 
 
 def load_run(path: str | Path, with_data: bool = False) -> LoadedRun:
     """`open_run(path).load(with_data)`: a finished run's model, method, task, processor (and saved splits)."""
     return open_run(path).load(with_data)
-
-
-def _take_legacy_columns(raw: dict[str, Any]) -> dict[str, str]:
-    """Runs saved before `data.columns` wrote one key per role (text_column: text, ...): remove those keys from
-    `raw` and return the role -> column pairs they set, so such runs still load."""
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return {}
-    columns = {}
-    for key, new_key in DataConfig.replaced_keys.items():
-        value = data.pop(key, None)
-        if value is not None:
-            columns[new_key.partition(".")[2]] = str(value)
-    return columns
-
-
-def _upgraded_columns(legacy: dict[str, str], task: Task) -> dict[str, str]:
-    """The legacy pairs that matter to `task`: its roles, where they differ from its defaults (the old config
-    listed every role of every task, most of them unused)."""
-    return {role: column for role, column in legacy.items() if role in task.roles and column != task.roles[role]}
 
 
 def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:

@@ -50,6 +50,16 @@ def _methods(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {method.description}")
 
 
+def _tasks(args: argparse.Namespace) -> None:
+    from deltatune.tasks import available_tasks
+
+    tasks = available_tasks()
+    width = max(len(name) for name in tasks)
+    for name, task in tasks.items():
+        roles = ", ".join(role if column else f"[{role}]" for role, column in task.roles.items())
+        print(f"{name:<{width}}  {task.description}; data roles: {roles}; objective: {task.default_objective}")
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, except that a usage mistake raises a UserError (one line, exit 2) instead of printing usage, and a
     flag must be spelt out (`--resum` is a typo, not `--resume`)."""
@@ -96,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the registered fine-tuning methods")
     methods.set_defaults(handler=_methods)
+
+    tasks = commands.add_parser("tasks", help="list the registered tasks with their data roles ([optional])")
+    tasks.set_defaults(handler=_tasks)
     return parser
 
 

@@ -67,3 +67,13 @@ def test_methods_lists_every_registered_method_with_a_description(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(available_methods())
     assert all(len(line.split(None, 1)) == 2 for line in lines)
+
+
+def test_tasks_lists_every_registered_task_with_its_roles(capsys):
+    from deltatune.tasks import available_tasks
+
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(available_tasks())
+    classification = next(line for line in lines if line.startswith("classification "))
+    assert "data roles: text, [text_pair], label; objective: classification" in classification

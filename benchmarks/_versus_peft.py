@@ -1,4 +1,4 @@
-"""The measuring harness shared by the `*_vs_peft.py` benchmarks: the shared/BASELINES.md models and batch, one
+"""The measuring harness shared by the `*_vs_peft.py` benchmarks: the docs/benchmarks.md models and batch, one
 measurement per process (so peak RSS is that run's alone), a matmul peak for MFU, and the ratio table.
 
 A benchmark script supplies `apply(model, impl, kind, option) -> model` and calls `report(...)`; its subprocesses
@@ -25,7 +25,7 @@ Apply = Callable[[torch.nn.Module, str, str, str], torch.nn.Module]
 
 
 def build_model(kind: str) -> torch.nn.Module:
-    """The random-init GPT-2 (23.4M) or Llama (27.4M) of shared/BASELINES.md, seeded."""
+    """The random-init GPT-2 (23.4M) or Llama (27.4M) of docs/benchmarks.md, seeded."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """deltatune LoRA against HF peft LoRA (and deltatune QLoRA against bitsandbytes NF4 + peft LoRA), interleaved in
-one invocation, on the models of shared/BASELINES.md.
+one invocation, on the models of docs/benchmarks.md.
 
     python benchmarks/lora_vs_peft.py                 # both models, dropout 0.05 and 0, 3 warm-up + 20 timed steps
     python benchmarks/lora_vs_peft.py --steps 10 --models llama --no-qlora

@@ -1,5 +1,5 @@
 """deltatune prefix tuning and prompt tuning against HF peft's, interleaved in one invocation, on the models of
-shared/BASELINES.md (batch 8 x 256, 20 virtual tokens, fp32, AdamW).
+docs/benchmarks.md (batch 8 x 256, 20 virtual tokens, fp32, AdamW).
 
     python benchmarks/prompt_vs_peft.py                     # both models, prefix and prompt, 3 warm-up + 20 steps
     python benchmarks/prompt_vs_peft.py --steps 10 --models llama --methods prefix

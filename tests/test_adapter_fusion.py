@@ -13,7 +13,7 @@ from deltatune.methods.adapters.bottleneck_layers import BottleneckLayer
 from deltatune.models.families import family_of
 from deltatune.training.checkpoint import write_checkpoint_dir
 from deltatune.training.state import weights_to_save
-from tests.helpers import assert_loss_falls, class_labels, encoder_output, token_batch, train_steps
+from tests.helpers import assert_loss_falls, class_labels, encoder_output, seeded, token_batch, train_steps
 from tests.tiny_models import tiny_bert
 
 
@@ -39,8 +39,7 @@ def stage1(tmp_path_factory):
 
 
 def fused_model(stage1):
-    torch.manual_seed(0)
-    model = tiny_bert(3)  # a 3-label target task: the stage-1 heads (2 labels) must not be loaded
+    model = seeded(tiny_bert, 3)  # a 3-label target task: the stage-1 heads (2 labels) must not be loaded
     method = deltatune.apply(model, {"name": "adapter_fusion",
                                      "adapters": [str(stage1 / "sentiment"), str(stage1 / "topic")]})
     return model, method
@@ -85,8 +84,7 @@ def test_fused_model_loads_both_sources_frozen_and_starts_at_their_average(stage
         alone = encoder_output(model, batch)
         assert not torch.allclose(alone, base, atol=1e-4)
         if source is not None:  # running one fused adapter alone equals loading its file
-            torch.manual_seed(0)
-            reference = tiny_bert(2)  # the same base weights; 2 labels as the file's head copy has
+            reference = seeded(tiny_bert, 2)  # the same base weights; 2 labels as the file's head copy has
             deltatune.load_adapter(reference, source)
             assert torch.allclose(encoder_output(reference, batch), alone, atol=1e-5)
     sites = [layer for layer in adapter_layers(model).values() if isinstance(layer, BottleneckLayer)]
@@ -124,8 +122,7 @@ def test_trainable_state_round_trip(stage1):
 
 
 def test_new_adapters_train_with_the_fusion_and_start_at_the_base():
-    torch.manual_seed(0)
-    model = tiny_bert(3)
+    model = seeded(tiny_bert, 3)
     batch, _ = batch_and_labels(6, 3)
     base = encoder_output(model, batch)
     AdapterFusion(AdapterFusionConfig(num_new_adapters=2), adapter_name="mix").apply(model, family_of(model))
@@ -183,16 +180,14 @@ def test_stage1_for_another_base_leaves_the_model_unchanged(stage1, tmp_path):
 def test_fusing_one_pfeiffer_adapter_twice_equals_it_alone(tmp_path):
     # Pfeiffer adapters wrap the post-FFN norm (y = N(s + a(N(s)))); the fusion composes there too. Two copies of
     # one adapter fuse to its own update (equal updates average to it; W_V starts at identity).
-    torch.manual_seed(0)
-    model = tiny_bert(2)
+    model = seeded(tiny_bert, 2)
     deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 8})
     train_steps(model, *batch_and_labels(1, 2), steps=5)
     batch, _ = batch_and_labels(7, 2)
     alone = encoder_output(model, batch)
     for copy in ("first", "second"):
         deltatune.save_adapter(model, tmp_path / copy)
-    torch.manual_seed(0)
-    fused = tiny_bert(2)
+    fused = seeded(tiny_bert, 2)
     with deltatune.disabled(model):
         assert not torch.allclose(encoder_output(model, batch), alone, atol=1e-3)  # the adapter does change the output
     deltatune.apply(fused, {"name": "adapter_fusion", "adapters": [str(tmp_path / "first"), str(tmp_path / "second")]})

@@ -261,14 +261,13 @@ def test_bad_model_file(case: str, workspace: Path, capsys: pytest.CaptureFixtur
 def saved_adapter(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     """A LoRA adapter saved from a tiny BERT, and a fresh copy of that base to load it into."""
     import deltatune
+    from tests.helpers import seeded
     from tests.tiny_models import tiny_bert
 
-    torch.manual_seed(0)
-    trained = tiny_bert()
+    trained = seeded(tiny_bert)
     deltatune.apply(trained, {"name": "lora", "r": 2})
     deltatune.save_adapter(trained, tmp_path / "adapter")
-    torch.manual_seed(0)
-    base = tiny_bert()
+    base = seeded(tiny_bert)
     deltatune.apply(base, {"name": "lora", "r": 2})
     return base, tmp_path / "adapter"
 

@@ -10,7 +10,7 @@ import deltatune
 from deltatune.errors import UserError
 from deltatune.objectives.causal_lm import next_token_loss
 from deltatune.runner import count_parameters
-from tests.helpers import assert_loss_falls, train_steps
+from tests.helpers import assert_loss_falls, seeded, token_batch, train_steps
 from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
 METHODS = ["prompt", "ptuning", "prefix", "ptuning_v2"]
@@ -18,17 +18,15 @@ N = 4  # virtual tokens
 
 
 def llama_with(name: str, initializer_range: float = 0.02, **options):
-    torch.manual_seed(0)
-    model = tiny_llama(initializer_range=initializer_range)
+    model = seeded(tiny_llama, initializer_range=initializer_range)
     method = deltatune.apply(model, {"name": name, "num_virtual_tokens": N, **options})
     return model.eval(), method
 
 
 def llama_batch():
-    ids = torch.randint(5, 100, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0  # right padding, as the SFT collate does
-    return {"input_ids": ids, "attention_mask": mask}
+    batch = token_batch(2, 7)
+    batch["attention_mask"][1, -2:] = 0  # right padding, as the SFT collate does
+    return batch
 
 
 def capture_inner_call(model, inner):
@@ -106,8 +104,7 @@ def test_prefix_equals_the_cached_keys_and_values_of_real_tokens():
 
 
 def test_bert_keeps_cls_first_and_inserts_token_types():
-    torch.manual_seed(0)
-    model = tiny_bert(num_labels=3)
+    model = seeded(tiny_bert, num_labels=3)
     deltatune.apply(model, {"name": "prompt", "num_virtual_tokens": N})
     ids = torch.randint(5, 100, (2, 6))
     types, mask = torch.ones_like(ids), torch.ones_like(ids)

@@ -5,7 +5,6 @@ logits (max abs diff <= 1e-5), plus trainable-parameter counts equal to PEFT's f
 import json
 
 import pytest
-import torch
 
 import deltatune
 from deltatune.errors import UserError
@@ -32,10 +31,9 @@ OURS = [
 
 
 def batch(kind: str):
-    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0  # right padding: masks must account for the virtual tokens in both libraries
-    return {"input_ids": ids, "attention_mask": mask}
+    inputs = helpers.token_batch(2, 9, seed=3)
+    inputs["attention_mask"][1, -3:] = 0  # right padding: masks must account for the virtual tokens in both libraries
+    return inputs
 
 
 def logits(model, inputs):

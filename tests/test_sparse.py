@@ -18,7 +18,7 @@ from deltatune.errors import UserError
 from deltatune.methods.selective.sparse import Sparse, SparseConfig, entries_for
 from deltatune.methods.selective.sparse_layer import SparseDeltaLayer
 from deltatune.models.families import family_of
-from tests.helpers import assert_loss_falls, assert_merge_round_trip, logits, train_steps
+from tests.helpers import assert_loss_falls, assert_merge_round_trip, logits, seeded, train_steps
 from tests.tiny_models import tiny_bert, tiny_cnn
 
 
@@ -34,8 +34,7 @@ def bert_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def fresh_bert() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_bert(num_labels=3).eval()
+    return seeded(tiny_bert, num_labels=3).eval()
 
 
 def randomise_values(model: nn.Module, seed: int = 1) -> None:

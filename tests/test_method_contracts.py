@@ -1,6 +1,9 @@
 """Contract tests generated from the method registry: every registered method, on tiny random models, must
-keep the model's output at init, give gradients only to its own parameters, save and reload exactly, and make the
-loss fall on a tiny task. A new method file gets these tests without touching this one."""
+keep the model's output at init, give gradients only to its own parameters, save and reload exactly, make the
+loss fall on a tiny task, and refuse the option values its class declares invalid (`contract_bad_options`) and
+unknown options with a one-line UserError that leaves the model as it was. The adapter API's promises (switch,
+disable, merge, files) are generated in test_adapter_contracts.py. A new method file gets these tests without
+touching either file."""
 
 import dataclasses
 
@@ -172,7 +175,6 @@ def test_freeze_last_blocks_and_patterns():
 
 
 def test_freeze_rejects_bad_choices():
-    from deltatune.errors import UserError
     from deltatune.methods.selective.freeze import Freeze, FreezeConfig
 
     model = tiny_bert(num_labels=2)

@@ -14,6 +14,16 @@ from deltatune.methods.adapters.adapter import Adapter, AdapterConfig
 from deltatune.methods.adapters.bottleneck_layers import BottleneckLayer, NormBottleneckLayer
 from deltatune.models import ImageClassifier
 from deltatune.models.families import family_of
+from tests.helpers import (
+    assert_disabled_gives,
+    assert_loss_falls,
+    assert_switches,
+    encoder_output,
+    logits,
+    seeded,
+    token_batch,
+    train_steps,
+)
 from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
 W = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
@@ -39,25 +49,8 @@ def known_layer(non_linearity: str) -> BottleneckLayer:
     return layer
 
 
-def logits(model, batch):
-    model.eval()
-    with torch.no_grad():
-        out = model(**batch)
-    return out if torch.is_tensor(out) else out.logits
-
-
 def bert_batch():
-    ids = torch.randint(5, 100, (3, 8), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def llama_batch():
-    return {"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))}
-
-
-def seeded(build, *args):
-    torch.manual_seed(0)
-    return build(*args)
+    return token_batch(3, 8)
 
 
 def randomise(model, name):
@@ -108,21 +101,13 @@ def test_pfeiffer_norm_layer_is_hand_computed():
 def test_pfeiffer_on_bert_starts_as_base_and_disables_to_base():
     model = seeded(tiny_bert, 3)
     batch = bert_batch()
-
-    def encoded():  # the encoder's output: the tiny head's logits are too small to show a change
-        model.eval()
-        with torch.no_grad():
-            return model.bert(**batch).last_hidden_state
-
-    base = encoded()
+    base = encoder_output(model, batch)
     deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer"})
     assert all(isinstance(layer, NormBottleneckLayer)
                for layer in adapter_layers(model).values() if isinstance(layer, BottleneckLayer))
-    assert torch.allclose(encoded(), base, atol=1e-6)
+    assert torch.allclose(encoder_output(model, batch), base, atol=1e-6)
     randomise(model, "default")
-    assert not torch.allclose(encoded(), base, atol=1e-2)
-    with deltatune.disabled(model):
-        assert torch.equal(encoded(), base)
+    assert_disabled_gives(model, lambda: encoder_output(model, batch), base)
 
 
 def test_pfeiffer_on_bert_gives_gradients_only_to_its_parameters_and_learns():
@@ -131,20 +116,14 @@ def test_pfeiffer_on_bert_gives_gradients_only_to_its_parameters_and_learns():
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(method.trainable_state(model))
     batch, labels = bert_batch(), torch.tensor([0, 1, 2])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for step in range(60):
-        loss = F.cross_entropy(model(**batch).logits, labels)
-        loss.backward()
-        if step == 1:  # step 0 leaves W_down without gradient (W_up = 0); from then on every bottleneck gets one
-            for name, param in model.named_parameters():
-                assert (param.grad is not None) == (name in trainable), name
-            assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".bottlenecks." in n)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+    losses = train_steps(model, batch, labels, steps=1)
+    # Step 0 leaves W_down without gradient (W_up = 0); from then on every bottleneck gets one.
+    F.cross_entropy(model(**batch).logits, labels).backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (name in trainable), name
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".bottlenecks." in n)
+    model.zero_grad()
+    assert_loss_falls(losses + train_steps(model, batch, labels, steps=59))
 
 
 def test_pfeiffer_trains_the_other_layer_norms_but_not_the_wrapped_ones():
@@ -175,7 +154,7 @@ def test_pfeiffer_adapter_round_trips_through_a_file(tmp_path):
 
 def test_initialisation_is_identity_with_small_random_down_projection():
     model = seeded(tiny_llama)
-    batch = llama_batch()
+    batch = token_batch(2, 9, attention_mask=False)
     before = logits(model, batch)
     deltatune.apply(model, {"name": "adapter"})
     assert torch.equal(logits(model, batch), before)
@@ -235,38 +214,26 @@ def test_new_head_trains_in_full_and_only_adapter_and_head_train():
     assert all(".bottlenecks.bare." in n for n in method.trainable_state(model))
 
 
-# ---- named adapters ------------------------------------------------------------------------------------------------
-def test_two_adapters_switch_and_switch_back_exactly_and_disabled_is_base():
-    model = seeded(tiny_llama)
-    batch = llama_batch()
+# ---- named adapters (every method's defaults: tests/test_adapter_contracts.py) -------------------------------------
+def test_houlsby_and_pfeiffer_adapters_sit_side_by_side():
+    model = seeded(tiny_bert, 3)
+    batch = bert_batch()
     base = logits(model, batch)
     family = family_of(model)
     Adapter(AdapterConfig()).apply(model, family)
     randomise(model, "default")
-    first = logits(model, batch)
     Adapter(AdapterConfig(placement="pfeiffer", reduction_factor=8, non_linearity="tanh"),
             adapter_name="second").apply(model, family)
     randomise(model, "second")
     assert adapter_names(model) == ["default", "second"]
     assert all(".second." in n for n, p in model.named_parameters() if p.requires_grad)
-    second = logits(model, batch)
-    assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(first, base, atol=1e-3)
-    deltatune.set_adapter(model, "default")
-    assert torch.equal(logits(model, batch), first)
-    deltatune.set_adapter(model, "second")
-    assert torch.equal(logits(model, batch), second)
-    with deltatune.disabled(model):
-        assert torch.equal(logits(model, batch), base)
-    assert torch.equal(logits(model, batch), second)
-    deltatune.delete_adapter(model, "second")
-    assert adapter_names(model) == ["default"]
+    assert_disabled_gives(model, lambda: logits(model, batch), base)
+    assert_switches(model, lambda: logits(model, batch))
 
 
-def test_merge_and_combination_are_refused():
+def test_combination_is_refused_and_merging_nothing_active_is_not():
     model = seeded(tiny_bert, 3)
     deltatune.apply(model, {"name": "adapter"})
-    with pytest.raises(UserError, match="cannot be merged into the base weights"):
-        deltatune.merge(model)
     with pytest.raises(UserError, match="fuse them with method adapter_fusion"):
         deltatune.add_weighted_adapter(model, ["default"], [0.5], "half")
     with deltatune.disabled(model):
@@ -293,36 +260,10 @@ def test_save_load_round_trip(tmp_path):
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if ".mine" in n)
 
 
-def test_load_for_another_base_is_refused_and_model_unchanged(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = seeded(tiny_llama)
-    deltatune.apply(model, {"name": "adapter"})
-    deltatune.save_adapter(model, tmp_path / "adapter")
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    state = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(UserError, match=r"adapter_down\.weight: the adapter's shape \(4, 64\) does not fit the "
-                                        r"model's \(4, 32\)"):
-        deltatune.load_adapter(other, tmp_path / "adapter")
-    assert not adapter_layers(other)
-    assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())
-
-
-# ---- bad input -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options, message", [
-    ({"reduction_factor": 0}, r"method.reduction_factor must be a positive whole number .* got 0; e.g. 16"),
-    ({"reduction_factor": -4}, r"method.reduction_factor must be a positive whole number"),
-    ({"placement": "parallel"}, r"method.placement must be one of houlsby, pfeiffer, got 'parallel'"),
-    ({"non_linearity": "swish"}, r"method.non_linearity must be one of relu, gelu, silu, tanh, got 'swish'"),
-    ({"modules_to_save": ["clasifier"]}, r"'clasifier' matches no module of this model; closest names: classifier"),
-])
-def test_bad_input_is_one_line_user_error(options, message):
-    model = seeded(tiny_bert, 2)
-    with pytest.raises(UserError, match=message) as error:
-        deltatune.apply(model, {"name": "adapter", **options})
-    assert "\n" not in str(error.value)
-    assert not adapter_layers(model)
+# ---- bad input (each option's invalid values: Adapter.contract_bad_options, checked in test_method_contracts.py) --
+def test_misspelt_head_gets_the_closest_name():
+    with pytest.raises(UserError, match=r"'clasifier' matches no module of this model; closest names: classifier"):
+        deltatune.apply(seeded(tiny_bert, 2), {"name": "adapter", "modules_to_save": ["clasifier"]})
 
 
 def test_cnn_is_refused_and_family_without_sites_names_the_fix():

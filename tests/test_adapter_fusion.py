@@ -13,33 +13,12 @@ from deltatune.methods.adapters.bottleneck_layers import BottleneckLayer
 from deltatune.models.families import family_of
 from deltatune.training.checkpoint import write_checkpoint_dir
 from deltatune.training.state import weights_to_save
+from tests.helpers import assert_loss_falls, class_labels, encoder_output, seeded, token_batch, train_steps
 from tests.tiny_models import tiny_bert
 
 
 def batch_and_labels(seed: int, num_labels: int):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (8, 10), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.randint(0, num_labels, (8,),
-                                                                                      generator=generator)
-
-
-def train(model, batch, labels, steps: int, lr: float = 1e-2) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def hidden(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model.bert(**batch).last_hidden_state
+    return token_batch(8, 10, seed=seed), class_labels(8, num_labels, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +29,7 @@ def stage1(tmp_path_factory):
         torch.manual_seed(seed)
         model = tiny_bert(2)
         method = deltatune.apply(model, {"name": "adapter", "reduction_factor": 8})
-        train(model, *batch_and_labels(seed, 2), steps=5)
+        train_steps(model, *batch_and_labels(seed, 2), steps=5)
         if name == "sentiment":
             deltatune.save_adapter(model, root / name)
         else:
@@ -60,8 +39,7 @@ def stage1(tmp_path_factory):
 
 
 def fused_model(stage1):
-    torch.manual_seed(0)
-    model = tiny_bert(3)  # a 3-label target task: the stage-1 heads (2 labels) must not be loaded
+    model = seeded(tiny_bert, 3)  # a 3-label target task: the stage-1 heads (2 labels) must not be loaded
     method = deltatune.apply(model, {"name": "adapter_fusion",
                                      "adapters": [str(stage1 / "sentiment"), str(stage1 / "topic")]})
     return model, method
@@ -97,19 +75,18 @@ def test_fused_model_loads_both_sources_frozen_and_starts_at_their_average(stage
     model, _ = fused_model(stage1)
     assert adapter_names(model) == ["sentiment", "topic", "default"]
     batch, _ = batch_and_labels(3, 3)
-    fused = hidden(model, batch)
+    fused = encoder_output(model, batch)
     with deltatune.disabled(model):
-        base = hidden(model, batch)
+        base = encoder_output(model, batch)
     assert not torch.allclose(fused, base, atol=1e-4)  # trained adapters: the fusion is not the base at init
     for name, source in (("sentiment", stage1 / "sentiment"), ("topic", None)):
         deltatune.set_adapter(model, name)
-        alone = hidden(model, batch)
+        alone = encoder_output(model, batch)
         assert not torch.allclose(alone, base, atol=1e-4)
         if source is not None:  # running one fused adapter alone equals loading its file
-            torch.manual_seed(0)
-            reference = tiny_bert(2)  # the same base weights; 2 labels as the file's head copy has
+            reference = seeded(tiny_bert, 2)  # the same base weights; 2 labels as the file's head copy has
             deltatune.load_adapter(reference, source)
-            assert torch.allclose(hidden(reference, batch), alone, atol=1e-5)
+            assert torch.allclose(encoder_output(reference, batch), alone, atol=1e-5)
     sites = [layer for layer in adapter_layers(model).values() if isinstance(layer, BottleneckLayer)]
     assert len(sites) == 4 and all(layer.compositions["default"].fused == ["sentiment", "topic"] for layer in sites)
 
@@ -127,8 +104,7 @@ def test_only_fusion_and_head_train_and_loss_falls(stage1):
         assert (param.grad is not None) == (name in trainable), name
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".compositions." in n)
     model.zero_grad()
-    losses = train(model, batch, labels, steps=40)
-    assert losses[-1] < 0.6 * losses[0]
+    assert_loss_falls(train_steps(model, batch, labels, steps=40))
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], value) for n, value in frozen.items())
     assert all(not torch.equal(params[n], value) for n, value in fusion.items())
@@ -138,21 +114,20 @@ def test_only_fusion_and_head_train_and_loss_falls(stage1):
 def test_trainable_state_round_trip(stage1):
     model, method = fused_model(stage1)
     batch, labels = batch_and_labels(5, 3)
-    train(model, batch, labels, steps=3)
+    train_steps(model, batch, labels, steps=3)
     state = {n: t.clone() for n, t in method.trainable_state(model).items()}
     fresh, fresh_method = fused_model(stage1)
     fresh_method.load_trainable_state(fresh, state)
-    assert torch.allclose(hidden(fresh, batch), hidden(model, batch), atol=1e-6)
+    assert torch.allclose(encoder_output(fresh, batch), encoder_output(model, batch), atol=1e-6)
 
 
 def test_new_adapters_train_with_the_fusion_and_start_at_the_base():
-    torch.manual_seed(0)
-    model = tiny_bert(3)
+    model = seeded(tiny_bert, 3)
     batch, _ = batch_and_labels(6, 3)
-    base = hidden(model, batch)
+    base = encoder_output(model, batch)
     AdapterFusion(AdapterFusionConfig(num_new_adapters=2), adapter_name="mix").apply(model, family_of(model))
     assert adapter_names(model) == ["new_0", "new_1", "mix"]
-    assert torch.equal(hidden(model, batch), base)
+    assert torch.equal(encoder_output(model, batch), base)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".bottlenecks.new_0." in n for n in trainable) and any(".compositions.mix." in n for n in trainable)
 
@@ -205,19 +180,17 @@ def test_stage1_for_another_base_leaves_the_model_unchanged(stage1, tmp_path):
 def test_fusing_one_pfeiffer_adapter_twice_equals_it_alone(tmp_path):
     # Pfeiffer adapters wrap the post-FFN norm (y = N(s + a(N(s)))); the fusion composes there too. Two copies of
     # one adapter fuse to its own update (equal updates average to it; W_V starts at identity).
-    torch.manual_seed(0)
-    model = tiny_bert(2)
+    model = seeded(tiny_bert, 2)
     deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 8})
-    train(model, *batch_and_labels(1, 2), steps=5)
+    train_steps(model, *batch_and_labels(1, 2), steps=5)
     batch, _ = batch_and_labels(7, 2)
-    alone = hidden(model, batch)
+    alone = encoder_output(model, batch)
     for copy in ("first", "second"):
         deltatune.save_adapter(model, tmp_path / copy)
-    torch.manual_seed(0)
-    fused = tiny_bert(2)
+    fused = seeded(tiny_bert, 2)
     with deltatune.disabled(model):
-        assert not torch.allclose(hidden(model, batch), alone, atol=1e-3)  # the adapter does change the output
+        assert not torch.allclose(encoder_output(model, batch), alone, atol=1e-3)  # the adapter does change the output
     deltatune.apply(fused, {"name": "adapter_fusion", "adapters": [str(tmp_path / "first"), str(tmp_path / "second")]})
     sites = [layer for layer in adapter_layers(fused).values() if isinstance(layer, BottleneckLayer)]
     assert len(sites) == 2 and all(type(layer).__name__ == "NormBottleneckLayer" for layer in sites)
-    assert torch.allclose(hidden(fused, batch), alone, atol=1e-4)
+    assert torch.allclose(encoder_output(fused, batch), alone, atol=1e-4)

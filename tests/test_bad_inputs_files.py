@@ -90,10 +90,21 @@ IMAGE_MODEL = "model: {name: 'tests.tiny_models:tiny_cnn', task: image-classific
 LATIN_1_ROWS = "".join(f"caf\xe9 {i},{i % 2}\n" for i in range(10))
 
 
-def _latin_1_jsonl(root: Path) -> str:
-    (root / "latin.jsonl").write_bytes("".join(f'{{"text": "caf\xe9 {i}", "label": {i % 2}}}\n'
-                                               for i in range(10)).encode("latin-1"))
-    return TINY_BERT + "data: {name: latin.jsonl}\n"
+def data_file(file_name: str, content: str | bytes | list[dict]) -> Callable[[Path], str]:
+    """A case's writer: put `content` (text, bytes, or rows written as JSONL) into the workspace as `file_name` and
+    return the config that trains the tiny BERT on it."""
+
+    def write(root: Path) -> str:
+        path = root / file_name
+        if isinstance(content, list):
+            write_jsonl(path, content)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        return TINY_BERT + f"data: {{name: {file_name}}}\n"
+
+    return write
 
 
 def _truncated_png(root: Path) -> str:
@@ -120,52 +131,41 @@ def _truncated_gguf(root: Path) -> str:
 # name -> (writes its files into the workspace and returns the config text, overrides, the error's regex)
 DATA_CASES: dict[str, tuple[Callable[[Path], str], list[str], str]] = {
     "single class (integer labels)": (
-        lambda root: (write_jsonl(root / "one.jsonl", [{"text": f"t{i}", "label": 0} for i in range(10)]),
-                      TINY_BERT + "data: {name: one.jsonl}\n")[1],
+        data_file("one.jsonl", [{"text": f"t{i}", "label": 0} for i in range(10)]),
         [], r"classification needs at least two classes; found only 0 in label column 'label'"),
     "single class (label names)": (
-        lambda root: (write_jsonl(root / "one.jsonl", [{"text": f"t{i}", "label": "pos"} for i in range(10)]),
-                      TINY_BERT + "data: {name: one.jsonl}\n")[1],
+        data_file("one.jsonl", [{"text": f"t{i}", "label": "pos"} for i in range(10)]),
         [], r"at least two classes; found only 'pos'"),
     "image folder with one class": (
         lambda root: (image_folder(root, ["cat"]), IMAGE_MODEL + "data: {name: images}\n")[1],
         [], r"at least two classes; found only 'cat'.*one subfolder per class"),
     "JSON object in a text column": (
-        lambda root: (write_jsonl(root / "obj.jsonl", [{"text": {"a": i}, "label": i % 2} for i in range(10)]),
-                      TINY_BERT + "data: {name: obj.jsonl}\n")[1],
+        data_file("obj.jsonl", [{"text": {"a": i}, "label": i % 2} for i in range(10)]),
         [], r"row \d+ of dataset 'obj.jsonl' holds a JSON object in text column 'text', not text"),
     "JSON list in a text column": (
-        lambda root: (write_jsonl(root / "list.jsonl", [{"text": ["a", "b"], "label": i % 2} for i in range(10)]),
-                      TINY_BERT + "data: {name: list.jsonl}\n")[1],
+        data_file("list.jsonl", [{"text": ["a", "b"], "label": i % 2} for i in range(10)]),
         [], r"row \d+ of .* holds a JSON list in text column 'text'"),
     "latin-1 CSV": (
-        lambda root: ((root / "latin.csv").write_bytes(("text,label\n" + LATIN_1_ROWS).encode("latin-1")),
-                      TINY_BERT + "data: {name: latin.csv}\n")[1],
+        data_file("latin.csv", ("text,label\n" + LATIN_1_ROWS).encode("latin-1")),
         [], r"latin.csv is not UTF-8 text: byte 0xe9 at offset 14 \(line 2\).*set data.encoding=latin-1"),
-    "latin-1 JSONL": (_latin_1_jsonl, [], r"latin.jsonl is not UTF-8 text: byte 0xe9 .*\(line 1\).*data.encoding"),
+    "latin-1 JSONL": (
+        data_file("latin.jsonl", "".join(f'{{"text": "caf\xe9 {i}", "label": {i % 2}}}\n'
+                                         for i in range(10)).encode("latin-1")),
+        [], r"latin.jsonl is not UTF-8 text: byte 0xe9 .*\(line 1\).*data.encoding"),
     "unknown data.encoding": (lambda root: TINY_BERT + "data: {name: good.jsonl, encoding: klingon}\n", [],
                               r"data.encoding 'klingon' is not a text encoding"),
     "NaN label": (
-        lambda root: ((root / "nan.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n'
-                                                      '{"text": "c", "label": 0}\n' * 3),
-                      TINY_BERT + "data: {name: nan.jsonl}\n")[1],
+        data_file("nan.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n'
+                               '{"text": "c", "label": 0}\n' * 3),
         [], r"row 1 of dataset 'nan.jsonl' has no value in column 'label'"),
-    "bare string JSONL line": (
-        lambda root: ((root / "bare.jsonl").write_text('{"text": "a", "label": 1}\n"just text"\n'),
-                      TINY_BERT + "data: {name: bare.jsonl}\n")[1],
-        [], r"bare.jsonl line 2 is a JSON str, not an object"),
-    "JSON nested too deeply": (
-        lambda root: ((root / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n"),
-                      TINY_BERT + "data: {name: deep.jsonl}\n")[1],
-        [], r"deep.jsonl line 1 nests JSON too deeply"),
-    "CSV header naming a column twice": (
-        lambda root: ((root / "twice.csv").write_text("text,label,text\na,0,b\nc,1,d\n"),
-                      TINY_BERT + "data: {name: twice.csv}\n")[1],
-        [], r"twice.csv header names column 'text' more than once"),
-    "parquet that is not parquet": (
-        lambda root: ((root / "fake.parquet").write_text("text,label\na,0\n"),
-                      TINY_BERT + "data: {name: fake.parquet}\n")[1],
-        [], r"cannot read parquet file fake.parquet .*valid parquet file"),
+    "bare string JSONL line": (data_file("bare.jsonl", '{"text": "a", "label": 1}\n"just text"\n'),
+                               [], r"bare.jsonl line 2 is a JSON str, not an object"),
+    "JSON nested too deeply": (data_file("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"),
+                               [], r"deep.jsonl line 1 nests JSON too deeply"),
+    "CSV header naming a column twice": (data_file("twice.csv", "text,label,text\na,0,b\nc,1,d\n"),
+                                         [], r"twice.csv header names column 'text' more than once"),
+    "parquet that is not parquet": (data_file("fake.parquet", "text,label\na,0\n"),
+                                    [], r"cannot read parquet file fake.parquet .*valid parquet file"),
     "truncated PNG in an image folder": (_truncated_png, [], r"cannot decode .*dog/1.png .*remove or re-save"),
     "non-image file named .png": (
         lambda root: ((image_folder(root, ["cat", "dog"]) / "cat" / "notes.png").write_text("not a picture"),
@@ -261,14 +261,13 @@ def test_bad_model_file(case: str, workspace: Path, capsys: pytest.CaptureFixtur
 def saved_adapter(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     """A LoRA adapter saved from a tiny BERT, and a fresh copy of that base to load it into."""
     import deltatune
+    from tests.helpers import seeded
     from tests.tiny_models import tiny_bert
 
-    torch.manual_seed(0)
-    trained = tiny_bert()
+    trained = seeded(tiny_bert)
     deltatune.apply(trained, {"name": "lora", "r": 2})
     deltatune.save_adapter(trained, tmp_path / "adapter")
-    torch.manual_seed(0)
-    base = tiny_bert()
+    base = seeded(tiny_bert)
     deltatune.apply(base, {"name": "lora", "r": 2})
     return base, tmp_path / "adapter"
 

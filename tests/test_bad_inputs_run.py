@@ -7,7 +7,6 @@ command unchanged (tests/bad_input.py). Cases that need a finished run copy one 
 import errno
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

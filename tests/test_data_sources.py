@@ -80,31 +80,17 @@ def test_unknown_alias_lists_valid_ones() -> None:
         load_rows(DataConfig(name="rotten-tomato"))
 
 
-def test_unknown_extension(tmp_path: Path) -> None:
-    path = tmp_path / "data.xlsx"
-    path.write_text("x", encoding="utf-8")
-    with pytest.raises(UserError, match=r"unsupported data file extension '\.xlsx'.*\.jsonl"):
-        load_rows(DataConfig(name=str(path)))
-
-
-def test_empty_file(tmp_path: Path) -> None:
-    path = tmp_path / "empty.jsonl"
-    path.write_text("\n", encoding="utf-8")
-    with pytest.raises(UserError, match="has no rows"):
-        load_rows(DataConfig(name=str(path)))
-
-
-def test_bad_json_line_named(tmp_path: Path) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(UserError, match="line 2 is not valid JSON"):
-        load_rows(DataConfig(name=str(path)))
-
-
-def test_ragged_csv(tmp_path: Path) -> None:
-    path = tmp_path / "bad.csv"
-    path.write_text("text,label\nhello, world,1\n", encoding="utf-8")
-    with pytest.raises(UserError, match="line 2 has more cells"):
+@pytest.mark.parametrize("file_name, text, message", [
+    ("data.xlsx", "x", r"unsupported data file extension '\.xlsx'.*\.jsonl"),
+    ("empty.jsonl", "\n", "has no rows"),
+    ("bad.jsonl", '{"text": "a"}\n{oops\n', "line 2 is not valid JSON"),  # the bad line is named
+    ("bad.csv", "text,label\nhello, world,1\n", "line 2 has more cells"),  # a ragged row
+])
+def test_unreadable_file_is_refused_naming_the_problem(tmp_path: Path, file_name: str, text: str,
+                                                       message: str) -> None:
+    path = tmp_path / file_name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=message):
         load_rows(DataConfig(name=str(path)))
 
 

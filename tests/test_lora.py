@@ -14,6 +14,14 @@ from deltatune.methods.lora.lora import LoRA, LoRAConfig
 from deltatune.methods.lora.lora_layer import LoRALayer, LoRASettings
 from deltatune.models import ImageClassifier
 from deltatune.models.families import family_of
+from tests.helpers import (
+    assert_disabled_gives,
+    assert_merge_round_trip,
+    assert_switches,
+    logits,
+    seeded,
+    token_batch,
+)
 from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
 W = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -38,25 +46,12 @@ def known_linear(**options) -> nn.Sequential:
     return model
 
 
-def logits(model, batch):
-    model.eval()
-    with torch.no_grad():
-        out = model(**batch)
-    return out if torch.is_tensor(out) else out.logits
-
-
 def llama_batch():
-    return {"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))}
+    return token_batch(2, 9, attention_mask=False)
 
 
 def bert_batch():
-    ids = torch.randint(5, 100, (3, 8), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def seeded(build, *args):
-    torch.manual_seed(0)
-    return build(*args)
+    return token_batch(3, 8)
 
 
 # ---- maths -----------------------------------------------------------------------------------------------------
@@ -140,59 +135,24 @@ def test_dora_magnitude_starts_at_weight_norm_and_output_is_unchanged():
     assert torch.equal(model(x), before)
 
 
-# ---- merge / disable / multi-adapter ---------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [{}, {"use_dora": True}, {"use_rslora": True, "r": 3}])
-def test_merge_equals_unmerged_and_unmerge_restores(options):
+# ---- merge / multi-adapter (the contract suites check every method's defaults: tests/test_adapter_contracts.py) --
+def test_rslora_merge_uses_its_scaling():
     model = seeded(tiny_llama)
-    batch = llama_batch()
-    deltatune.apply(model, {"name": "lora", "r": 4, "init_lora_weights": False, **options})
-    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
-    unmerged = logits(model, batch)
-    deltatune.merge(model)
-    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.base_layer.weight, weights[
-        "model.layers.0.self_attn.q_proj.base_layer.weight"])
-    assert torch.allclose(logits(model, batch), unmerged, atol=1e-5)
-    deltatune.unmerge(model)
-    for name, param in model.named_parameters():
-        if "base_layer" in name:
-            assert torch.allclose(param, weights[name], atol=1e-6), name
-    assert torch.allclose(logits(model, batch), unmerged, atol=1e-6)
+    deltatune.apply(model, {"name": "lora", "r": 3, "use_rslora": True, "init_lora_weights": False})
+    assert_merge_round_trip(model, lambda: logits(model, llama_batch()))
 
 
-def test_disabled_gives_base_output_even_when_merged():
-    model = seeded(tiny_bert, 3)
-    batch = bert_batch()
-    base = logits(model, batch)
-    deltatune.apply(model, {"name": "lora", "init_lora_weights": False})
-    adapted = logits(model, batch)
-    assert not torch.allclose(adapted, base, atol=1e-3)
-    with deltatune.disabled(model):
-        assert torch.allclose(logits(model, batch), base, atol=1e-6)
-    deltatune.merge(model)
-    with deltatune.disabled(model):
-        assert torch.allclose(logits(model, batch), base, atol=1e-5)
-    assert torch.allclose(logits(model, batch), adapted, atol=1e-5)
-
-
-def test_two_adapters_switch_and_switch_back_exactly():
+def test_a_second_adapter_on_fewer_modules_switches_cleanly():
+    """Layers that lack the active adapter contribute nothing: the second adapter adapts q_proj only."""
     model = seeded(tiny_llama)
-    batch = llama_batch()
     family = family_of(model)
     LoRA(LoRAConfig(init_lora_weights=False)).apply(model, family)
-    first = logits(model, batch)
     LoRA(LoRAConfig(r=2, init_lora_weights=False, target_modules=["q_proj"]), adapter_name="second").apply(
         model, family)
     assert deltatune.adapters.adapter_names(model) == ["default", "second"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".second." in n for n in trainable)
-    second = logits(model, batch)
-    assert not torch.allclose(first, second, atol=1e-3)
-    deltatune.set_adapter(model, "default")
-    assert torch.equal(logits(model, batch), first)
-    deltatune.set_adapter(model, "second")
-    assert torch.equal(logits(model, batch), second)
-    with pytest.raises(UserError, match="no adapter named 'third'"):
-        deltatune.set_adapter(model, "third")
+    assert_switches(model, lambda: logits(model, llama_batch()))
 
 
 def test_weighted_combination_is_weighted_sum_of_deltas():
@@ -259,15 +219,8 @@ def test_base_types_merge_and_disable(kind, use_dora):
                             "init_lora_weights": False})
     layers = [m for m in model.modules() if isinstance(m, LoRALayer)]
     assert layers and all(type(m) is layer_class for m in layers)
-    adapted = logits(model, batch)
-    assert not torch.allclose(adapted, base, atol=1e-4)
-    with deltatune.disabled(model):
-        assert torch.allclose(logits(model, batch), base, atol=1e-6)
-    deltatune.merge(model)
-    assert torch.allclose(logits(model, batch), adapted, atol=1e-5)
-    deltatune.unmerge(model)
-    with deltatune.disabled(model):
-        assert torch.allclose(logits(model, batch), base, atol=1e-5)
+    assert_disabled_gives(model, lambda: logits(model, batch), base, atol=1e-6)
+    assert_merge_round_trip(model, lambda: logits(model, batch), restore_atol=1e-5)  # large random updates
 
 
 def test_conv1d_lora_equals_linear_lora_on_the_same_weights():
@@ -331,22 +284,6 @@ def test_save_load_round_trip(tmp_path):
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if ".mine" in n)
 
 
-def test_load_for_another_base_is_refused_and_model_unchanged(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = seeded(tiny_llama)
-    deltatune.apply(model, {"name": "lora", "r": 4})
-    deltatune.save_adapter(model, tmp_path / "adapter")
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    state = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(UserError, match=r"model\.layers\.\d\.\w+\.\w+_proj\.lora_[AB]\.weight: the adapter's shape "
-                                        r"\(\d+, \d+\) does not fit the model's \(\d+, \d+\)"):
-        deltatune.load_adapter(other, tmp_path / "adapter")
-    assert not deltatune.adapters.adapter_layers(other)
-    assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())
-
-
 def test_pickled_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
@@ -354,16 +291,12 @@ def test_pickled_adapter_is_refused(tmp_path):
         deltatune.load_adapter(seeded(tiny_llama), tmp_path)
 
 
-# ---- bad input -------------------------------------------------------------------------------------------------
+# ---- bad input (each option's invalid values: LoRA.contract_bad_options, checked in test_method_contracts.py) ---
 @pytest.mark.parametrize("options, message", [
     ({"target_modules": ["q_prj"]}, r"'q_prj' matches no module of this model; closest names: q_proj"),
-    ({"r": 0}, r"method.r must be a positive whole number .* got 0"),
-    ({"lora_alpha": -1}, r"method.lora_alpha must be a positive number .* got -1"),
     ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive whole number"),
     ({"target_modules": ["input_layernorm"]}, r"'model.layers.0.input_layernorm', a LlamaRMSNorm, .*supports "
                                               r"torch.nn.Linear, transformers' Conv1D"),
-    ({"bias": "some"}, "method.bias must be none, all or lora_only"),
-    ({"init_lora_weights": "orthogonal"}, "must be true, false or gaussian"),
 ])
 def test_bad_input_is_one_line_user_error(options, message):
     model = seeded(tiny_llama)

@@ -1,37 +1,33 @@
 """Contract tests generated from the method registry: every registered method, on tiny random models, must
-keep the model's output at init, give gradients only to its own parameters, save and reload exactly, and make the
-loss fall on a tiny task. A new method file gets these tests without touching this one."""
+keep the model's output at init, give gradients only to its own parameters, save and reload exactly, make the
+loss fall on a tiny task, and refuse the option values its class declares invalid (`contract_bad_options`) and
+unknown options with a one-line UserError that leaves the model as it was. The adapter API's promises (switch,
+disable, merge, files) are generated in test_adapter_contracts.py. A new method file gets these tests without
+touching either file."""
+
+import dataclasses
 
 import pytest
 import torch
 
 import deltatune
+from deltatune.errors import UserError
 from deltatune.methods import available_methods, get_method
-from deltatune.models import ImageClassifier
 from deltatune.models.families import family_of
-from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama
+from tests.helpers import (
+    KINDS,
+    assert_loss_falls,
+    assert_unchanged,
+    has_no_adapters,
+    logits,
+    snapshot,
+    tiny_case,
+    train_steps,
+)
+from tests.tiny_models import tiny_bert, tiny_llama
 
 METHODS = list(available_methods())
-
-
-def build(kind: str, name: str | None = None):
-    """Tiny model `kind` ("bert", "llama" or "cnn") with a batch, an output picker and labels; skips the test when
-    method `name` does not support that kind of model."""
-    if name is not None and ("cnn" if kind == "cnn" else "transformer") not in get_method(name).model_kinds:
-        pytest.skip(f"{name} does not support {kind} models")
-    torch.manual_seed(0)
-    if kind == "bert":
-        model = tiny_bert(num_labels=3)
-        batch = {"input_ids": torch.randint(5, 100, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
-        return model, batch, lambda out: out.logits, torch.randint(0, 3, (8,))
-    if kind == "llama":
-        # With biases (as in Qwen2-style Llamas) so every method, BitFit included, has something to train.
-        model = tiny_llama(attention_bias=True, mlp_bias=True)
-        batch = {"input_ids": torch.randint(5, 100, (4, 16))}
-        return model, batch, lambda out: out.logits[:, -1], torch.randint(0, 100, (4,))
-    model = ImageClassifier(tiny_cnn(num_labels=4))
-    batch = {"pixel_values": torch.randn(8, 3, 32, 32)}
-    return model, batch, lambda out: out if torch.is_tensor(out) else out.logits, torch.randint(0, 4, (8,))
+build = tiny_case  # the name tests/test_extending_examples.py runs these contracts through
 
 
 def apply_default(name: str, model):
@@ -41,24 +37,18 @@ def apply_default(name: str, model):
     return method
 
 
-def outputs(model, batch, pick):
-    model.eval()
-    with torch.no_grad():
-        return pick(model(**batch))
-
-
-@pytest.mark.parametrize("kind", ["bert", "llama", "cnn"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", METHODS)
 def test_output_unchanged_at_init(name, kind):
-    model, batch, pick, _ = build(kind, name)
-    before = outputs(model, batch, pick)
+    model, batch, pick, _ = tiny_case(kind, name)
+    before = logits(model, batch, pick)
     apply_default(name, model)
-    after = outputs(model, batch, pick)
+    after = logits(model, batch, pick)
     if get_method(name).preserves_output_at_init:
         assert torch.allclose(after, before, atol=1e-6)
         return
     with deltatune.disabled(model):
-        base = outputs(model, batch, pick)
+        base = logits(model, batch, pick)
     if get_method(name).init_change_from == "adapter":
         # Adapters without a neutral init (prompt tuning's virtual tokens) leave the base untouched: disabling
         # them gives back the original output exactly, and enabled they do change it.
@@ -72,10 +62,10 @@ def test_output_unchanged_at_init(name, kind):
     assert (after - before).norm() / before.norm() < 0.25
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "cnn"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", METHODS)
 def test_only_trainable_parameters_get_gradients(name, kind):
-    model, batch, pick, labels = build(kind, name)
+    model, batch, pick, labels = tiny_case(kind, name)
     method = apply_default(name, model)
     model.train()
     torch.nn.functional.cross_entropy(pick(model(**batch)), labels).backward()
@@ -97,27 +87,71 @@ def test_only_trainable_parameters_get_gradients(name, kind):
 def test_save_load_round_trip_and_loss_falls(name, kind, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model, batch, pick, labels = build(kind, name)
+    model, batch, pick, labels = tiny_case(kind, name)
     method = apply_default(name, model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(60):
-        loss = torch.nn.functional.cross_entropy(pick(model(**batch)), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], f"{name} on {kind}: loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert_loss_falls(train_steps(model, batch, labels, pick=pick), what=f"{name} on {kind}:")
 
     save_file({k: v.contiguous() for k, v in method.trainable_state(model).items()}, tmp_path / "w.safetensors")
-    fresh, _, _, _ = build(kind)
+    fresh, _, _, _ = tiny_case(kind)
     fresh_method = apply_default(name, fresh)
     fresh_method.load_trainable_state(fresh, load_file(tmp_path / "w.safetensors"))
     # Running statistics are buffers, saved by the loop beside the method's state; compare in train-free mode.
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k},
                           strict=False)
-    assert torch.allclose(outputs(fresh, batch, pick), outputs(model, batch, pick), atol=1e-5)
+    assert torch.allclose(logits(fresh, batch, pick), logits(model, batch, pick), atol=1e-5)
+
+
+# ---- bad options: what each method class declares it refuses -----------------------------------------------------
+BAD_OPTIONS = [pytest.param(name, option, value, id=f"{name}-{option}={value!r}")
+               for name, method in available_methods().items() for option, value in method.contract_bad_options()]
+
+
+@pytest.fixture(scope="module")
+def untouched():
+    """kind -> one tiny model for every bad-option case, with its tensors and trainable flags as built: each case
+    must leave the model as it was, which the test checks, so they can share it."""
+    models = {}
+
+    def model_of(kind: str):
+        if kind not in models:
+            model = tiny_case(kind).model
+            models[kind] = model, snapshot(model), {n: p.requires_grad for n, p in model.named_parameters()}
+        return models[kind]
+
+    return model_of
+
+
+def refused_on_untouched(untouched, name: str, options: dict) -> str:
+    """The one-line UserError `deltatune.apply` raises for `options` on a tiny model, which stays as it was."""
+    kind = "llama" if "transformer" in get_method(name).model_kinds else "cnn"
+    model, tensors, trainable = untouched(kind)
+    with pytest.raises(UserError) as error:
+        deltatune.apply(model, {"name": name, **options})
+    assert has_no_adapters(model)
+    assert_unchanged(model, tensors)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def shown_as(value) -> list[str]:
+    """How a message may show a bad value: the value itself or, for a list or mapping, one of its entries."""
+    entries = [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    return [str(entry).lower() for entry in entries]
+
+
+@pytest.mark.parametrize("name, option, value", BAD_OPTIONS)
+def test_bad_option_is_refused_naming_it_and_its_value(name, option, value, untouched):
+    assert option in {field.name for field in dataclasses.fields(get_method(name).config_class)}
+    message = refused_on_untouched(untouched, name, {option: value})
+    assert f"method.{option}" in message
+    assert any(shown in message.lower() for shown in shown_as(value)), message
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_option_is_refused_with_the_valid_ones(name, untouched):
+    message = refused_on_untouched(untouched, name, {"no_such_option": 1})
+    assert "unknown key 'no_such_option' in method" in message and "valid keys: name" in message
 
 
 def test_bitfit_trains_biases_and_head_only():
@@ -141,7 +175,6 @@ def test_freeze_last_blocks_and_patterns():
 
 
 def test_freeze_rejects_bad_choices():
-    from deltatune.errors import UserError
     from deltatune.methods.selective.freeze import Freeze, FreezeConfig
 
     model = tiny_bert(num_labels=2)

@@ -1,6 +1,7 @@
 """The prompt-side methods (prompt, ptuning, prefix, ptuning_v2) on tiny random BERT and Llama models: what the
-frozen model is called with, outputs aligned with the input, KV-cached generation, gradients, saving, disabling,
-training, and one-line errors. PEFT interoperability is in test_prompt_peft.py."""
+frozen model is called with, outputs aligned with the input, KV-cached generation, gradients, training and
+one-line errors. Switching, disabling, saving and refusing to merge are checked for every method by
+test_adapter_contracts.py, PEFT interoperability in test_prompt_peft.py."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import deltatune
 from deltatune.errors import UserError
 from deltatune.objectives.causal_lm import next_token_loss
 from deltatune.runner import count_parameters
+from tests.helpers import assert_loss_falls, seeded, token_batch, train_steps
 from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
 METHODS = ["prompt", "ptuning", "prefix", "ptuning_v2"]
@@ -16,17 +18,15 @@ N = 4  # virtual tokens
 
 
 def llama_with(name: str, initializer_range: float = 0.02, **options):
-    torch.manual_seed(0)
-    model = tiny_llama(initializer_range=initializer_range)
+    model = seeded(tiny_llama, initializer_range=initializer_range)
     method = deltatune.apply(model, {"name": name, "num_virtual_tokens": N, **options})
     return model.eval(), method
 
 
 def llama_batch():
-    ids = torch.randint(5, 100, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0  # right padding, as the SFT collate does
-    return {"input_ids": ids, "attention_mask": mask}
+    batch = token_batch(2, 7)
+    batch["attention_mask"][1, -2:] = 0  # right padding, as the SFT collate does
+    return batch
 
 
 def capture_inner_call(model, inner):
@@ -104,8 +104,7 @@ def test_prefix_equals_the_cached_keys_and_values_of_real_tokens():
 
 
 def test_bert_keeps_cls_first_and_inserts_token_types():
-    torch.manual_seed(0)
-    model = tiny_bert(num_labels=3)
+    model = seeded(tiny_bert, num_labels=3)
     deltatune.apply(model, {"name": "prompt", "num_virtual_tokens": N})
     ids = torch.randint(5, 100, (2, 6))
     types, mask = torch.ones_like(ids), torch.ones_like(ids)
@@ -190,45 +189,13 @@ def test_only_the_method_trains_and_counts(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_round_trips_and_disabled_is_the_base(name, tmp_path):
-    model, method = llama_with(name)
-    batch = llama_batch()
-    with torch.no_grad():
-        expected = model(**batch).logits
-        with deltatune.disabled(model):
-            disabled = model(**batch).logits
-    torch.manual_seed(0)
-    original = tiny_llama().eval()
-    with torch.no_grad():
-        assert torch.equal(disabled, original(**batch).logits)
-    state = {key: value.clone() for key, value in method.trainable_state(model).items()}
-    fresh, fresh_method = llama_with(name)
-    fresh_method.load_trainable_state(fresh, state)
-    with torch.no_grad():
-        assert torch.equal(fresh(**batch).logits, expected)
-    deltatune.save_adapter(model, tmp_path)
-    deltatune.load_adapter(original, tmp_path)
-    with torch.no_grad():
-        assert (original(**batch).logits - expected).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("name", METHODS)
 def test_loss_falls_on_a_tiny_task(name):
     # Weights of std 0.2: at the default 0.02 the tied 30522-word head cannot move far from uniform in 30 steps.
     model, _ = llama_with(name, initializer_range=0.2)
     ids = torch.randint(5, 100, (4, 6), generator=torch.Generator().manual_seed(2))
     labels = torch.full_like(ids, -100)
     labels[:, -1] = 7  # always answer token 7
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    model.train()
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_loss_falls(train_steps(model, {"input_ids": ids, "labels": labels}, steps=30, lr=3e-2), below=0.5)
 
 
 def test_text_init_and_weighted_combination():
@@ -253,7 +220,7 @@ def test_text_init_and_weighted_combination():
         assert (model(**batch).logits - second_logits).abs().max() > 1e-3
 
 
-# ---- errors ----------------------------------------------------------------------------------------------------
+# ---- errors (each option's invalid values: the classes' contract_bad_options, checked in test_method_contracts.py)
 def test_packed_rows_are_refused():
     model, _ = llama_with("prefix")
     ids = torch.randint(5, 100, (1, 6))
@@ -263,12 +230,8 @@ def test_packed_rows_are_refused():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"name": "prompt", "num_virtual_tokens": 0}, "num_virtual_tokens must be a positive whole number"),
-    ({"name": "prefix", "num_virtual_tokens": -3}, "num_virtual_tokens must be a positive whole number"),
-    ({"name": "prompt", "prompt_tuning_init": "zeros"}, "prompt_tuning_init must be one of"),
     ({"name": "prompt", "prompt_tuning_init": "text"}, "needs method.prompt_tuning_init_text"),
-    ({"name": "ptuning", "encoder_reparameterization_type": "GRU"}, "must be MLP or LSTM"),
-    ({"name": "prompt", "keep_first_token": True}, "keep_first_token: true is for encoders"),
+    ({"name": "prompt", "keep_first_token": True}, "keep_first_token: true is for encoders"),  # only on a generator
 ])
 def test_bad_settings_are_one_line_errors(options, message):
     model = tiny_llama()
@@ -293,12 +256,6 @@ def test_models_without_attention_layout_or_embeddings_are_refused():
         deltatune.apply(Opaque(), {"name": "ptuning"})
     with pytest.raises(UserError, match="works on transformer models"):
         deltatune.apply(tiny_cnn(), {"name": "prompt"})
-
-
-def test_merge_is_refused():
-    model, _ = llama_with("prompt")
-    with pytest.raises(UserError, match="cannot be merged"):
-        deltatune.merge(model)
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------------

@@ -5,16 +5,15 @@ logits (max abs diff <= 1e-5), plus trainable-parameter counts equal to PEFT's f
 import json
 
 import pytest
-import torch
 
 import deltatune
 from deltatune.errors import UserError
 from deltatune.runner import count_parameters
-from tests.test_lora_peft import load_base, perturb, save_base
+from tests import helpers
+from tests.peft_interop import TOLERANCE, load_base, peft_reads_ours, save_base, we_read_peft
 
 peft = pytest.importorskip("peft")
 
-TOLERANCE = 1e-5
 N = 4
 
 OURS = [
@@ -32,16 +31,13 @@ OURS = [
 
 
 def batch(kind: str):
-    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0  # right padding: masks must account for the virtual tokens in both libraries
-    return {"input_ids": ids, "attention_mask": mask}
+    inputs = helpers.token_batch(2, 9, seed=3)
+    inputs["attention_mask"][1, -3:] = 0  # right padding: masks must account for the virtual tokens in both libraries
+    return inputs
 
 
 def logits(model, inputs):
-    model.eval()
-    with torch.no_grad():
-        out = model(**inputs).logits
+    out = helpers.logits(model, inputs)
     # PEFT's causal LMs return logits for the virtual positions too; ours are aligned with the input.
     return out[:, -inputs["input_ids"].shape[1]:] if out.dim() == 3 else out
 
@@ -56,24 +52,12 @@ def peft_config(kind: str, options: dict):
 
 @pytest.mark.parametrize("kind, options, peft_type", OURS)
 def test_peft_loads_our_adapter(tmp_path, kind, options, peft_type):
-    save_base(kind, tmp_path / "base")
-    ours = load_base(kind, tmp_path / "base")
-    deltatune.apply(ours, {"num_virtual_tokens": N, **options})
-    perturb(ours, ("modules_to_save",))  # the new head's trained copy must travel too
-    expected = logits(ours, batch(kind))
-    deltatune.save_adapter(ours, tmp_path / "adapter")
-
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # The new head's trained copy (perturbed) must travel too.
+    config, keys = peft_reads_ours(tmp_path, kind, {"num_virtual_tokens": N, **options}, batch(kind), logits)
     assert config["peft_type"] == peft_type and config["num_virtual_tokens"] == N
-    from safetensors.torch import load_file
-
-    keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
     head = {f"base_model.{module}.{part}"
             for module in ("classifier", "bert.pooler.dense") for part in ("weight", "bias")}
     assert keys == {"prompt_embeddings"} | (head if kind == "bert" else set())
-
-    theirs = peft.PeftModel.from_pretrained(load_base(kind, tmp_path / "base"), tmp_path / "adapter")
-    assert (logits(theirs, batch(kind)) - expected).abs().max() <= TOLERANCE
 
 
 THEIRS = [
@@ -90,19 +74,7 @@ THEIRS = [
 
 @pytest.mark.parametrize("kind, options", THEIRS)
 def test_we_load_peft_adapter(tmp_path, kind, options):
-    save_base(kind, tmp_path / "base")
-    theirs = peft.get_peft_model(load_base(kind, tmp_path / "base"), peft_config(kind, options))
-    perturb(theirs, ("modules_to_save",))
-    expected = logits(theirs, batch(kind))
-    theirs.save_pretrained(tmp_path / "adapter")
-
-    ours = load_base(kind, tmp_path / "base")
-    base = logits(ours, batch(kind))
-    deltatune.load_adapter(ours, tmp_path / "adapter", name="from_peft")
-    assert (logits(ours, batch(kind)) - expected).abs().max() <= TOLERANCE
-    assert (expected - base).abs().max() > 1e-4  # the adapter does change the output
-    with deltatune.disabled(ours):
-        assert (logits(ours, batch(kind)) - base).abs().max() <= TOLERANCE
+    ours, expected = we_read_peft(tmp_path, kind, peft_config(kind, options), batch(kind), logits)
     deltatune.save_adapter(ours, tmp_path / "again", name="from_peft")  # and it goes back out unchanged
     again = peft.PeftModel.from_pretrained(load_base(kind, tmp_path / "base"), tmp_path / "again")
     written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())

@@ -39,6 +39,16 @@ class Method:
     # The kinds of model the method works on: "transformer" (attention blocks, text) and/or "cnn". Applying it to
     # another kind is a one-line UserError from `check_model_kind`; the contract tests run each listed kind.
     model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer", "cnn"})
+    # What the method's adapters promise beyond training; the registry-generated contract tests
+    # (tests/test_adapter_contracts.py) check each promise a class declares. named_adapters: the class takes an
+    # `adapter_name`, so several of its adapters sit side by side on one base, `deltatune.set_adapter` switches
+    # between them and `deltatune.disabled` runs the base. mergeable: `deltatune.merge` folds the active adapter into
+    # the base weights (same output) and `deltatune.unmerge` restores them. saves_adapter_files:
+    # `deltatune.save_adapter` writes its adapters and `deltatune.load_adapter` reads them back, refusing a file
+    # saved for a differently shaped base.
+    named_adapters: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+    saves_adapter_files: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -47,6 +57,12 @@ class Method:
     def contract_config(cls) -> MethodConfig:
         """A config valid on any model (BERT, Llama, CNN) for the registry-generated contract tests."""
         return cls.config_class()
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        """(option, value) pairs the method refuses on any model, each alone: the contract tests apply each to a
+        tiny model and expect a one-line UserError naming `method.<option>` and a model left as it was."""
+        return []
 
     @classmethod
     def check_model_kind(cls, model: nn.Module) -> None:

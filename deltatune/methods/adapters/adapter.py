@@ -71,10 +71,17 @@ class Adapter(Method):
     config_class: ClassVar[type[MethodConfig]] = AdapterConfig
     peft_type: ClassVar[str | None] = PEFT_TYPE  # deltatune's own adapter-file type (see shared.protocol.PeftFormat)
     model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer"})
+    named_adapters: ClassVar[bool] = True
+    saves_adapter_files: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         super().__init__(config)
         self.adapter_name = adapter_name  # a second adapter applied under another name sits beside the first
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [("reduction_factor", 0), ("reduction_factor", -4), ("placement", "parallel"),
+                ("non_linearity", "swish"), ("modules_to_save", ["no_such_head"])]
 
     def apply(self, model: nn.Module, family: Family) -> None:
         config: AdapterConfig = self.config  # type: ignore[assignment]

@@ -102,6 +102,7 @@ class AdapterFusion(Method):
     model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer"})
     # Fusion starts as the average of the fused adapters (the paper's init), not as the base model; see above.
     preserves_output_at_init: ClassVar[bool] = False
+    named_adapters: ClassVar[bool] = True  # fusions side by side; save_adapter refuses them (see above)
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         super().__init__(config)
@@ -110,6 +111,10 @@ class AdapterFusion(Method):
     @classmethod
     def contract_config(cls) -> AdapterFusionConfig:
         return AdapterFusionConfig(num_new_adapters=2)  # no files on disk in the contract tests
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [("num_new_adapters", -1), ("adapters", ["no/such/adapter", "no/such/other"])]
 
     def apply(self, model: nn.Module, family: Family) -> None:
         config: AdapterFusionConfig = self.config  # type: ignore[assignment]

@@ -58,10 +58,19 @@ class LoRA(Method):
     description = "low-rank adapters on Linear/Conv1D/Conv2d/Embedding weights (LoRA, rsLoRA, DoRA)"
     config_class: ClassVar[type[MethodConfig]] = LoRAConfig
     peft_type: ClassVar[str | None] = "LORA"  # reads and writes PEFT's LoRA files (see shared.protocol.PeftFormat)
+    named_adapters: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True
+    saves_adapter_files: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         super().__init__(config)
         self.adapter_name = adapter_name  # a second LoRA applied under another name adds a second adapter
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [("r", 0), ("lora_alpha", -1), ("lora_dropout", 1.0), ("bias", "some"),
+                ("init_lora_weights", "orthogonal"), ("rank_pattern", {"q_proj": 0}), ("alpha_pattern", {"(": 4}),
+                ("target_modules", ["no_such_module"]), ("modules_to_save", ["no_such_head"])]
 
     def apply(self, model: nn.Module, family: Family) -> None:
         config: LoRAConfig = self.config  # type: ignore[assignment]

@@ -25,7 +25,7 @@ restores the NF4 layer), which is also how an fp32 export of a QLoRA model is ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -54,6 +54,10 @@ class QLoRA(LoRA):
     config_class: ClassVar[type[MethodConfig]] = QLoRAConfig
     peft_type: ClassVar[str | None] = None  # its adapter files are LoRA files: `lora` reads and writes them
     preserves_output_at_init: ClassVar[bool] = False  # the base itself changes by the NF4 quantisation error
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [*super().contract_bad_options(), ("quant_block_size", 100), ("quantize", "everything")]
 
     def prepare_targets(self, model: nn.Module, family: Family, targets: dict[str, nn.Module],
                         saved: list[str]) -> dict[str, nn.Module]:

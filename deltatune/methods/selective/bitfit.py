@@ -7,6 +7,7 @@ Update: for every layer y = W x + b, W stays frozen and only b moves; about 0.1%
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -27,6 +28,10 @@ class BitFitConfig(MethodConfig):
 class BitFit(Method):
     description = "train only bias terms (and the task head)"
     config_class = BitFitConfig
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [("train_head", "sometimes")]
 
     def apply(self, model: nn.Module, family: Family) -> None:
         config: BitFitConfig = self.config  # type: ignore[assignment]

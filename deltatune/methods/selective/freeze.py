@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -37,6 +38,10 @@ class Freeze(Method):
     def contract_config(cls) -> FreezeConfig:
         # Head-only selects nothing on a causal LM (its head is pretrained), so the contract uses the last block.
         return FreezeConfig(last_n_blocks=1)
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [("last_n_blocks", -1), ("last_n_blocks", 9), ("patterns", ["("]), ("train_head", "yes")]
 
     def apply(self, model: nn.Module, family: Family) -> None:
         config: FreezeConfig = self.config  # type: ignore[assignment]

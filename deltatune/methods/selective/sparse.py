@@ -84,6 +84,8 @@ class SparseConfig(MethodConfig):
 class Sparse(Method):
     description = "train a fixed sparse subset of weight entries, chosen by magnitude, gradient or Fisher information"
     config_class: ClassVar[type[MethodConfig]] = SparseConfig
+    named_adapters: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True  # PEFT has no sparse type: no adapter files
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         super().__init__(config)
@@ -93,6 +95,11 @@ class Sparse(Method):
     def contract_config(cls) -> SparseConfig:
         # A tenth of each weight: enough for the tiny contract task's loss to fall, and still needs no data.
         return SparseConfig(density=0.1)
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [("density", 0), ("density", 1.5), ("selection", "random"), ("calibration_batches", 0),
+                ("target_modules", ["no_such_module"])]
 
     def calibration_needed(self) -> str | None:
         config: SparseConfig = self.config  # type: ignore[assignment]

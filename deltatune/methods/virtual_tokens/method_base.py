@@ -66,6 +66,8 @@ class VirtualTokenMethod(Method):
     model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer"})
     preserves_output_at_init: ClassVar[bool] = False  # virtual tokens have no neutral value
     init_change_from: ClassVar[str] = "adapter"  # ... but the base is untouched: disabled(model) is the original
+    named_adapters: ClassVar[bool] = True
+    saves_adapter_files: ClassVar[bool] = True  # PEFT's files (on encoders only with keep_first_token: false)
     layer_class: ClassVar[type[VirtualTokenLayer]]
     file_type: ClassVar[str]  # the PEFT type of this method's adapter files
     peft_type: ClassVar[str | None] = None  # the type `load_adapter` maps to this class (None: another class reads)
@@ -76,6 +78,10 @@ class VirtualTokenMethod(Method):
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
         super().__init__(config)
         self.adapter_name = adapter_name
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [("num_virtual_tokens", 0), ("num_virtual_tokens", -3), ("modules_to_save", ["no_such_head"])]
 
     def apply(self, model: nn.Module, family: Family) -> None:
         config: VirtualTokenConfig = self.config  # type: ignore[assignment]

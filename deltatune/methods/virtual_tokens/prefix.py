@@ -19,7 +19,7 @@ the prefix as a KV cache it attends over (see `virtual_token_layer.py`), so it m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,10 @@ class PrefixTuning(VirtualTokenMethod):
     file_type: ClassVar[str] = "PREFIX_TUNING"
     peft_type: ClassVar[str | None] = "PREFIX_TUNING"
     peft_field_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_size", "prefix_projection", "init_weights")
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [*super().contract_bad_options(), ("encoder_hidden_size", 0)]
 
     def build_encoder(self, model: nn.Module) -> VirtualTokenEncoder:
         config: PrefixTuningConfig = self.config  # type: ignore[assignment]

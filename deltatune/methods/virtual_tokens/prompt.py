@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +49,10 @@ class PromptTuning(InputPromptMethod):
     peft_type: ClassVar[str | None] = "PROMPT_TUNING"
     peft_field_names: ClassVar[tuple[str, ...]] = ("prompt_tuning_init", "prompt_tuning_init_text",
                                                    "tokenizer_name_or_path", "tokenizer_kwargs")
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [*super().contract_bad_options(), ("prompt_tuning_init", "zeros"), ("prompt_tuning_init", "text")]
 
     def build_encoder(self, model: nn.Module) -> PromptTable:
         config: PromptTuningConfig = self.config  # type: ignore[assignment]

@@ -16,7 +16,7 @@ positions dropped from the outputs. Adapter files are PEFT's P_TUNING files, whi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -75,6 +75,11 @@ class PTuning(InputPromptMethod):
     peft_type: ClassVar[str | None] = "P_TUNING"
     peft_field_names: ClassVar[tuple[str, ...]] = ("encoder_reparameterization_type", "encoder_hidden_size",
                                                    "encoder_num_layers", "encoder_dropout")
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return [*super().contract_bad_options(), ("encoder_reparameterization_type", "GRU"),
+                ("encoder_hidden_size", 0), ("encoder_num_layers", 0), ("encoder_dropout", 1.0)]
 
     def build_encoder(self, model: nn.Module) -> PromptEncoder:
         config: PTuningConfig = self.config  # type: ignore[assignment]

@@ -14,14 +14,14 @@ targets; for causal LMs there is no new head). Everything else, and the adapter 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from deltatune.config.schema import MethodConfig
 from deltatune.methods import register_method
 from deltatune.methods.virtual_tokens.encoders import PromptTable
-from deltatune.methods.virtual_tokens.method_base import VirtualTokenConfig
+from deltatune.methods.virtual_tokens.method_base import VirtualTokenConfig, VirtualTokenMethod
 from deltatune.methods.virtual_tokens.model_layout import attention_layout
 from deltatune.methods.virtual_tokens.prefix import PrefixTuning, prefix_table
 
@@ -36,6 +36,10 @@ class PTuningV2(PrefixTuning):
     description = "trained deep prompts (key/value prefixes) at every layer, no reparameterisation (P-tuning v2)"
     config_class: ClassVar[type[MethodConfig]] = PTuningV2Config
     peft_type: ClassVar[str | None] = None  # its files are PREFIX_TUNING files, which `prefix` reads
+
+    @classmethod
+    def contract_bad_options(cls) -> list[tuple[str, Any]]:
+        return VirtualTokenMethod.contract_bad_options()  # prefix's encoder options are not P-tuning v2's
 
     def build_encoder(self, model: nn.Module) -> PromptTable:
         config: PTuningV2Config = self.config  # type: ignore[assignment]

@@ -80,9 +80,17 @@ def evaluate_run(run_dir: str) -> dict[str, dict[str, float]]:
     return run_evaluation(run_dir)
 
 
+def load_run(run_dir: str, with_data: bool = False) -> Any:
+    """A finished run back as a `deltatune.runs.LoadedRun`: its config, task, model (method applied, trained weights
+    loaded, eval mode), method, objective and processor; `with_data` rebuilds its saved splits too."""
+    from deltatune.runs import load_run as load_finished_run
+
+    return load_finished_run(run_dir, with_data=with_data)
+
+
 __all__ = [
     "DataConfig", "Method", "MethodConfig", "ModelConfig", "RunConfig", "SplitConfig", "TrainConfig", "UserError",
-    "apply", "available_methods", "evaluate_run", "load_config", "parse_config", "register_method", "train",
+    "apply", "available_methods", "evaluate_run", "load_config", "load_run", "parse_config", "register_method", "train",
     "add_weighted_adapter", "delete_adapter", "disabled", "load_adapter", "merge", "save_adapter", "set_adapter",
     "unmerge",
 ]

@@ -148,3 +148,11 @@ def test_export_reloads_an_image_run_with_the_tasks_auto_class(tmp_path) -> None
     result = export_run(run_dir, tmp_path / "exported", echo=lambda *_: None)
     assert result["max_abs_logit_difference"] <= 1e-5
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "exported").config.num_labels == 10
+
+
+def test_the_public_load_run_gives_the_trained_model(classification_run) -> None:
+    import deltatune
+
+    run = deltatune.load_run(classification_run)
+    assert run.task.name == "classification" and not run.model.training and run.data is None
+    assert deltatune.load_run(classification_run, with_data=True).data.test

@@ -69,14 +69,17 @@ def reviews(path: Path) -> str:
 
 # --- the registry ---------------------------------------------------------------------------------------------
 
-def test_the_three_tasks_are_registered_with_their_roles_and_defaults() -> None:
+def test_the_built_in_tasks_are_registered_with_their_roles_and_defaults() -> None:
     roles = {name: task.roles for name, task in available_tasks().items()}
+    pairs = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": None}
     assert roles == {"causal-lm": {"prompt": "prompt", "response": "response"},
                      "classification": {"text": "text", "text_pair": None, "label": "label"},
-                     "image-classification": {"image": "image", "label": "label"}}
-    assert [name for name, task in available_tasks().items() if task.can_generate] == ["causal-lm"]
+                     "image-classification": {"image": "image", "label": "label"},
+                     "preference": pairs, "reward-pairs": pairs}
+    assert [name for name, task in available_tasks().items() if task.can_generate] == ["causal-lm", "preference"]
     assert [name for name, task in available_tasks().items() if task.labelled] == ["classification",
-                                                                                   "image-classification"]
+                                                                                   "image-classification",
+                                                                                   "reward-pairs"]
 
 
 def test_a_new_task_file_registers_itself_and_trains(star_rating, tmp_path) -> None:

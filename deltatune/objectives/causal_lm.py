@@ -41,7 +41,7 @@ class SupervisedFineTuningConfig(ObjectiveConfig):
 
 @register_objective("sft")
 class SupervisedFineTuning(Objective):
-    description = "next-token cross-entropy on response tokens; main metric: loss"
+    description = "next-token cross-entropy on the response tokens (supervised fine-tuning)"
     config_class = SupervisedFineTuningConfig
     main_metric = "loss"
     metrics = ("loss", "perplexity")

@@ -26,7 +26,7 @@ class ClassificationConfig(ObjectiveConfig):
 
 @register_objective("classification")
 class Classification(Objective):
-    description = "cross-entropy on the class logits; main metric: accuracy"
+    description = "cross-entropy on the class logits"
     config_class = ClassificationConfig
     main_metric = "accuracy"
     greater_is_better = True

@@ -35,7 +35,7 @@ def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: 
 
 @register_objective("toy_label_smoothing")
 class LabelSmoothedClassification(Objective):
-    description = "cross-entropy against targets smoothed by ε; main metric: accuracy"
+    description = "cross-entropy against targets smoothed by ε"
     config_class = LabelSmoothingConfig
     main_metric = "accuracy"
     greater_is_better = True

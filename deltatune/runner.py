@@ -137,7 +137,8 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     resolve_device(config.train.device)
     check_metric(config.train.metric, get_objective(config.objective.name, get_task(resolve_task(config.model))()))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
-    setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device)
+    setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
+                    prepared.num_labels)
     calibrate(prepared)
     check_free_space(run_dir.path, prepared.model)
     loop = _training_loop(prepared, run_dir)

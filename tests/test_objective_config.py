@@ -212,3 +212,12 @@ def test_the_saved_config_spells_out_the_objective_section(teacher_run) -> None:
     assert yaml.safe_load((teacher_run / "config.yaml").read_text())["objective"] == {"name": "auto"}
     assert "objective" not in yaml.safe_load((teacher_run / "config.yaml").read_text())["train"]
 
+
+
+def test_the_loop_asks_the_objective_which_way_a_metric_improves() -> None:
+    class LowerMain(ToyTeacher):
+        main_metric, greater_is_better, metrics = "distance", False, ("distance", "accuracy")
+
+    assert LowerMain().higher_is_better("distance") is False  # its own direction, though not a loss
+    assert LowerMain().higher_is_better("accuracy") is True
+    assert ToyTeacher().higher_is_better("accuracy") is True and ToyTeacher().higher_is_better("loss") is False

@@ -32,6 +32,7 @@ from deltatune.config.schema import ObjectiveConfig
 
 POLICY_DISABLED = "policy-disabled"  # the policy with its adapters disabled (deltatune.adapters.disabled)
 BASE = "base"  # POLICY_DISABLED when the method can disable itself, else a frozen copy of model.name
+LOWER_IS_BETTER = ("loss", "perplexity")  # metrics (besides an objective's main one) where smaller is better
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,13 @@ class Objective:
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Metrics over a whole split (the model is already in eval mode and on the right device)."""
         raise NotImplementedError(f"{type(self).__name__} must implement evaluate()")
+
+    def higher_is_better(self, metric: str) -> bool:
+        """Whether a larger `metric` is a better model: `greater_is_better` for the main metric, and for the others
+        every metric but a loss or perplexity (override when an objective reports other lower-is-better ones)."""
+        if metric == self.main_metric:
+            return self.greater_is_better
+        return metric not in LOWER_IS_BETTER
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         """How many input tokens (or examples, for images) a batch carries, for throughput figures."""

@@ -73,7 +73,8 @@ def _objectives(args: argparse.Namespace) -> None:
                   if item.name != "name"]
         models = [f"{role} (objective.{spec.config_key(role)}, default {spec.default or 'required'})"
                   for role, spec in objective.models.items()]
-        line = f"{name:<{width}}  {objective.description or (objective.__doc__ or '').strip().splitlines()[0]}"
+        summary = objective.description or next(iter((objective.__doc__ or "").strip().splitlines()), "")
+        line = f"{name:<{width}}  {summary}"
         line += f"; options: {', '.join(fields) or 'none'}"
         line += f"; main metric: {objective.main_metric} ({'higher' if objective.greater_is_better else 'lower'} is better)"
         print(line + (f"; models: {', '.join(models)}" if models else ""))

@@ -24,8 +24,16 @@ from deltatune.adapters import (
     set_adapter,
     unmerge,
 )
-from deltatune.config.loader import load_config, method_config, parse_config
-from deltatune.config.schema import DataConfig, MethodConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig
+from deltatune.config.loader import load_config, method_config, objective_config, parse_config
+from deltatune.config.schema import (
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    RunConfig,
+    SplitConfig,
+    TrainConfig,
+)
 from deltatune.errors import UserError
 from deltatune.methods import available_methods, register_method
 from deltatune.methods.base import LossFunction, Method
@@ -89,8 +97,9 @@ def load_run(run_dir: str, with_data: bool = False) -> Any:
 
 
 __all__ = [
-    "DataConfig", "Method", "MethodConfig", "ModelConfig", "RunConfig", "SplitConfig", "TrainConfig", "UserError",
-    "apply", "available_methods", "evaluate_run", "load_config", "load_run", "parse_config", "register_method", "train",
+    "DataConfig", "Method", "MethodConfig", "ModelConfig", "ObjectiveConfig", "RunConfig", "SplitConfig",
+    "TrainConfig", "UserError", "apply", "available_methods", "evaluate_run", "load_config", "load_run",
+    "objective_config", "parse_config", "register_method", "train",
     "add_weighted_adapter", "delete_adapter", "disabled", "load_adapter", "merge", "save_adapter", "set_adapter",
     "unmerge",
 ]

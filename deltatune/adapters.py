@@ -42,7 +42,8 @@ from deltatune.methods.shared.protocol import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_
 __all__ = [
     "CONFIG_FILE", "PEFT_PREFIX", "WEIGHTS_FILE", "AdapterLayer", "PeftFormat", "adapter_layers", "adapter_names",
     "add_weighted_adapter", "base_modules", "check_new_name", "delete_adapter", "disabled", "load_adapter", "merge",
-    "merge_and_unload", "replace_module", "save_adapter", "set_adapter", "unmerge",
+    "merge_and_unload", "replace_module", "save_adapter", "set_adapter", "unmerge", "AdaptersDisabled",
+    "switches_off_fully",
 ]
 
 
@@ -60,6 +61,36 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, enabled in zip(layers, previous):
             layer.set_enabled(enabled)
+
+
+def switches_off_fully(model: nn.Module) -> bool:
+    """True when `disabled(model)` gives back the model as it was before its method was applied: it has adapter
+    layers and every trainable parameter lives inside one (full fine-tuning, BitFit or sparse change base weights,
+    which no switch can undo)."""
+    layers = adapter_layers(model)
+    inside = {id(param) for layer in layers.values() for param in layer.parameters()}
+    return bool(layers) and all(id(param) in inside for param in model.parameters() if param.requires_grad)
+
+
+class AdaptersDisabled(nn.Module):
+    """A frozen view of `model` with every adapter switched off: the base model without a second copy in memory (a
+    DPO/PPO reference). Each call runs `model` in eval mode, without gradients, inside `disabled(model)`, and
+    restores its mode afterwards. The model is kept outside this module's tree, so its parameters are never
+    counted, saved, moved or optimised twice."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["policy"] = model  # not a registered submodule (see the docstring)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        policy: nn.Module = self.__dict__["policy"]
+        was_training = policy.training
+        policy.eval()
+        try:
+            with torch.no_grad(), disabled(policy):
+                return policy(*args, **kwargs)
+        finally:
+            policy.train(was_training)
 
 
 def merge(model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""`deltatune` command line: train, eval, methods.
+"""`deltatune` command line: train, eval, generate, export, methods, objectives, tasks.
 
 Bad input exits with code 2 and one line on stderr saying what to fix; `--debug` shows the traceback instead.
 That holds for the command line itself too: a usage mistake is one `error:` line, not argparse's usage block.
@@ -60,6 +60,26 @@ def _tasks(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {task.description}; data roles: {roles}; objective: {task.default_objective}")
 
 
+def _objectives(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from deltatune.objectives import available_objectives
+
+    objectives = available_objectives()
+    width = max(len(name) for name in objectives)
+    for name, objective in objectives.items():
+        defaults = objective.config_class()
+        fields = [f"{item.name}={getattr(defaults, item.name)!r}" for item in dataclasses.fields(defaults)
+                  if item.name != "name"]
+        models = [f"{role} (objective.{spec.config_key(role)}, default {spec.default or 'required'})"
+                  for role, spec in objective.models.items()]
+        summary = objective.description or next(iter((objective.__doc__ or "").strip().splitlines()), "")
+        line = f"{name:<{width}}  {summary}"
+        line += f"; options: {', '.join(fields) or 'none'}"
+        line += f"; main metric: {objective.main_metric} ({'higher' if objective.greater_is_better else 'lower'} is better)"
+        print(line + (f"; models: {', '.join(models)}" if models else ""))
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, except that a usage mistake raises a UserError (one line, exit 2) instead of printing usage, and a
     flag must be spelt out (`--resum` is a typo, not `--resume`)."""
@@ -106,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the registered fine-tuning methods")
     methods.set_defaults(handler=_methods)
+
+    objectives = commands.add_parser("objectives", help="list the registered objectives with their options")
+    objectives.set_defaults(handler=_objectives)
 
     tasks = commands.add_parser("tasks", help="list the registered tasks with their data roles ([optional])")
     tasks.set_defaults(handler=_tasks)

@@ -46,10 +46,12 @@ def changed_keys(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
 def read_saved_config(run_dir: RunDir) -> RunConfig:
     """The config a run directory was started with; a UserError naming the file when it no longer parses.
 
-    Runs saved before `data.columns` are read with their per-role column keys mapped onto it."""
+    Runs saved before `data.columns` are read with their per-role column keys mapped onto it, and runs saved
+    before the `objective:` section with their `train.objective` moved to `objective.name`."""
     path = run_dir.path / "config.yaml"
     try:
         raw = read_yaml(path)
+        _move_legacy_objective(raw)
         legacy_columns = _take_legacy_columns(raw)
         config = parse_config(raw)
         if legacy_columns:
@@ -59,6 +61,16 @@ def read_saved_config(run_dir: RunDir) -> RunConfig:
     except UserError as error:
         message = str(error)
         raise UserError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _move_legacy_objective(raw: dict[str, Any]) -> None:
+    """Runs saved before the `objective:` section named their objective as `train.objective`: move it there."""
+    train = raw.get("train")
+    if isinstance(train, dict) and "objective" in train:
+        name = train.pop("objective")
+        objective = raw.setdefault("objective", {})
+        if isinstance(objective, dict):
+            objective.setdefault("name", name)
 
 
 def _take_legacy_columns(raw: dict[str, Any]) -> dict[str, str]:
@@ -71,7 +83,7 @@ def _take_legacy_columns(raw: dict[str, Any]) -> dict[str, str]:
     for key, new_key in DataConfig.replaced_keys.items():
         value = data.pop(key, None)
         if value is not None:
-            columns[new_key.partition(".")[2]] = str(value)
+            columns[new_key.rpartition(".")[2]] = str(value)
     return columns
 
 

@@ -8,21 +8,26 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from deltatune.config.constraints import check_config
 from deltatune.config.loader import config_to_dict
-from deltatune.config.schema import RunConfig, TrainConfig
+from deltatune.config.schema import RunConfig
 from deltatune.errors import UserError, closest_names
-from deltatune.methods import get_method
-from deltatune.methods.base import Method
 from deltatune.objectives import get_objective
-from deltatune.objectives.base import Objective
+from deltatune.preparation import (  # re-exported: the runner is where callers have always found them
+    Prepared,
+    build_model,
+    format_metrics,
+    metrics_on_splits,
+    prepare,
+    split_metrics,
+    start_seeded,
+)
 from deltatune.training.checkpoint import (
     read_checkpoint_dir,
     read_json,
@@ -30,7 +35,7 @@ from deltatune.training.checkpoint import (
     write_checkpoint_dir,
     write_json_atomic,
 )
-from deltatune.training.loop import Batches, TrainingLoop, autocast_context, evaluate, resolve_device, to_device
+from deltatune.training.loop import Batches, TrainingLoop, autocast_context, resolve_device, to_device
 from deltatune.training.preflight import check_free_space, check_metric, check_writable
 from deltatune.resume import (
     LOCATION,
@@ -41,67 +46,12 @@ from deltatune.resume import (
     resumed_config,
     run_names,
 )
+from deltatune.runs import setup_objective
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import load_weights, weights_to_save
 
-if TYPE_CHECKING:
-    from deltatune.tasks.base import Task
-
-
-@dataclass
-class Prepared:
-    """A model with its method applied, its data, and its objective: everything but the optimizer."""
-
-    config: RunConfig
-    model: nn.Module
-    method: Method
-    objective: Objective
-    task: str  # the registered task's name (deltatune.tasks)
-    data: Any  # deltatune.data.DatasetBundle
-    device: torch.device
-    processor: Any = None  # the tokenizer or ImageProcessor the data was encoded with
-
-
-def start_seeded(config: RunConfig) -> None:
-    """Apply the thread count and seed torch, so the same config always builds the same start."""
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
-    torch.manual_seed(config.train.seed)
-
-
-def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
-    """Load data and model and apply the method, seeded so the same config always builds the same start."""
-    from deltatune.models import load_processor
-    from deltatune.models.positions import check_max_length
-    from deltatune.tasks import build_datasets, get_task, resolve_task
-
-    start_seeded(config)
-    task = get_task(resolve_task(config.model))()
-    objective = get_objective(config.train.objective, task)()
-    get_method(config.method.name)  # an unknown method fails before any data is read
-    processor = load_processor(config.model, task)
-    data = build_datasets(config.data, task, processor, splits, config.model.num_labels)
-    num_labels = config.model.num_labels or data.num_labels
-    if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
-        raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
-                        f"raise model.num_labels or leave it unset")
-    model, method = build_model(config, task, num_labels)
-    check_max_length(model, config.data.max_length, processor)
-    device = resolve_device(config.train.device)
-    return Prepared(config, model.to(device), method, objective, task.name, data, device, processor)
-
-
-def build_model(config: RunConfig, task: Task, num_labels: int | None) -> tuple[nn.Module, Method]:
-    """The pretrained model with the run's method applied; seeded, so a new head starts the same every time."""
-    from deltatune.models import load_model
-    from deltatune.models.families import family_of
-
-    method = get_method(config.method.name)(config.method)
-    torch.manual_seed(config.train.seed)
-    model = load_model(config.model, task, num_labels)
-    method.check_model_kind(model)
-    method.apply(model, family_of(model, config.model.family))
-    return model, method
+__all__ = ["Prepared", "build_model", "calibrate", "count_parameters", "find_run_dir", "format_metrics",
+           "metrics_on_splits", "prepare", "save_final_weights", "split_metrics", "start_seeded", "train"]
 
 
 def calibrate(prepared: Prepared) -> None:
@@ -185,8 +135,10 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
         config = resumed_config(run_dir, config)
     check_writable(run_dir.path)
     resolve_device(config.train.device)
-    check_metric(config.train.metric, get_objective(config.train.objective, get_task(resolve_task(config.model))()))
+    check_metric(config.train.metric, get_objective(config.objective.name, get_task(resolve_task(config.model))()))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
+    setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
+                    prepared.num_labels)
     calibrate(prepared)
     check_free_space(run_dir.path, prepared.model)
     loop = _training_loop(prepared, run_dir)
@@ -260,23 +212,6 @@ def _removed_on_failure(run_dir: RunDir) -> Iterator[None]:
         raise
 
 
-def split_metrics(prepared: Prepared) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of the prepared model as it is now."""
-    return metrics_on_splits(prepared.model, prepared.objective, prepared.data, prepared.config.train,
-                             prepared.device)
-
-
-def metrics_on_splits(model: nn.Module, objective: Objective, data: Any, train_config: TrainConfig,
-                      device: torch.device) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of `model` on `data` (a DatasetBundle), as `objective` measures them."""
-    results = {}
-    for split in ("validation", "test"):
-        examples = getattr(data, split)
-        if examples:
-            results[split] = evaluate(model, objective, Batches(examples, data.collate), train_config, device)
-    return results
-
-
 def _metrics_before(prepared: Prepared, run_dir: RunDir, resume: bool) -> dict[str, dict[str, float]]:
     """Metrics of the untrained model; stored (by `train`) so a resumed run reports the same 'before' without
     recomputing."""
@@ -289,10 +224,3 @@ def _metrics_before(prepared: Prepared, run_dir: RunDir, resume: bool) -> dict[s
 def save_final_weights(run_dir: RunDir, prepared: Prepared) -> None:
     write_checkpoint_dir(run_dir.weights, {"model": weights_to_save(prepared.model, prepared.method)},
                          {"method": config_to_dict(prepared.config.method)})
-
-
-def format_metrics(label: str, metrics: dict[str, dict[str, float]]) -> str:
-    # A metric saved as null (non-finite, see run_dir) reads back as None.
-    parts = [f"{split} " + " ".join(f"{k}={v if v is None else format(v, '.4f')}" for k, v in values.items())
-             for split, values in metrics.items()]
-    return f"{label}: " + " | ".join(parts)

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config.schema import RunConfig
+from deltatune.adapters import AdaptersDisabled, switches_off_fully
+from deltatune.config.schema import ModelConfig, RunConfig
+from deltatune.errors import UserError
 from deltatune.methods.base import Method
-from deltatune.objectives import get_objective
+from deltatune.objectives import BASE, POLICY_DISABLED, ModelRole, build_objective
 from deltatune.objectives.base import Objective
+from deltatune.preparation import build_model, format_metrics, metrics_on_splits, prepare, start_seeded
 from deltatune.resume import read_saved_config
-from deltatune.runner import build_model, format_metrics, metrics_on_splits, prepare, start_seeded
 from deltatune.tasks import get_task, resolve_task
 from deltatune.tasks.base import Task
 from deltatune.training.loop import resolve_device
@@ -88,7 +90,7 @@ class SavedRun:
         from deltatune.models import load_processor
 
         start_seeded(self.config)
-        objective = get_objective(self.config.train.objective, self.task)()
+        objective = build_objective(self.config.objective, self.task)
         processor = load_processor(self.config.model, self.task)
         model, method = build_model(self.config, self.task, self.config.model.num_labels)
         device = resolve_device(self.config.train.device)
@@ -113,6 +115,61 @@ def load_run(path: str | Path, with_data: bool = False) -> LoadedRun:
 def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
     """Rebuild a finished run's model from its directory and report its metrics on the saved splits."""
     run = load_run(path, with_data=True)
+    setup_objective(run.config, run.objective, run.model, run.method, run.device, run.data.num_labels)
     metrics = metrics_on_splits(run.model, run.objective, run.data, run.config.train, run.device)
     echo(format_metrics("eval", metrics))
     return metrics
+
+
+# ---- the extra models an objective declares ------------------------------------------------------------------
+def setup_objective(config: RunConfig, objective: Objective, policy_model: nn.Module, method: Method,
+                    device: torch.device, num_labels: int | None = None) -> None:
+    """Load every model `objective` declares (`Objective.models`), frozen and in eval mode on `device`, and hand
+    them by role to its `setup`. Loading never touches the run's random streams. `num_labels` sizes a frozen copy
+    of a labelled base."""
+    models = {}
+    with torch.random.fork_rng(devices=[]):
+        for role, spec in type(objective).models.items():
+            model = _role_model(config, objective, role, spec, policy_model, method, num_labels)
+            models[role] = _frozen(model).to(device)
+    objective.setup(models, policy_model, method)
+
+
+def role_source(config: RunConfig, objective: Objective, role: str, spec: ModelRole) -> str:
+    """Where the `role` model comes from: `objective.<role>_model`, else the role's default; required otherwise."""
+    key = ModelRole.config_key(role)
+    source = getattr(config.objective, key, None) or spec.default
+    if source is None:
+        raise UserError(f"objective {objective.name!r} needs a {role} model; set objective.{key} to a run directory, "
+                        f"a model alias, a transformers directory, a .gguf file or package.module:function")
+    return source
+
+
+def _role_model(config: RunConfig, objective: Objective, role: str, spec: ModelRole, policy_model: nn.Module,
+                method: Method, num_labels: int | None) -> nn.Module:
+    from deltatune.models import load_model
+
+    source = role_source(config, objective, role, spec)
+    if source in (POLICY_DISABLED, BASE):
+        if switches_off_fully(policy_model):
+            return AdaptersDisabled(policy_model)
+        if source == POLICY_DISABLED:
+            key = ModelRole.config_key(role)
+            raise UserError(f"objective.{key}={POLICY_DISABLED} needs a method that can switch itself off, but "
+                            f"{method.name!r} changes the base model's own weights; use an adapter method (lora, "
+                            f"...) or set objective.{key}={BASE} (a frozen copy) or another model")
+        start_seeded(config)  # a copy of the base exactly as the policy started (a new head included)
+        return load_model(config.model, get_task(resolve_task(config.model))(), num_labels)
+    if (Path(source) / "config.yaml").is_file():
+        return load_run(source).model
+    task = get_task(resolve_task(config.model) if spec.task == "auto" else spec.task)()
+    return load_model(ModelConfig(name=source, task=task.name), task, spec.num_labels)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter left trainable (the policy's own parameters are never reached: an
+    AdaptersDisabled view holds it outside its module tree)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+

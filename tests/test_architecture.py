@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("objectives, tasks and training", ("deltatune.objectives", "deltatune.tasks", "deltatune.training")),
     ("config loader", ("deltatune.config.loader",)),
     ("adapter API", ("deltatune.adapters",)),
-    ("runner", ("deltatune.resume", "deltatune.runner", "deltatune.runs")),
+    ("runner", ("deltatune.resume", "deltatune.preparation", "deltatune.runner", "deltatune.runs")),
     ("commands", ("deltatune.export", "deltatune.generate")),
     ("command line and public API", ("deltatune.cli", "deltatune.__main__", "deltatune")),
 ]

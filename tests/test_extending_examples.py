@@ -156,7 +156,7 @@ def _train_toy(tmp_path: Path, model_name: str, epochs: int) -> dict:
     config = deltatune.load_config(None, [
         f"output_dir={tmp_path / 'runs'}", "run_name=toy", "train.progress=false", "train.num_threads=2",
         f"model.name={model_name}", "model.task=classification", f"data.name={data}", "data.max_length=16",
-        "method.name=toy_scale", "train.objective=toy_label_smoothing",
+        "method.name=toy_scale", "objective.name=toy_label_smoothing",
         f"train.epochs={epochs}", "train.lr=1e-2", "train.batch_size=16"])
     return deltatune.train(config)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.config.constraints import check_config
-from deltatune.config.schema import MethodConfig, RunConfig
+from deltatune.config.schema import MethodConfig, ObjectiveConfig, RunConfig
 from deltatune.errors import UserError, closest_names
 from deltatune.methods import get_method
+from deltatune.objectives import OBJECTIVES
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -81,6 +82,7 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     raw = dict(raw)
     # Resolve the method section even when absent, so the saved config names the method's every option.
     raw.setdefault("method", {})
+    raw.setdefault("objective", {})
     config = _build(RunConfig, raw, "")
     check_config(config)
     return config
@@ -92,6 +94,15 @@ def method_config(raw: dict[str, Any] | MethodConfig) -> MethodConfig:
         return raw
     config = _build_method(raw, "method")
     check_config(config, "method")
+    return config
+
+
+def objective_config(raw: dict[str, Any] | ObjectiveConfig) -> ObjectiveConfig:
+    """An objective's config object from a dict like {"name": "dpo", "beta": 0.1} (or pass one through)."""
+    if isinstance(raw, ObjectiveConfig):
+        return raw
+    config = _build_objective(raw, "objective")
+    check_config(config, "objective")
     return config
 
 
@@ -121,6 +132,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         hint = hints[name]
         if hint is MethodConfig:
             values[name] = _build_method(value, key_path)
+        elif hint is ObjectiveConfig:
+            values[name] = _build_objective(value, key_path)
         else:
             values[name] = _coerce(value, hint, key_path)
     return cls(**values)
@@ -133,14 +146,28 @@ def _build_method(raw: Any, path: str) -> MethodConfig:
     return _build(method.config_class, raw, path)
 
 
+def _build_objective(raw: Any, path: str) -> ObjectiveConfig:
+    """The named objective's own dataclass; "auto" (the task's default, unknown until the model is) takes no options."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping with at least `name:`, got {raw!r}")
+    name = str(raw.get("name", ObjectiveConfig.name))
+    if name == ObjectiveConfig.name:
+        options = [key for key in raw if key != "name"]
+        if options:
+            raise UserError(f"{path}.{options[0]} needs a named objective: {path}.name is 'auto' (the task's default), "
+                            f"which takes no options; set {path}.name (`deltatune objectives` lists them)")
+        return _build(ObjectiveConfig, raw, path)
+    return _build(OBJECTIVES.get(name, f"{path}.name").config_class, raw, path)
+
+
 def _reject_replaced(cls: type, raw: dict[str, Any], path: str) -> None:
     """A key the section no longer has (its `replaced_keys`) is refused with the spelling that replaced it."""
     for key, new_key in getattr(cls, "replaced_keys", {}).items():
         if key in raw:
-            section, _, sub_key = new_key.partition(".")
+            section, _, sub_key = new_key.rpartition(".")
             value = raw[key]
-            raise UserError(f"{path}.{key} is no longer a key; write {path}.{section}: {{{sub_key}: {value}}} "
-                            f"(on the command line {path}.{new_key}={value})")
+            raise UserError(f"{path}.{key} is no longer a key; write {section}: {{{sub_key}: {value}}} "
+                            f"(on the command line {new_key}={value})")
 
 
 def _reject_unknown(raw: dict[str, Any], valid: list[str], path: str) -> None:

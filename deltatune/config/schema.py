@@ -1,8 +1,8 @@
 """The run configuration: nested dataclasses shared by YAML files, CLI overrides and the Python API.
 
 Every field has a default so an empty YAML file is a valid run (MiniLM on Rotten Tomatoes, full fine-tuning).
-The `method` section is polymorphic: its `name` picks a dataclass registered by a file in `deltatune/methods/`,
-so adding a method never touches this file.
+The `method` and `objective` sections are polymorphic: their `name` picks a dataclass registered by a file in
+`deltatune/methods/` or `deltatune/objectives/`, so adding a method or an objective never touches this file.
 
 Numeric ranges and choices live in each field's metadata (`deltatune.config.constraints`); the strict parser checks
 them, so a zero batch size or a misspelt schedule is refused before anything is built.
@@ -25,6 +25,18 @@ class MethodConfig:
     """Base of every method's options; each method subclasses it in its own file and registers it."""
 
     name: str = "full"
+
+
+@dataclass
+class ObjectiveConfig:
+    """Base of every objective's options; each objective subclasses it in its own file and names it `config_class`.
+
+    "auto" trains with the task's default objective and takes no other key (name the objective to set options).
+    An objective that needs extra models declares them by role (`Objective.models`) and has one field per role,
+    `<role>_model`, naming where that model comes from (see `deltatune.objectives.base.ModelRole`).
+    """
+
+    name: str = "auto"
 
 
 @dataclass
@@ -68,8 +80,9 @@ class DataConfig:
     # Keys this section had before `columns`, and the key that replaced each one; the loader refuses them with a
     # one-line error that shows the new spelling.
     replaced_keys: ClassVar[dict[str, str]] = {
-        "text_column": "columns.text", "text_pair_column": "columns.text_pair", "label_column": "columns.label",
-        "prompt_column": "columns.prompt", "response_column": "columns.response", "image_column": "columns.image",
+        "text_column": "data.columns.text", "text_pair_column": "data.columns.text_pair",
+        "label_column": "data.columns.label", "prompt_column": "data.columns.prompt",
+        "response_column": "data.columns.response", "image_column": "data.columns.image",
     }
 
     name: str = "rotten-tomatoes"
@@ -87,9 +100,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The one training loop's settings; objectives plug in by name."""
+    """The one training loop's settings; what it optimises is the `objective` section."""
 
-    objective: str = "auto"  # "auto": the task's default objective
+    # Keys this section had before, and the full key that replaced each one (refused with the new spelling).
+    replaced_keys: ClassVar[dict[str, str]] = {"objective": "objective.name"}
+
     epochs: float = field(default=1.0, metadata=above(0))
     max_steps: int | None = field(default=None, metadata=at_least(1))  # optimizer steps; overrides epochs when set
     batch_size: int = field(default=32, metadata=at_least(1))
@@ -126,6 +141,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
     run_name: str | None = None  # None: <model>-<method>-<timestamp>

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from deltatune.objectives.base import Objective
+from deltatune.config.schema import ObjectiveConfig
+from deltatune.objectives.base import BASE, POLICY_DISABLED, ModelRole, Objective
 from deltatune.registry import Registry
 
 OBJECTIVES: Registry[type[Objective]] = Registry(__name__, "objective")
@@ -26,7 +27,15 @@ class HasDefaultObjective(Protocol):
 
 def get_objective(name: str, task: HasDefaultObjective) -> type[Objective]:
     """The objective named `name`; for "auto", the one `task` names as its default."""
-    return OBJECTIVES.get(task.default_objective if name == "auto" else name, "train.objective")
+    return OBJECTIVES.get(task.default_objective if name == ObjectiveConfig.name else name, "objective.name")
 
 
-__all__ = ["OBJECTIVES", "Objective", "available_objectives", "get_objective", "register_objective"]
+def build_objective(config: ObjectiveConfig, task: HasDefaultObjective) -> Objective:
+    """The objective `config` names (or the task's default for "auto"), built with its options; "auto" parses into
+    the bare ObjectiveConfig, so the resolved objective then gets its own config class's defaults."""
+    objective = get_objective(config.name, task)
+    return objective(config if isinstance(config, objective.config_class) else objective.config_class())
+
+
+__all__ = ["BASE", "OBJECTIVES", "POLICY_DISABLED", "ModelRole", "Objective", "available_objectives",
+           "build_objective", "get_objective", "register_objective"]

@@ -7,12 +7,14 @@ mean over response tokens t of -log p(x_t | x_<t). Validation reports the token-
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.config.schema import ObjectiveConfig
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
 
@@ -32,8 +34,15 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+@dataclass
+class SupervisedFineTuningConfig(ObjectiveConfig):
+    """No options yet; the section still parses strictly (only `name`)."""
+
+
 @register_objective("sft")
 class SupervisedFineTuning(Objective):
+    description = "next-token cross-entropy on the response tokens (supervised fine-tuning)"
+    config_class = SupervisedFineTuningConfig
     main_metric = "loss"
     metrics = ("loss", "perplexity")
     greater_is_better = False

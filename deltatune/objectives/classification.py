@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.config.schema import ObjectiveConfig
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
 
@@ -17,8 +19,15 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels)
 
 
+@dataclass
+class ClassificationConfig(ObjectiveConfig):
+    """No options yet; the section still parses strictly (only `name`)."""
+
+
 @register_objective("classification")
 class Classification(Objective):
+    description = "cross-entropy on the class logits"
+    config_class = ClassificationConfig
     main_metric = "accuracy"
     greater_is_better = True
     metrics = ("loss", "accuracy")

@@ -31,7 +31,7 @@ class Task(ABC):
     description: ClassVar[str] = ""
     # Data role -> default column. A role whose default is None is optional: read only when data.columns names it.
     roles: ClassVar[dict[str, str | None]] = {}
-    default_objective: ClassVar[str] = ""  # the objective `train.objective: auto` picks
+    default_objective: ClassVar[str] = ""  # the objective `objective.name: auto` picks
     # The transformers Auto class that loads a directory or GGUF with this task's head (also used to reload an
     # export); None when the task has no transformers head.
     auto_class: ClassVar[str | None] = None

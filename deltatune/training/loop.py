@@ -34,9 +34,6 @@ from deltatune.training.state import (
 )
 
 KEEP_CHECKPOINTS = 2
-LOWER_IS_BETTER = ("loss", "perplexity")  # any other validation metric counts as higher-is-better
-
-
 @dataclass
 class Batches:
     """Examples plus how to turn a list of them into tensors.
@@ -292,7 +289,7 @@ class TrainingLoop:
             raise UserError(f"train.metric {self.metric!r} is not reported by this objective; choose from "
                             f"{', '.join(metrics)}")
         value = metrics[self.metric]
-        greater = self.objective.greater_is_better if self.cfg.metric == "auto" else self.metric not in LOWER_IS_BETTER
+        greater = self.objective.higher_is_better(self.metric)  # the objective knows its metrics' direction
         best = self.state.best_metric
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.best_step = value, self.state.step

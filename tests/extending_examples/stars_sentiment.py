@@ -31,7 +31,7 @@ def sentiment_of(stars: Any, row: int) -> int:
 class StarsSentiment(Task):
     description = "three-way sentiment (negative/neutral/positive) learned from 1-5 star ratings"
     roles = {"text": "text", "stars": "stars"}  # role -> default column (None would make a role optional)
-    default_objective = "classification"  # what train.objective: auto trains with (cross-entropy)
+    default_objective = "classification"  # what objective.name: auto trains with (cross-entropy)
     auto_class = "AutoModelForSequenceClassification"  # the head for transformers directories and GGUF files
     labelled = True  # the model ends in a new head of num_labels outputs
 

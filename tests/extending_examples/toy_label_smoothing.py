@@ -7,13 +7,22 @@ Validation reports the same smoothed loss and plain accuracy.
 """
 
 from collections.abc import Iterable
-from typing import ClassVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from deltatune.config.constraints import between
+from deltatune.config.schema import ObjectiveConfig
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
+
+
+@dataclass
+class LabelSmoothingConfig(ObjectiveConfig):
+    """`objective: {name: toy_label_smoothing, smoothing: 0.1}`; the parser refuses ε outside [0, 1)."""
+
+    smoothing: float = field(default=0.1, metadata=between(0, 1, high_open=True))  # ε
 
 
 def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -26,14 +35,15 @@ def label_smoothing_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: 
 
 @register_objective("toy_label_smoothing")
 class LabelSmoothedClassification(Objective):
+    description = "cross-entropy against targets smoothed by ε"
+    config_class = LabelSmoothingConfig
     main_metric = "accuracy"
     greater_is_better = True
     metrics = ("loss", "accuracy")
-    smoothing: ClassVar[float] = 0.1  # ε
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model_logits(model, batch)
-        loss = label_smoothing_loss(logits, batch["labels"], self.smoothing).mean()
+        loss = label_smoothing_loss(logits, batch["labels"], self.config.smoothing).mean()
         accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
         return loss, {"accuracy": float(accuracy)}
 
@@ -42,7 +52,7 @@ class LabelSmoothedClassification(Objective):
         total_loss, correct, count = 0.0, 0, 0
         for batch in batches:
             logits = model_logits(model, batch)
-            total_loss += float(label_smoothing_loss(logits, batch["labels"], self.smoothing).sum())
+            total_loss += float(label_smoothing_loss(logits, batch["labels"], self.config.smoothing).sum())
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             count += len(batch["labels"])
         return {"loss": total_loss / count, "accuracy": correct / count} if count else {}

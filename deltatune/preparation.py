@@ -1,0 +1,109 @@
+"""Building a run's pieces from its config: the seeded start, the data, the model with its method applied, and the
+objective built with its options; and measuring a model on the data's splits.
+
+Shared by training (`deltatune.runner`) and by reading finished runs back (`deltatune.runs`), so neither imports the
+other. Extra models an objective declares are not loaded here: `deltatune.runs.setup_objective` does that, once the
+policy exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from deltatune.config.schema import RunConfig, TrainConfig
+from deltatune.errors import UserError
+from deltatune.methods import get_method
+from deltatune.methods.base import Method
+from deltatune.objectives import build_objective
+from deltatune.objectives.base import Objective
+from deltatune.training.loop import Batches, evaluate, resolve_device
+
+if TYPE_CHECKING:
+    from deltatune.tasks.base import Task
+
+
+@dataclass
+class Prepared:
+    """A model with its method applied, its data, and its objective: everything but the optimizer."""
+
+    config: RunConfig
+    model: nn.Module
+    method: Method
+    objective: Objective
+    task: str  # the registered task's name (deltatune.tasks)
+    data: Any  # deltatune.data.DatasetBundle
+    device: torch.device
+    processor: Any = None  # the tokenizer or ImageProcessor the data was encoded with
+    num_labels: int | None = None  # the head's outputs, for labelled tasks
+
+
+def start_seeded(config: RunConfig) -> None:
+    """Apply the thread count and seed torch, so the same config always builds the same start."""
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    torch.manual_seed(config.train.seed)
+
+
+def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
+    """Load data and model and apply the method, seeded so the same config always builds the same start."""
+    from deltatune.models import load_processor
+    from deltatune.models.positions import check_max_length
+    from deltatune.tasks import build_datasets, get_task, resolve_task
+
+    start_seeded(config)
+    task = get_task(resolve_task(config.model))()
+    objective = build_objective(config.objective, task)
+    get_method(config.method.name)  # an unknown method fails before any data is read
+    processor = load_processor(config.model, task)
+    data = build_datasets(config.data, task, processor, splits, config.model.num_labels)
+    num_labels = config.model.num_labels or data.num_labels
+    if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
+        raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
+                        f"raise model.num_labels or leave it unset")
+    model, method = build_model(config, task, num_labels)
+    check_max_length(model, config.data.max_length, processor)
+    device = resolve_device(config.train.device)
+    return Prepared(config, model.to(device), method, objective, task.name, data, device, processor, num_labels)
+
+
+def build_model(config: RunConfig, task: Task, num_labels: int | None) -> tuple[nn.Module, Method]:
+    """The pretrained model with the run's method applied; seeded, so a new head starts the same every time."""
+    from deltatune.models import load_model
+    from deltatune.models.families import family_of
+
+    method = get_method(config.method.name)(config.method)
+    torch.manual_seed(config.train.seed)
+    model = load_model(config.model, task, num_labels)
+    method.check_model_kind(model)
+    method.apply(model, family_of(model, config.model.family))
+    return model, method
+
+
+
+def split_metrics(prepared: Prepared) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of the prepared model as it is now."""
+    return metrics_on_splits(prepared.model, prepared.objective, prepared.data, prepared.config.train,
+                             prepared.device)
+
+
+def metrics_on_splits(model: nn.Module, objective: Objective, data: Any, train_config: TrainConfig,
+                      device: torch.device) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of `model` on `data` (a DatasetBundle), as `objective` measures them."""
+    results = {}
+    for split in ("validation", "test"):
+        examples = getattr(data, split)
+        if examples:
+            results[split] = evaluate(model, objective, Batches(examples, data.collate), train_config, device)
+    return results
+
+
+
+def format_metrics(label: str, metrics: dict[str, dict[str, float]]) -> str:
+    # A metric saved as null (non-finite, see run_dir) reads back as None.
+    parts = [f"{split} " + " ".join(f"{k}={v if v is None else format(v, '.4f')}" for k, v in values.items())
+             for split, values in metrics.items()]
+    return f"{label}: " + " | ".join(parts)

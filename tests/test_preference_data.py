@@ -270,7 +270,7 @@ def test_reward_pairs_train_and_evaluate_through_the_runner(tmp_path, toy_pairwi
              "rejected": "awful boring dull " * (1 + i % 2), "movie": f"m{i % 10}"} for i in range(80)]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     config = load_config(None, ["model.name=tests.tiny_models:tiny_bert", "model.task=reward-pairs",
-                                f"data.name={path}", "data.split.group=movie", "train.objective=toy-pairwise",
+                                f"data.name={path}", "data.split.group=movie", "objective.name=toy-pairwise",
                                 "train.max_steps=12", "train.batch_size=8", "train.lr=3e-3", "train.progress=false",
                                 "train.num_threads=1", f"output_dir={tmp_path / 'runs'}", "run_name=pairs"])
     summary = train(config)

@@ -315,3 +315,22 @@ def test_divergence_stops_before_a_non_finite_step(tmp_path, max_grad_norm, fix)
     for _, path in saved:
         tensors, _ = read_checkpoint_dir(path)
         assert all(torch.isfinite(t).all() for t in tensors["model"].values())
+
+
+def test_preference_pairs_group_by_their_longer_half_and_count_both_halves_tokens():
+    from deltatune.objectives.base import Objective
+    from deltatune.training.loop import example_length, to_device
+
+    pairs = [{"chosen": {"input_ids": [1] * chosen}, "rejected": {"input_ids": [1] * rejected}, "margin": 0.5}
+             for chosen, rejected in [(3, 7), (9, 2), (4, 4)]]
+    assert Batches(pairs, collate=list).lengths() == [7, 9, 4]
+    assert example_length({"pixel_values": [0.0]}) is None
+    assert Batches([{"pixel_values": [0.0]}], list).lengths() is None
+    batch = {"chosen": {"input_ids": torch.ones(2, 5, dtype=torch.long),
+                        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])},
+             "rejected": {"input_ids": torch.ones(2, 5, dtype=torch.long),
+                          "attention_mask": torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])},
+             "margin": torch.zeros(2)}
+    assert Objective().tokens_in(batch) == 8 + 6
+    moved = to_device(batch, torch.device("cpu"))
+    assert torch.equal(moved["rejected"]["attention_mask"], batch["rejected"]["attention_mask"])

@@ -104,12 +104,16 @@ class Objective:
             return self.greater_is_better
         return metric not in LOWER_IS_BETTER
 
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many input tokens (or examples, for images) a batch carries, for throughput figures."""
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        """How many input tokens (or examples, for images) a batch carries, for throughput figures; a nested batch
+        (a preference pair's chosen and rejected halves) counts the tokens of every half."""
         if "attention_mask" in batch:
             return int(batch["attention_mask"].sum())
         if "input_ids" in batch:
             return batch["input_ids"].numel()
+        halves = [value for value in batch.values() if isinstance(value, dict)]
+        if halves:
+            return sum(self.tokens_in(half) for half in halves)
         return len(next(iter(batch.values())))
 
 

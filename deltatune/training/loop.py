@@ -48,9 +48,10 @@ class Batches:
     group_by_length: bool = True
 
     def lengths(self) -> list[int] | None:
-        if not self.examples or not isinstance(self.examples[0], dict) or "input_ids" not in self.examples[0]:
+        """Each example's padded length in tokens (None when the examples hold no token ids, e.g. images)."""
+        if not self.examples or example_length(self.examples[0]) is None:
             return None
-        return [len(example["input_ids"]) for example in self.examples]
+        return [example_length(example) or 0 for example in self.examples]
 
     def epoch(self, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
         """Index lists of the shuffled micro-batches of one epoch; identical for the same (seed, epoch)."""
@@ -112,6 +113,17 @@ def set_train_mode(model: nn.Module) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not any(p.requires_grad for p in module.parameters()):
                 module.eval()
+
+
+def example_length(example: Any) -> int | None:
+    """Tokens an example pads to: its `input_ids` length, or for a nested example (a preference pair's chosen and
+    rejected halves, padded to one common length in a batch) the longest of its parts; None without token ids."""
+    if not isinstance(example, dict):
+        return None
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    parts = [length for value in example.values() if (length := example_length(value)) is not None]
+    return max(parts) if parts else None
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

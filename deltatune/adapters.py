@@ -75,7 +75,7 @@ def switches_off_fully(model: nn.Module) -> bool:
 class AdaptersDisabled(nn.Module):
     """A frozen view of `model` with every adapter switched off: the base model without a second copy in memory (a
     DPO/PPO reference). Each call runs `model` in eval mode, without gradients, inside `disabled(model)`, and
-    restores its mode afterwards. The model is kept outside this module's tree, so its parameters are never
+    restores every module's mode afterwards. The model is kept outside this module's tree, so its parameters are never
     counted, saved, moved or optimised twice."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -84,13 +84,15 @@ class AdaptersDisabled(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> object:
         policy: nn.Module = self.__dict__["policy"]
-        was_training = policy.training
+        # Each module's own mode comes back, not one flag for all: training keeps frozen BatchNorms in eval mode.
+        modes = [(module, module.training) for module in policy.modules()]
         policy.eval()
         try:
             with torch.no_grad(), disabled(policy):
                 return policy(*args, **kwargs)
         finally:
-            policy.train(was_training)
+            for module, training in modes:
+                module.training = training
 
 
 def merge(model: nn.Module) -> None:

@@ -29,7 +29,6 @@ from deltatune.preparation import (  # re-exported: the runner is where callers 
     start_seeded,
 )
 from deltatune.training.checkpoint import (
-    read_checkpoint_dir,
     read_json,
     step_checkpoints,
     write_checkpoint_dir,
@@ -47,7 +46,7 @@ from deltatune.resume import (
     run_names,
 )
 from deltatune.runs import setup_objective
-from deltatune.training.run_dir import RunDir
+from deltatune.training.run_dir import RunDir, holds_weights, read_weights
 from deltatune.training.state import load_weights, weights_to_save
 
 __all__ = ["Prepared", "build_model", "calibrate", "count_parameters", "find_run_dir", "format_metrics",
@@ -155,8 +154,8 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
         if resumed:
             echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
         state = loop.run()
-        if (run_dir.best / "state.json").exists():
-            load_weights(prepared.model, prepared.method, dict(read_checkpoint_dir(run_dir.best)[0]["model"]))
+        if holds_weights(run_dir.best):
+            load_weights(prepared.model, prepared.method, read_weights(run_dir.best)[0])
         save_final_weights(run_dir, prepared)
         after = split_metrics(prepared)
     echo(format_metrics("after", after))

@@ -221,3 +221,19 @@ def test_the_loop_asks_the_objective_which_way_a_metric_improves() -> None:
     assert LowerMain().higher_is_better("distance") is False  # its own direction, though not a loss
     assert LowerMain().higher_is_better("accuracy") is True
     assert ToyTeacher().higher_is_better("accuracy") is True and ToyTeacher().higher_is_better("loss") is False
+
+
+def test_the_disabled_reference_gives_back_each_modules_own_mode() -> None:
+    from deltatune.models import ImageClassifier
+    from deltatune.training.loop import set_train_mode
+    from tests.tiny_models import tiny_cnn
+
+    model = ImageClassifier(tiny_cnn(num_labels=3))
+    from deltatune import apply
+
+    apply(model, {"name": "lora", "target_modules": r".*stages\.\d\.0"})
+    set_train_mode(model)  # frozen BatchNorms stay in eval mode while the rest trains
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert any(modes.values()) and not all(modes.values())
+    AdaptersDisabled(model)(pixel_values=torch.randn(2, 3, 32, 32))
+    assert {name: module.training for name, module in model.named_modules()} == modes

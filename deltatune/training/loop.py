@@ -34,6 +34,8 @@ from deltatune.training.state import (
 )
 
 KEEP_CHECKPOINTS = 2
+
+
 @dataclass
 class Batches:
     """Examples plus how to turn a list of them into tensors.

@@ -70,11 +70,11 @@ class RunDir:
         A UserError when the run has not finished or its weights/ directory lacks the tensors.
         """
         self.check_finished()
-        tensors, state = read_checkpoint_dir(self.weights)
-        if "model" not in tensors:
+        tensors, state = read_weights(self.weights)
+        if not tensors:
             raise UserError(f"{self.weights} has no model.safetensors; finish the run again with `deltatune train "
                             f"CONFIG --resume`")
-        return dict(tensors["model"]), dict(state.get("method") or {})
+        return tensors, dict(state.get("method") or {})
 
     def write_splits(self, splits: dict[str, list[int]]) -> None:
         write_json_atomic(self.path / "splits.json", splits)
@@ -126,7 +126,7 @@ def holds_weights(directory: Path) -> bool:
 def read_weights(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The model tensors and the JSON state (method config, ...) of such a directory."""
     tensors, state = read_checkpoint_dir(directory)
-    return tensors.get("model", {}), state
+    return dict(tensors.get("model", {})), state
 
 
 def _fmt(value: Any) -> str:

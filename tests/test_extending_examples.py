@@ -229,3 +229,15 @@ def test_a_stars_sentiment_run_trains_a_three_way_head_and_eval_reproduces_it(st
     assert saved["classifier.weight"].shape == (3, 32)  # negative, neutral, positive
     again = deltatune.evaluate_run(summary["run_dir"])
     assert again["test"] == pytest.approx(summary["after"]["test"], rel=1e-5)
+
+
+def test_a_new_task_fits_the_embedded_models_that_have_its_head(stars_sentiment):
+    from deltatune.config.schema import ModelConfig
+    from deltatune.tasks import resolve_task
+
+    # The page trains stars-sentiment on minilm-l6: the alias lists heads, not task names, so it fits unedited.
+    assert resolve_task(ModelConfig(name="minilm-l6", task="stars-sentiment")) == "stars-sentiment"
+    assert resolve_task(ModelConfig(name="smollm2-135m", task="stars-sentiment")) == "stars-sentiment"
+    with pytest.raises(UserError, match="cannot be loaded for task 'stars-sentiment'; set model.task to "
+                                        "image-classification, or pick another model"):
+        resolve_task(ModelConfig(name="efficientnet-lite0", task="stars-sentiment"))

@@ -78,7 +78,7 @@ def load_model(cfg: ModelConfig, task: ModelHead, num_labels: int | None) -> nn.
     num_labels = num_labels if num_labels is not None else cfg.num_labels
     _check_num_labels(task, num_labels)
     source = sources.parse_source(cfg.name)
-    sources.check_supported(source, task.name)
+    sources.check_supported(source, task.name, task.auto_class)
     model = task.adapt_model(_load(source, task, num_labels, cfg.allow_pickle))
     # Training runs in fp32 on CPU; the trainer moves and casts the model later if it wants another device/dtype.
     return model.to(device="cpu").float()

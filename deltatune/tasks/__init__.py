@@ -42,7 +42,8 @@ def as_task(task: str | Task) -> Task:
 
 
 def resolve_task(cfg: ModelConfig) -> str:
-    """`cfg.task` when set (checked against the model), else the task the model was built for.
+    """`cfg.task` when set (checked against the heads the model can be loaded with), else the task the model was
+    built for.
 
     Aliases carry their task; a GGUF is a causal LM; a transformers directory is read from config.json's
     `architectures`, matched against each task's `architecture_suffixes` (`*ForCausalLM` -> causal-lm, ...; bare
@@ -50,8 +51,12 @@ def resolve_task(cfg: ModelConfig) -> str:
     """
     source = sources.parse_source(cfg.name)
     if cfg.task != "auto":
-        get_task(cfg.task)  # an unknown name fails here, naming the registered tasks
-        sources.check_supported(source, cfg.task)
+        head = get_task(cfg.task).auto_class  # an unknown name fails here, naming the registered tasks
+        heads = sources.supported_heads(source)
+        if heads is not None and head not in heads:
+            fitting = [name for name, task in available_tasks().items() if task.auto_class in heads]
+            raise UserError(f"model {source.name!r} cannot be loaded for task {cfg.task!r}; set model.task to "
+                            f"{' or '.join(fitting)}, or pick another model")
         return cfg.task
     declared = sources.declared_task(source)
     if declared is not None:

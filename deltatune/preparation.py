@@ -8,7 +8,7 @@ policy exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +18,7 @@ from deltatune.config.schema import RunConfig, TrainConfig
 from deltatune.errors import UserError
 from deltatune.methods import get_method
 from deltatune.methods.base import Method
-from deltatune.objectives import build_objective
+from deltatune.objectives import build_objective, objective_task
 from deltatune.objectives.base import Objective
 from deltatune.training.loop import Batches, evaluate, resolve_device
 
@@ -48,14 +48,30 @@ def start_seeded(config: RunConfig) -> None:
     torch.manual_seed(config.train.seed)
 
 
+def run_task(config: RunConfig) -> Task:
+    """The task a run trains: model.task when set; else, when the objective reads a task of its own (dpo reads
+    `preference` rows), that task, checked to fit the model's heads; else the task the model was built for. An
+    explicit model.task the objective cannot read is a one-line error."""
+    from deltatune.tasks import get_task, resolve_task
+
+    wanted = objective_task(config.objective.name)
+    if wanted is not None and config.model.task == "auto":
+        return get_task(resolve_task(replace(config.model, task=wanted)))()
+    name = resolve_task(config.model)
+    if wanted is not None and name != wanted:
+        raise UserError(f"objective {config.objective.name!r} reads {wanted!r} rows but model.task is {name!r}; set "
+                        f"model.task={wanted} or leave it auto")
+    return get_task(name)()
+
+
 def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
     from deltatune.models import load_processor
     from deltatune.models.positions import check_max_length
-    from deltatune.tasks import build_datasets, get_task, resolve_task
+    from deltatune.tasks import build_datasets
 
     start_seeded(config)
-    task = get_task(resolve_task(config.model))()
+    task = run_task(config)
     objective = build_objective(config.objective, task)
     get_method(config.method.name)  # an unknown method fails before any data is read
     processor = load_processor(config.model, task)

@@ -25,6 +25,7 @@ from deltatune.preparation import (  # re-exported: the runner is where callers 
     format_metrics,
     metrics_on_splits,
     prepare,
+    run_task,
     split_metrics,
     start_seeded,
 )
@@ -66,10 +67,28 @@ def calibrate(prepared: Prepared) -> None:
             yield to_device(data.collate([data.train[i] for i in indices]), prepared.device)
 
     def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        if prepared.objective.rollout_size:
+            raise UserError(f"method {prepared.config.method.name!r} chooses what to train from the gradients of "
+                            f"training batches, which objective {prepared.objective.name!r} only makes by generating; "
+                            f"pick another method (lora, ...)")
         with autocast_context(prepared.device, train_config.dtype):
             return prepared.objective.loss(model, batch)[0]
 
     prepared.method.calibrate(prepared.model, batches(), loss_fn)
+
+
+def _precompute(prepared: Prepared) -> dict[str, dict[str, torch.Tensor]]:
+    """What the objective computes once before training (DPO's precomputed reference), by split; {} for most."""
+    data = prepared.data
+    splits = {name: examples for name, examples in
+              (("train", data.train), ("validation", data.validation), ("test", data.test)) if examples}
+
+    def batches_of(examples: list[dict]) -> dict[str, Any]:
+        return to_device(data.collate(examples), prepared.device)
+
+    with torch.no_grad(), autocast_context(prepared.device, prepared.config.train.dtype):
+        stored = prepared.objective.precompute(splits, batches_of, prepared.config.train.eval_batch_size)
+    return {split: {"values": tensor} for split, tensor in stored.items()} if stored else {}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -126,18 +145,17 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     steps left and its checkpoint loads. If the run still fails before its first step checkpoint, what it wrote is
     removed again, so the corrected command can simply be run again.
     """
-    from deltatune.tasks import get_task, resolve_task
-
     check_config(config)
     run_dir = find_run_dir(config, resume)
     if resume:
         config = resumed_config(run_dir, config)
     check_writable(run_dir.path)
     resolve_device(config.train.device)
-    check_metric(config.train.metric, get_objective(config.objective.name, get_task(resolve_task(config.model))()))
+    check_metric(config.train.metric, get_objective(config.objective.name, run_task(config)))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
     setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
-                    prepared.num_labels)
+                    prepared.num_labels, prepared.processor)
+    precomputed = _precompute(prepared)
     calibrate(prepared)
     check_free_space(run_dir.path, prepared.model)
     loop = _training_loop(prepared, run_dir)
@@ -151,6 +169,8 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     resumed = resume and loop.resume()
     with _removed_on_failure(run_dir):
         _write_run_files(run_dir, prepared, before, loop.state.step if resumed else None)
+        if precomputed:
+            write_checkpoint_dir(run_dir.path / "precomputed", precomputed, {"objective": prepared.objective.name})
         if resumed:
             echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
         state = loop.run()

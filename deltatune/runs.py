@@ -24,9 +24,10 @@ from deltatune.errors import UserError
 from deltatune.methods.base import Method
 from deltatune.objectives import BASE, POLICY_DISABLED, ModelRole, build_objective
 from deltatune.objectives.base import Objective
-from deltatune.preparation import build_model, format_metrics, metrics_on_splits, prepare, start_seeded
+from deltatune.objectives.scorers import FunctionScorer, TextScorer
+from deltatune.preparation import build_model, format_metrics, metrics_on_splits, prepare, run_task, start_seeded
 from deltatune.resume import read_saved_config
-from deltatune.tasks import get_task, resolve_task
+from deltatune.tasks import get_task
 from deltatune.tasks.base import Task
 from deltatune.training.loop import resolve_device
 from deltatune.training.run_dir import RunDir
@@ -103,8 +104,7 @@ def open_run(path: str | Path) -> SavedRun:
     run_dir.check_is_run()
     run_dir.check_finished()
     config = read_saved_config(run_dir)
-    task = get_task(resolve_task(config.model))()
-    return SavedRun(run_dir, config, task)
+    return SavedRun(run_dir, config, run_task(config))
 
 
 def load_run(path: str | Path, with_data: bool = False) -> LoadedRun:
@@ -115,7 +115,8 @@ def load_run(path: str | Path, with_data: bool = False) -> LoadedRun:
 def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
     """Rebuild a finished run's model from its directory and report its metrics on the saved splits."""
     run = load_run(path, with_data=True)
-    setup_objective(run.config, run.objective, run.model, run.method, run.device, run.data.num_labels)
+    setup_objective(run.config, run.objective, run.model, run.method, run.device, run.data.num_labels,
+                    run.processor)
     metrics = metrics_on_splits(run.model, run.objective, run.data, run.config.train, run.device)
     echo(format_metrics("eval", metrics))
     return metrics
@@ -123,10 +124,11 @@ def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
 
 # ---- the extra models an objective declares ------------------------------------------------------------------
 def setup_objective(config: RunConfig, objective: Objective, policy_model: nn.Module, method: Method,
-                    device: torch.device, num_labels: int | None = None) -> None:
+                    device: torch.device, num_labels: int | None = None, processor: Any = None) -> None:
     """Load every model `objective` declares (`Objective.models`), frozen and in eval mode on `device`, and hand
-    them by role to its `setup`. Loading never touches the run's random streams. `num_labels` sizes a frozen copy
-    of a labelled base."""
+    them by role to its `setup` (after giving it the policy's `processor`). Loading never touches the run's random
+    streams. `num_labels` sizes a frozen copy of a labelled base."""
+    objective.processor = processor
     models = {}
     with torch.random.fork_rng(devices=[]):
         for role, spec in type(objective).models.items():
@@ -150,6 +152,8 @@ def _role_model(config: RunConfig, objective: Objective, role: str, spec: ModelR
     from deltatune.models import load_model
 
     source = role_source(config, objective, role, spec)
+    if spec.scores_text:
+        return _scorer(source, f"objective.{ModelRole.config_key(role)}")
     if source in (POLICY_DISABLED, BASE):
         if switches_off_fully(policy_model):
             return AdaptersDisabled(policy_model)
@@ -159,11 +163,44 @@ def _role_model(config: RunConfig, objective: Objective, role: str, spec: ModelR
                             f"{method.name!r} changes the base model's own weights; use an adapter method (lora, "
                             f"...) or set objective.{key}={BASE} (a frozen copy) or another model")
         start_seeded(config)  # a copy of the base exactly as the policy started (a new head included)
-        return load_model(config.model, get_task(resolve_task(config.model))(), num_labels)
+        return load_model(config.model, run_task(config), num_labels)
     if (Path(source) / "config.yaml").is_file():
         return load_run(source).model
-    task = get_task(resolve_task(config.model) if spec.task == "auto" else spec.task)()
+    task = run_task(config) if spec.task == "auto" else get_task(spec.task)()
     return load_model(ModelConfig(name=source, task=task.name), task, spec.num_labels)
+
+
+def _scorer(source: str, key: str) -> nn.Module:
+    """A reward as `scorer(prompts, responses) -> scores`: a reward-model run, a one-output sequence classifier
+    directory, or a Python function; anything else (a language model, a pretrained model without a trained reward
+    head) is a one-line error naming `key`."""
+    from deltatune.models import load_model, load_processor, sources
+
+    advice = ("a reward is a run trained with objective.name=reward, a transformers directory of a one-output "
+              "sequence classifier, or package.module:function(prompts, responses) returning one score per response")
+    if (Path(source) / "config.yaml").is_file():
+        run = load_run(source)
+        if run.task.auto_class != sources.SEQUENCE_CLASSIFIER_HEAD or _outputs(run.model) != 1:
+            raise UserError(f"{key}={source} is a {run.task.name} run, not a reward model; {advice}")
+        return TextScorer(run.model, run.processor, run.config.data.max_length)
+    parsed = sources.parse_source(source)
+    if parsed.kind == sources.IMPORT:
+        _, function = sources.import_target(source, key, "a function (prompts, responses) -> one score per response")
+        return FunctionScorer(function, source)
+    architectures = sources.saved_architectures(parsed) or []
+    one_output = parsed.path is not None and parsed.alias is None and parsed.kind == sources.TRANSFORMERS and len(
+        sources.read_model_config(parsed.path).get("id2label") or {"0": 0, "1": 1}) == 1
+    if not one_output or not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise UserError(f"{key}={source} is not a trained reward model (no one-output sequence-classification "
+                        f"head); {advice}")
+    task = get_task("reward-pairs")()
+    model = load_model(ModelConfig(name=source, task=task.name), task, 1)
+    return TextScorer(model, load_processor(ModelConfig(name=source, task=task.name), task), 512)
+
+
+def _outputs(model: nn.Module) -> int | None:
+    """How many outputs a transformers classifier's head has (config.num_labels), None when it does not say."""
+    return getattr(getattr(model, "config", None), "num_labels", None)
 
 
 def _frozen(model: nn.Module) -> nn.Module:

@@ -91,6 +91,22 @@ def load_rotten_tomatoes_pairs() -> list[Row]:
     return rows
 
 
+def load_rotten_tomatoes_reviews() -> list[Row]:
+    """The snippets of `rotten-tomatoes-pairs` as supervised fine-tuning rows: 6,452 rows over the same 465 movies.
+
+    Each pair becomes two rows in pair order, its fresh snippet then its rotten one, both answering the pair's
+    prompt; ``label`` (1 fresh, 0 rotten) and ``movie_name`` are kept. The SFT stage of the RLHF walk-through trains
+    on these: a policy that writes reviews of either kind, which the reward model and DPO then steer. Two rows per
+    pair, in the same movie order, means the same data.split gives both aliases the same movies in each split.
+    """
+    rows: list[Row] = []
+    for pair in load_rotten_tomatoes_pairs():
+        for response, label in ((pair["chosen"], 1), (pair["rejected"], 0)):
+            rows.append({"prompt": pair["prompt"], "response": response, "label": label,
+                         "movie_name": pair["movie_name"]})
+    return rows
+
+
 _LOWERCASE_WORDS = {"a", "an", "and", "at", "by", "for", "in", "of", "on", "or", "the", "to", "with"}
 _ROMAN_NUMERALS = {"ii", "iii", "iv", "vi", "vii", "viii", "ix", "xi", "xii"}
 
@@ -163,6 +179,9 @@ ALIASES: dict[str, AliasInfo] = {
     "rotten-tomatoes-pairs": AliasInfo(load_rotten_tomatoes_pairs, "preference", None,
                                        "same-movie fresh vs rotten snippets, 3,226 preference pairs, split by movie",
                                        split_group="movie_name"),
+    "rotten-tomatoes-reviews": AliasInfo(load_rotten_tomatoes_reviews, "causal-lm", None,
+                                         "the pairs' fresh and rotten snippets as prompt/response rows, 6,452 rows, "
+                                         "split by movie", split_group="movie_name"),
     "chatterbot": AliasInfo(load_chatterbot, "causal-lm", None, "short English dialogue pairs, 2,393 pairs"),
     "mnist-5k": AliasInfo(load_mnist_5k, "image-classification", DIGIT_NAMES, "MNIST digits, 5,000 28x28 images"),
     "digits": AliasInfo(load_digits, "image-classification", DIGIT_NAMES, "scikit-learn digits, 1,797 8x8 images"),

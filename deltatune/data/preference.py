@@ -97,12 +97,12 @@ def encode_language_model_pairs(tokenizer: Any, rows: PreferenceRows, max_length
 
 def encode_scored_pairs(tokenizer: Any, rows: PreferenceRows, max_length: int) -> list[Example]:
     """Nested sequence-classifier examples: each half is {"input_ids", "attention_mask"[, "token_type_ids"]}."""
-    halves = [_scored_half(tokenizer, rows.prompts, responses, max_length) for responses in (rows.chosen,
+    halves = [scored_half(tokenizer, rows.prompts, responses, max_length) for responses in (rows.chosen,
                                                                                               rows.rejected)]
     return _nest(halves[0], halves[1], rows.margins)
 
 
-def _scored_half(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> list[Example]:
+def scored_half(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> list[Example]:
     """prompt+response as the classifier reads it: the chat-templated conversation, else a tokenizer text pair."""
     if has_chat_template(tokenizer):
         return [{"input_ids": example["input_ids"]} for example in encode_sft(tokenizer, prompts, responses,
@@ -124,7 +124,7 @@ def _nest(chosen: list[Example], rejected: list[Example], margins: list[float] |
 
 @dataclass
 class PreferenceCollator:
-    """Batches nested pair examples into {"chosen": {...}, "rejected": {...}[, "margin": float tensor]}.
+    """Batches nested pair examples into {"chosen": {...}, "rejected": {...}[, "margin": float tensor, ...]}.
 
     Each half gets input_ids (padded with `pad_id`), attention_mask (1 on real tokens), labels (IGNORE_INDEX on
     padding) and token_type_ids (0 on padding) when the examples carry them. Both halves are padded to the longest
@@ -139,8 +139,11 @@ class PreferenceCollator:
         longest = max(len(example[half]["input_ids"]) for example in batch for half in ("chosen", "rejected"))
         out: dict[str, Any] = {half: self._half([example[half] for example in batch], longest)
                                for half in ("chosen", "rejected")}
-        if "margin" in batch[0]:
-            out["margin"] = torch.tensor([example["margin"] for example in batch], dtype=torch.float32)
+        # Per-pair numbers beside the halves (the margin column; an objective's precomputed values, such as DPO's
+        # reference log-probabilities) become float tensors with one row per pair.
+        for key in batch[0]:
+            if key not in ("chosen", "rejected"):
+                out[key] = torch.tensor([example[key] for example in batch], dtype=torch.float32)
         return out
 
     def _half(self, examples: list[Example], length: int) -> dict[str, torch.Tensor]:

@@ -98,6 +98,39 @@ def encode_sft(tokenizer: Any, prompts: list[str], responses: list[str], max_len
     return examples
 
 
+def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int) -> list[Example]:
+    """Prompt-only examples for generation: {"input_ids": what the model sees before it answers, "prompt": the text}.
+
+    The ids are exactly the prefix `encode_sft` puts before a response (the chat template's generation prompt, or
+    bos + "prompt\n" without a template), so a policy generates from where SFT taught it to answer. A prompt longer
+    than max_length keeps its last max_length tokens (the text next to the reply).
+    """
+    if max_length < 2:
+        raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 256 for prompts)")
+    if has_chat_template(tokenizer):
+        user = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        prefixes = _ids(tokenizer, [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                                    for m in user])
+    else:
+        prefixes = [prefix for prefix, _ in _split_plain(tokenizer, prompts, [""] * len(prompts))]
+    return [{"input_ids": prefix[-max_length:], "prompt": prompt} for prefix, prompt in zip(prefixes, prompts)]
+
+
+@dataclass
+class PromptCollator:
+    """Left-pads prompt batches for generation: {"input_ids", "attention_mask", "prompt": list of texts}. Left, so
+    every row's last position is its last prompt token and generated tokens line up in one column per step."""
+
+    pad_id: int
+
+    def __call__(self, batch: list[Example]) -> dict[str, Any]:
+        longest = max(len(example["input_ids"]) for example in batch)
+        ids = [[self.pad_id] * (longest - len(e["input_ids"])) + list(e["input_ids"]) for e in batch]
+        mask = [[0] * (longest - len(e["input_ids"])) + [1] * len(e["input_ids"]) for e in batch]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long),
+                "prompt": [example["prompt"] for example in batch]}
+
+
 def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
     """Greedily concatenate examples, in order, into sequences of at most max_length tokens.
 

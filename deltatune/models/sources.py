@@ -200,8 +200,10 @@ def saved_architectures(source: Source) -> list[str] | None:
     return [arch for arch in listed if isinstance(arch, str)] if isinstance(listed, list) else []
 
 
-def import_target(name: str) -> tuple[Any, Callable[..., Any]]:
-    """(module, function) for `package.module:function`; UserError when either cannot be found."""
+def import_target(name: str, key: str = "model.name",
+                  wanted: str = "a function that returns an nn.Module") -> tuple[Any, Callable[..., Any]]:
+    """(module, function) for `package.module:function` given as config `key`; UserError when either cannot be
+    found (the message asks for `wanted`)."""
     module_name, _, attr = name.partition(":")
     # Console scripts do not put the working directory on sys.path; users expect `my_models:build` to resolve
     # from where they run, as with `python -m`.
@@ -217,10 +219,9 @@ def import_target(name: str) -> tuple[Any, Callable[..., Any]]:
         names = [n for n, v in vars(module).items()
                  if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__]
         hint = f" (closest: {closest_names(attr, names, limit=1)[0]!r})" if names else ""
-        raise UserError(f"module {module_name!r} has no {attr!r}{hint}; name a function that returns an nn.Module")
+        raise UserError(f"module {module_name!r} has no {attr!r}{hint}; name {wanted}")
     if not callable(function):
-        raise UserError(f"{name!r} is a {type(function).__name__}, not a function; name a function that returns "
-                        f"an nn.Module")
+        raise UserError(f"{name!r} is a {type(function).__name__}, not a function; name {wanted}")
     return module, function
 
 

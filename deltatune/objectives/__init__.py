@@ -30,6 +30,11 @@ def get_objective(name: str, task: HasDefaultObjective) -> type[Objective]:
     return OBJECTIVES.get(task.default_objective if name == ObjectiveConfig.name else name, "objective.name")
 
 
+def objective_task(name: str) -> str | None:
+    """The task the objective `name` reads its data from (`Objective.task`); None for "auto" or a task-agnostic one."""
+    return None if name == ObjectiveConfig.name else OBJECTIVES.get(name, "objective.name").task
+
+
 def build_objective(config: ObjectiveConfig, task: HasDefaultObjective) -> Objective:
     """The objective `config` names (or the task's default for "auto"), built with its options; "auto" parses into
     the bare ObjectiveConfig, so the resolved objective then gets its own config class's defaults."""
@@ -38,4 +43,4 @@ def build_objective(config: ObjectiveConfig, task: HasDefaultObjective) -> Objec
 
 
 __all__ = ["BASE", "OBJECTIVES", "POLICY_DISABLED", "ModelRole", "Objective", "available_objectives",
-           "build_objective", "get_objective", "register_objective"]
+           "build_objective", "get_objective", "objective_task", "register_objective"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -48,6 +48,10 @@ class ModelRole:
     default: str | None = None
     task: str = "auto"
     num_labels: int | None = None
+    # A reward: the role is handed over as a scorer, `scorer(prompts, responses) -> (B,) scores` (see
+    # `deltatune.objectives.scorers`), built from a reward-model run, a one-output sequence-classifier directory, or
+    # `package.module:function` naming a Python reward function with that signature.
+    scores_text: bool = False
 
     @staticmethod
     def config_key(role: str) -> str:
@@ -64,8 +68,12 @@ class Objective:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""  # one line for `deltatune objectives`
+    # The registered task whose data this objective reads ("preference" for DPO): with model.task "auto", naming the
+    # objective is enough to train on that task's rows. None: whatever task the model was built for.
+    task: ClassVar[str | None] = None
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
     models: ClassVar[dict[str, ModelRole]] = {}
+    processor: Any = None  # the policy's tokenizer (or image processor), set by the runner before `setup`
     main_metric: ClassVar[str] = "loss"
     greater_is_better: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]] = ("loss",)  # the keys `evaluate` reports; train.metric must be one of them
@@ -87,6 +95,46 @@ class Objective:
         frozen and in eval mode on the run's device, the policy (the model being trained) and its method. Keeps the
         models by default; override to precompute what the objective needs from them."""
         self.extra_models = models
+
+    # ---- an objective with a rollout phase (PPO) --------------------------------------------------------------
+    # With `rollout_size` set, the loop draws that many training examples at a time and hands them to `rollout`
+    # instead of to `loss` directly: the objective generates, scores and returns the optimizer steps to take on what
+    # it collected (each a list of micro-batches for `loss`). The loop takes them one by one, logging, evaluating and
+    # checkpointing between them as usual; a checkpoint saves the steps not yet taken, so a resumed run continues
+    # inside a rollout exactly where it stopped.
+    rollout_size: int | None = None
+
+    def rollout(self, model: nn.Module, batch: dict[str, Any], batch_size: int,
+                accumulation: int) -> list[list[dict[str, torch.Tensor]]]:
+        """The optimizer steps to take on a rollout generated from `batch` (the model is in eval mode, on device):
+        micro-batches of `batch_size` rows, `accumulation` of them per step."""
+        raise NotImplementedError(f"{type(self).__name__} sets rollout_size, so it must implement rollout()")
+
+    def steps_per_rollout(self, examples: int, batch_size: int, accumulation: int) -> int:
+        """How many optimizer steps `rollout` returns for a draw of `examples` examples (to plan the schedule)."""
+        raise NotImplementedError(f"{type(self).__name__} sets rollout_size, so it must implement steps_per_rollout()")
+
+    # ---- trainable state of the objective's own (a PPO value head) ---------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the objective trains beside the model's (a value head): optimised, clipped and checkpointed
+        with them, but not part of the run's saved model. None by default."""
+        return []
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint must hold to continue this objective exactly (its trainable parameters, an
+        adaptive KL coefficient); restored by `load_state_tensors`. Nothing by default."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `state_tensors`."""
+
+    def precompute(self, splits: dict[str, list[dict]], batches_of: Callable[[list[dict]], dict[str, Any]],
+                   batch_size: int) -> dict[str, torch.Tensor]:
+        """Called once after `setup`, before training, with every split's examples (by split name) and a function that
+        turns a list of examples into a batch on the run's device. An objective may store per-example values it wants
+        computed only once into the examples (the collator batches them) and release models it no longer needs;
+        what it returns (tensors by split) is saved with the run. Nothing by default."""
+        return {}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar to minimise for one micro-batch, and cheap statistics to log with it."""
@@ -122,3 +170,12 @@ def model_logits(model: nn.Module, batch: dict[str, Any], **options: Any) -> tor
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     output = model(**inputs, **options)
     return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability in `model` to 0. Objectives that compare the policy's log-probabilities with a
+    reference's or with its own earlier ones (DPO, PPO) need both computed by the same function: with dropout on, a
+    policy equal to its reference would still show a random log-ratio, so TRL disables it by default too."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0

@@ -28,6 +28,8 @@ from deltatune.training.run_dir import RunDir
 from deltatune.training.schedule import make_scheduler
 from deltatune.training.state import (
     LoopState,
+    flatten_steps,
+    unflatten_steps,
     load_training_checkpoint,
     save_training_checkpoint,
     weights_to_save,
@@ -153,10 +155,11 @@ def evaluate(
     return metrics
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as is standard for transformers."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, extra: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters and `extra` ones (an objective's value head); biases and norm
+    weights (1-D tensors) get no weight decay, as is standard for transformers."""
     decay, no_decay = [], []
-    for param in model.parameters():
+    for param in [*model.parameters(), *(extra or [])]:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -165,10 +168,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
-def plan_steps(num_examples: int, cfg: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
-    micro_batches = math.ceil(num_examples / cfg.batch_size)
-    per_epoch = math.ceil(micro_batches / cfg.gradient_accumulation)
+def plan_steps(num_examples: int, cfg: TrainConfig, objective: Objective | None = None) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps). An objective with a rollout phase draws `rollout_size`
+    examples at a time and says how many steps each draw becomes."""
+    size = objective.rollout_size if objective is not None else None
+    if size:
+        draws = [size] * (num_examples // size) + ([num_examples % size] if num_examples % size else [])
+        per_epoch = sum(objective.steps_per_rollout(n, cfg.batch_size, cfg.gradient_accumulation) for n in draws)
+    else:
+        per_epoch = math.ceil(math.ceil(num_examples / cfg.batch_size) / cfg.gradient_accumulation)
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * per_epoch)
     return per_epoch, max(1, total)
 
@@ -189,14 +197,17 @@ class TrainingLoop:
     ) -> None:
         self.model, self.method, self.objective, self.cfg = model, method, objective, cfg
         self.train_data, self.validation_data, self.run_dir, self.device = train_data, validation_data, run_dir, device
-        self.steps_per_epoch, self.total_steps = plan_steps(len(train_data.examples), cfg)
+        self.steps_per_epoch, self.total_steps = plan_steps(len(train_data.examples), cfg, objective)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = make_optimizer(model, cfg, objective.trainable_parameters())
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup, cfg.schedule)
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         self.save_every = cfg.save_every or self.eval_every
         self.metric = objective.main_metric if cfg.metric == "auto" else cfg.metric
         self.state = LoopState()
+        # The optimizer steps of the current draw not all taken yet: one step for most objectives, a rollout's
+        # epochs of mini-batches for PPO. state.update counts those already taken.
+        self.pending: list[list[Any]] | None = None
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint (model, optimizer, schedule, RNG, loop state); False when there is
@@ -205,7 +216,11 @@ class TrainingLoop:
         found = step_checkpoints(self.run_dir.checkpoints)
         if not found:
             return False
-        self.state = load_training_checkpoint(found[-1][1], self.model, self.method, self.optimizer, self.scheduler)
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        self.state = load_training_checkpoint(found[-1][1], self.model, self.method, self.optimizer, self.scheduler,
+                                              extra)
+        self.objective.load_state_tensors(extra.get("objective", {}))
+        self.pending = unflatten_steps(extra["rollout"]) if "rollout" in extra else None
         return True
 
     def run(self) -> LoopState:
@@ -217,8 +232,13 @@ class TrainingLoop:
         while self.state.step < self.total_steps and not self.state.stopped_early:
             groups = self.epoch_groups()
             while self.state.group < len(groups) and self.state.step < self.total_steps:
-                loss, stats = self.optimizer_step(groups[self.state.group])
-                self.state.group += 1
+                if self.pending is None:
+                    self.pending, self.state.update = self._updates(groups[self.state.group]), 0
+                loss, stats = self.optimizer_step(self.pending[self.state.update])
+                self.state.update += 1
+                if self.state.update >= len(self.pending):  # the draw is used up: the next step starts a new one
+                    self.pending, self.state.update = None, 0
+                    self.state.group += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._after_step(loss, stats)
@@ -230,19 +250,39 @@ class TrainingLoop:
         return self.state
 
     def epoch_groups(self) -> list[list[list[int]]]:
-        """The current epoch's optimizer steps, each a group of micro-batches (lists of example indices)."""
+        """The current epoch's draws: for most objectives each is one optimizer step's group of micro-batches (lists
+        of example indices); for an objective with a rollout phase, one rollout's examples (a group of one list)."""
+        if self.objective.rollout_size:
+            draws = self.train_data.epoch(self.objective.rollout_size, self.cfg.seed, self.state.epoch)
+            return [[draw] for draw in draws]
         micro = self.train_data.epoch(self.cfg.batch_size, self.cfg.seed, self.state.epoch)
         k = self.cfg.gradient_accumulation
         return [micro[i : i + k] for i in range(0, len(micro), k)]
 
-    def optimizer_step(self, group: list[list[int]]) -> tuple[float, dict[str, float]]:
-        """One step of `run`: forward/backward over the group's micro-batches (gradients accumulate), clip, step the
-        optimizer and schedule. Public so that benchmarks time exactly the step training takes (state.seconds and
-        state.tokens count it); it neither evaluates nor checkpoints."""
+    def _updates(self, group: list[list[int]]) -> list[list[Any]]:
+        """The optimizer steps a draw becomes: itself, or the steps the objective's rollout on it returns (generated
+        in eval mode under the run's autocast; training mode comes back afterwards)."""
+        if not self.objective.rollout_size:
+            return [group]
+        batch = to_device(self.train_data.collate([self.train_data.examples[i] for i in group[0]]), self.device)
+        self.model.eval()
+        try:
+            with autocast_context(self.device, self.cfg.dtype):
+                return self.objective.rollout(self.model, batch, self.cfg.batch_size, self.cfg.gradient_accumulation)
+        finally:
+            set_train_mode(self.model)
+
+    def optimizer_step(self, group: list[Any]) -> tuple[float, dict[str, float]]:
+        """One step of `run`: forward/backward over the group's micro-batches (lists of example indices, or batches
+        a rollout made; gradients accumulate), clip, step the optimizer and schedule. Public so that benchmarks time
+        exactly the step training takes (state.seconds and state.tokens count it); it neither evaluates nor
+        checkpoints."""
         started = time.perf_counter()
         total_loss, stats, tokens = 0.0, {}, 0
-        for indices in group:
-            batch = to_device(self.train_data.collate([self.train_data.examples[i] for i in indices]), self.device)
+        for item in group:
+            batch = item if isinstance(item, dict) else self.train_data.collate(
+                [self.train_data.examples[i] for i in item])
+            batch = to_device(batch, self.device)
             with autocast_context(self.device, self.cfg.dtype):
                 loss, stats = self.objective.loss(self.model, batch)
             # Each micro-batch carries 1/len(group) of the step's loss, so accumulation equals one big batch.
@@ -252,7 +292,7 @@ class TrainingLoop:
         if not math.isfinite(total_loss):
             raise self._diverged(f"the loss is {total_loss}", self.state.step + 1)
         if self.cfg.max_grad_norm:
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            params = [p for p in self.model.parameters() if p.requires_grad] + self.objective.trainable_parameters()
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
             if not math.isfinite(stats["grad_norm"]):
                 raise self._diverged(f"the gradient norm is {stats['grad_norm']}", self.state.step + 1)
@@ -288,8 +328,12 @@ class TrainingLoop:
         if self.validation_data is not None and (step % self.eval_every == 0 or step == self.total_steps):
             self._evaluate_and_track()
         if step % self.save_every == 0 or step == self.total_steps or self.state.stopped_early:
+            extra = {"objective": self.objective.state_tensors()}
+            if self.pending is not None:
+                extra["rollout"] = flatten_steps(self.pending)
             save_training_checkpoint(self.run_dir.checkpoints / f"step-{step:08d}", self.model, self.method,
-                                     self.optimizer, self.scheduler, self.state)
+                                     self.optimizer, self.scheduler, self.state,
+                                     {name: group for name, group in extra.items() if group})
             prune_checkpoints(self.run_dir.checkpoints, KEEP_CHECKPOINTS)
 
     def _epoch_progress(self) -> float:

@@ -33,6 +33,7 @@ class LoopState:
     stopped_early: bool = False
     seconds: float = 0.0  # training time, summed across resumes
     tokens: int = 0
+    update: int = 0  # optimizer steps already taken of the current rollout (objectives with a rollout phase)
 
 
 def weights_to_save(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
@@ -63,7 +64,10 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: LoopState,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
+    """Model weights, optimizer, schedule, RNG and loop state; `extra` adds named tensor groups (an objective's own
+    state, the rollout steps not yet taken), read back through `load_training_checkpoint`'s `extra_out`."""
     optimizer_tensors, optimizer_rest = optimizer_to_tensors(optimizer)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -71,7 +75,7 @@ def save_training_checkpoint(
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     write_checkpoint_dir(
         directory,
-        {"model": weights_to_save(model, method), "optimizer": optimizer_tensors, "rng": rng},
+        {"model": weights_to_save(model, method), "optimizer": optimizer_tensors, "rng": rng, **(extra or {})},
         {"loop": dataclasses.asdict(state), "optimizer": optimizer_rest, "scheduler": scheduler_state},
     )
 
@@ -90,15 +94,35 @@ def latest_loop_state(root: Path) -> LoopState | None:
                         f"checkpoint before it") from None
 
 
+def flatten_steps(steps: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Optimizer steps of micro-batches as one flat tensor dict ("step.micro.key"), on the CPU, for a checkpoint."""
+    return {f"{step}.{micro}.{key}": tensor.detach().cpu().contiguous()
+            for step, batches in enumerate(steps) for micro, batch in enumerate(batches)
+            for key, tensor in batch.items()}
+
+
+def unflatten_steps(tensors: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
+    """Inverse of `flatten_steps`."""
+    steps: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        step, micro, key = name.split(".", 2)
+        steps.setdefault(int(step), {}).setdefault(int(micro), {})[key] = tensor
+    return [[batches[micro] for micro in sorted(batches)] for _, batches in sorted(steps.items())]
+
+
 def load_training_checkpoint(
     directory: Path,
     model: nn.Module,
     method: Method,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra_out: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> LoopState:
-    """Restore model, optimizer, schedule and RNG from a step checkpoint; a UserError naming it when it is damaged."""
+    """Restore model, optimizer, schedule and RNG from a step checkpoint; a UserError naming it when it is damaged.
+    The checkpoint's other tensor groups (see `save_training_checkpoint`'s `extra`) are put into `extra_out`."""
     tensors, state = read_checkpoint_dir(directory)
+    if extra_out is not None:
+        extra_out.update({name: group for name, group in tensors.items() if name not in ("model", "optimizer", "rng")})
     try:
         return _restore(tensors, state, model, method, optimizer, scheduler)
     except (KeyError, TypeError, ValueError) as error:

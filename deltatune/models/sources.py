@@ -212,7 +212,7 @@ def import_target(name: str, key: str = "model.name",
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any failure inside the user's module is the user's to fix
-        raise UserError(f"cannot import module {module_name!r} from model.name {name!r} "
+        raise UserError(f"cannot import module {module_name!r} from {key} {name!r} "
                         f"({type(exc).__name__}: {exc}); check the module path and that it imports") from exc
     function = getattr(module, attr, None)
     if function is None:

@@ -1,0 +1,124 @@
+"""The pieces of the reward, DPO and PPO objectives below the runner: the score read at the last real token (right
+when pad == eos), text scorers, rollout layout, DPO's precomputed reference, and choosing the objective choosing the
+task. The end-to-end promises (metric improves, exact resume, reference == frozen copy) are in
+test_objective_contracts.py; the one-line errors in test_bad_inputs_preference.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from deltatune.config.loader import load_config
+from deltatune.errors import UserError
+from deltatune.objectives.pairs import last_real_positions, sequence_scores
+from deltatune.objectives.rollouts import response_mask, right_padded
+from deltatune.objectives.scorers import FunctionScorer, TextScorer
+from deltatune.preparation import run_task
+from deltatune.runner import train
+from tests.bad_input import write_jsonl
+from tests.tiny_models import tiny_bert, tiny_bert_processor
+
+EOS = 2
+
+
+def decoder_reward_model() -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=EOS,
+                         eos_token_id=EOS)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def test_last_real_positions_for_right_and_left_padding() -> None:
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_real_positions(mask).tolist() == [2, 4, 4]
+
+
+def test_decoder_reward_is_read_at_the_last_real_token_when_pad_equals_eos() -> None:
+    model = decoder_reward_model()
+    rows = [[5, 6, 7, EOS], [8, 9, EOS]]  # both texts end in eos, which is also the pad token
+    batch = {"input_ids": torch.tensor([rows[0], rows[1] + [EOS]]), "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]])}
+    with torch.no_grad():
+        per_position = [model.model(input_ids=torch.tensor([row])).last_hidden_state for row in rows]
+        expected = torch.stack([model.score(states)[0, -1, 0] for states in per_position])
+        got = sequence_scores(model, batch)
+        transformers_pooled = model(**batch).logits[:, 0]
+    torch.testing.assert_close(got, expected)
+    # transformers keeps the last token that is not pad_token_id: here the one before eos, a different score.
+    assert not torch.allclose(transformers_pooled, expected)
+
+
+def test_encoder_reward_uses_the_pooled_score() -> None:
+    torch.manual_seed(0)
+    model = tiny_bert(num_labels=1).eval()
+    batch = {"input_ids": torch.tensor([[101, 2204, 102, 0], [101, 2919, 3185, 102]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_scores(model, batch), model(**batch).logits[:, 0])
+
+
+def test_text_scorer_scores_each_pair_as_alone() -> None:
+    torch.manual_seed(0)
+    scorer = TextScorer(tiny_bert(num_labels=1).eval(), tiny_bert_processor(), max_length=32, batch_size=2)
+    prompts, responses = ["Review Alpha.", "Review Beta.", "Review Gamma."], ["great", "a long and dull film", "ok"]
+    together = scorer(prompts, responses)
+    alone = torch.cat([scorer([p], [r]) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def test_function_scorer_checks_what_the_function_returns() -> None:
+    assert FunctionScorer(lambda p, r: [len(x) for x in r], "lengths")(["a", "b"], ["xy", "z"]).tolist() == [2.0, 1.0]
+    with pytest.raises(UserError, match=r"returned 1 scores for 2 responses"):
+        FunctionScorer(lambda p, r: [1.0], "short")(["a", "b"], ["x", "y"])
+    with pytest.raises(UserError, match=r"non-finite"):
+        FunctionScorer(lambda p, r: [float("nan")] * 2, "nan")(["a", "b"], ["x", "y"])
+    with pytest.raises(UserError, match=r"returned str"):
+        FunctionScorer(lambda p, r: "good", "text")(["a"], ["x"])
+
+
+def test_responses_end_at_their_first_eos_and_are_laid_out_right_padded() -> None:
+    responses = torch.tensor([[5, EOS, 7, 7], [5, 6, 7, 8], [EOS, 0, 0, 0]])
+    assert response_mask(responses, EOS).tolist() == [[True, True, False, False], [True] * 4,
+                                                      [True, False, False, False]]
+    inputs = right_padded([(torch.tensor([1, 2]), torch.tensor([5, EOS])), (torch.tensor([3]), torch.tensor([5, 6, 7]))],
+                          pad=0)
+    assert inputs["input_ids"].tolist() == [[1, 2, 5, EOS], [3, 5, 6, 7]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert inputs["labels"].tolist() == [[-100, -100, 5, EOS], [-100, 5, 6, 7]]
+
+
+def test_naming_the_objective_picks_its_task(tmp_path) -> None:
+    def task_of(*overrides: str) -> str:
+        return run_task(load_config(None, ["model.name=smollm2-135m", *overrides])).name
+
+    assert task_of() == "causal-lm"
+    assert task_of("objective.name=dpo") == "preference"
+    assert task_of("objective.name=ppo") == "prompts"
+    assert run_task(load_config(None, ["model.name=minilm-l6", "objective.name=reward"])).name == "reward-pairs"
+    with pytest.raises(UserError, match=r"objective 'dpo' reads 'preference' rows but model\.task is 'causal-lm'"):
+        task_of("objective.name=dpo", "model.task=causal-lm")
+    with pytest.raises(UserError, match=r"cannot be loaded for task 'preference'"):
+        run_task(load_config(None, ["model.name=minilm-l6", "objective.name=dpo"]))
+
+
+def test_precomputed_reference_matches_the_live_one_and_is_saved(tmp_path) -> None:
+    rows = [{"prompt": f"Review film {i % 6}.", "chosen": "great moving film", "rejected": "dull " * (1 + i % 3)}
+            for i in range(24)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    common = ["model.name=tests.tiny_models:tiny_llama", "objective.name=dpo", f"data.name={data}",
+              "method.name=lora", "train.max_steps=4", "train.batch_size=4", "train.lr=1e-2", "train.log_every=1",
+              "train.progress=false", "train.num_threads=1", f"output_dir={tmp_path / 'runs'}"]
+    live = train(load_config(None, [*common, "run_name=live"]), echo=lambda *_: None)
+    stored = train(load_config(None, [*common, "run_name=stored", "objective.precompute_reference=true"]),
+                   echo=lambda *_: None)
+    saved = Path(stored["run_dir"]) / "precomputed"
+    assert sorted(path.name for path in saved.glob("*.safetensors")) == ["test.safetensors", "train.safetensors",
+                                                                         "validation.safetensors"]
+    losses = [[json.loads(line)["loss"] for line in open(Path(run["run_dir"]) / "metrics.jsonl")
+               if '"train"' in line] for run in (live, stored)]
+    assert losses[0][0] == pytest.approx(0.6931471805599453, abs=1e-6)  # a LoRA policy starts equal to its reference
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

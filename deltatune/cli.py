@@ -75,6 +75,7 @@ def _objectives(args: argparse.Namespace) -> None:
                   for role, spec in objective.models.items()]
         summary = objective.description or next(iter((objective.__doc__ or "").strip().splitlines()), "")
         line = f"{name:<{width}}  {summary}"
+        line += f"; reads: {objective.task} rows" if objective.task else ""
         line += f"; options: {', '.join(fields) or 'none'}"
         line += f"; main metric: {objective.main_metric} ({'higher' if objective.greater_is_better else 'lower'} is better)"
         print(line + (f"; models: {', '.join(models)}" if models else ""))

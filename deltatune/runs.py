@@ -153,7 +153,7 @@ def _role_model(config: RunConfig, objective: Objective, role: str, spec: ModelR
 
     source = role_source(config, objective, role, spec)
     if spec.scores_text:
-        return _scorer(source, f"objective.{ModelRole.config_key(role)}")
+        return load_scorer(source, f"objective.{ModelRole.config_key(role)}")
     if source in (POLICY_DISABLED, BASE):
         if switches_off_fully(policy_model):
             return AdaptersDisabled(policy_model)
@@ -170,7 +170,7 @@ def _role_model(config: RunConfig, objective: Objective, role: str, spec: ModelR
     return load_model(ModelConfig(name=source, task=task.name), task, spec.num_labels)
 
 
-def _scorer(source: str, key: str) -> nn.Module:
+def load_scorer(source: str, key: str) -> nn.Module:
     """A reward as `scorer(prompts, responses) -> scores`: a reward-model run, a one-output sequence classifier
     directory, or a Python function; anything else (a language model, a pretrained model without a trained reward
     head) is a one-line error naming `key`."""

@@ -120,7 +120,7 @@ def test_every_relative_link_leads_into_this_repository(page):
                 f"{page.name}: {target} names no heading of {destination.name}"
 
 
-@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda path: path.name)
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").rglob("*.yaml")), ids=lambda path: path.name)
 def test_every_example_config_parses(example):
     config = load_config(example)
     assert config.method.name in available_methods()

@@ -46,7 +46,7 @@ from deltatune.resume import (
     resumed_config,
     run_names,
 )
-from deltatune.runs import setup_objective
+from deltatune.runs import setup_objective, with_run_as_model
 from deltatune.training.run_dir import RunDir, holds_weights, read_weights
 from deltatune.training.state import load_weights, weights_to_save
 
@@ -127,7 +127,10 @@ def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
             if _comparable(saved) == wanted:
                 return RunDir(path.parent)
         raise UserError(f"--resume found no earlier run of this config under {root}; set run_name to the run to continue")
-    stem = Path(config.model.name.split(":")[-1]).stem
+    source = Path(config.model.name.split(":")[-1])
+    if source.name == "merged" and (source.parent / "config.yaml").is_file():
+        source = source.parent  # a finished run used as the model (`with_run_as_model`): name the new run after it
+    stem = source.stem
     return RunDir(root / f"{stem}-{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -146,6 +149,7 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     removed again, so the corrected command can simply be run again.
     """
     check_config(config)
+    config = with_run_as_model(config)  # a finished run as model.name: its model, adapters folded in
     run_dir = find_run_dir(config, resume)
     if resume:
         config = resumed_config(run_dir, config)

@@ -11,25 +11,29 @@ Every unusable directory (not a run, unfinished, unreadable config) is a one-lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.adapters import AdaptersDisabled, switches_off_fully
+from deltatune.adapters import AdaptersDisabled, merge_and_unload, switches_off_fully
 from deltatune.config.schema import ModelConfig, RunConfig
 from deltatune.errors import UserError
 from deltatune.methods.base import Method
 from deltatune.objectives import BASE, POLICY_DISABLED, ModelRole, build_objective
-from deltatune.objectives.base import Objective
+from deltatune.objectives.base import Objective, model_logits
 from deltatune.objectives.scorers import FunctionScorer, TextScorer
 from deltatune.preparation import build_model, format_metrics, metrics_on_splits, prepare, run_task, start_seeded
 from deltatune.resume import read_saved_config
 from deltatune.tasks import get_task
 from deltatune.tasks.base import Task
-from deltatune.training.loop import resolve_device
+from deltatune.training.checkpoint import fsync_dir
+from deltatune.training.loop import Batches, resolve_device
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import load_weights
 
@@ -210,3 +214,77 @@ def _frozen(model: nn.Module) -> nn.Module:
         param.requires_grad_(False)
     return model.eval()
 
+
+
+# ---- a finished run as a plain model: `deltatune export`, and a run directory as the next run's model.name ------
+EXPORT_TOLERANCE = 1e-4  # max |logit difference| allowed between the run's model and its plain reload
+
+
+def write_plain_model(run: LoadedRun, out: Path) -> float:
+    """Fold `run`'s adapters into the weights (`adapters.merge_and_unload`) and save the result at `out` as a plain
+    model (a transformers directory with its tokenizer; a safetensors state dict for other modules). The copy is
+    reloaded from disk and its logits compared with the run's model on a test batch before `out` appears; a method
+    that cannot be folded into plain weights (virtual tokens, bottleneck adapters) is a UserError and leaves nothing.
+    Returns the largest logit difference."""
+    examples = run.data.test or run.data.validation or run.data.train
+    batch = next(Batches(examples, run.data.collate).in_order(4))
+    with torch.no_grad():
+        expected = model_logits(run.model, batch)
+    merge_and_unload(run.model)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_plain(run.model, run.task, run.processor, tmp)
+    difference = float((_reload_logits(tmp, run.task, run.model, batch) - expected).abs().max())
+    if difference > EXPORT_TOLERANCE:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"method {run.method.name!r} of {run.run_dir.path} cannot be folded into plain weights (the "
+                        f"plain model's logits differ by {difference:.2e}); only runs of methods that change or merge "
+                        "into the base weights (full, freeze, bitfit, lora, dora, qlora, sparse) can be exported")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    return difference
+
+
+def _save_plain(model: nn.Module, task: Task, processor: Any, directory: Path) -> None:
+    """transformers models as a transformers directory (+ tokenizer); other modules as a safetensors state dict."""
+    directory.mkdir(parents=True)
+    model = model.to("cpu").float()
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory)
+        if hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(directory)
+    else:
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"task": task.name})
+
+
+def _reload_logits(directory: Path, task: Task, model: nn.Module, batch: dict) -> torch.Tensor:
+    """Logits of the saved copy as read back from disk (a fresh load with the task's Auto class when the model is a
+    transformers model)."""
+    if hasattr(model, "save_pretrained") and task.auto_class is not None:
+        import transformers
+
+        reloaded = getattr(transformers, task.auto_class).from_pretrained(directory, dtype=torch.float32)
+    else:
+        reloaded = model
+        reloaded.load_state_dict(load_file(str(directory / "model.safetensors")))
+    reloaded.eval()
+    with torch.no_grad():
+        return model_logits(reloaded, batch)
+
+
+def with_run_as_model(config: RunConfig) -> RunConfig:
+    """`config` with a finished run directory in model.name replaced by that run's model as a plain transformers
+    directory, `<run>/merged/` (written once by `write_plain_model`, verified, reused afterwards): a run directory
+    is then a base model like any other, and stages chain by run directories (SFT, then PPO or DPO on top)."""
+    path = Path(config.model.name).expanduser()
+    if not (path / "config.yaml").is_file():
+        return config
+    merged = path / "merged"
+    if not (merged / "config.json").is_file():
+        saved = open_run(path)
+        write_plain_model(saved.load(with_data=True), merged)
+    return replace(config, model=replace(config.model, name=str(merged)))

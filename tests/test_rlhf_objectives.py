@@ -122,3 +122,24 @@ def test_precomputed_reference_matches_the_live_one_and_is_saved(tmp_path) -> No
                if '"train"' in line] for run in (live, stored)]
     assert losses[0][0] == pytest.approx(0.6931471805599453, abs=1e-6)  # a LoRA policy starts equal to its reference
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_a_finished_run_directory_is_a_model_name(tmp_path) -> None:
+    rows = [{"prompt": f"Review film {i % 6}.", "response": "a fine film", "chosen": "great moving film",
+             "rejected": "dull " * (1 + i % 3)} for i in range(24)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = [f"data.name={data}", "train.max_steps=2", "train.batch_size=4", "train.progress=false",
+              "train.num_threads=1", f"output_dir={tmp_path / 'runs'}"]
+    sft = train(load_config(None, ["model.name=tests.tiny_models:tiny_llama", "model.task=causal-lm",
+                                   "method.name=lora", "run_name=sft", *common]), echo=lambda *_: None)
+    dpo = train(load_config(None, [f"model.name={sft['run_dir']}", "objective.name=dpo", "method.name=lora",
+                                   "run_name=dpo", *common]), echo=lambda *_: None)
+    merged = Path(sft["run_dir"]) / "merged"
+    assert (merged / "config.json").is_file() and dpo["task"] == "preference"
+    assert load_config(Path(dpo["run_dir"]) / "config.yaml").model.name == str(merged)
+    prompt = train(load_config(None, ["model.name=tests.tiny_models:tiny_llama", "model.task=causal-lm",
+                                      "method.name=prompt", "run_name=prompt", *common]), echo=lambda *_: None)
+    with pytest.raises(UserError, match=r"virtual tokens\) cannot be merged into weights"):
+        train(load_config(None, [f"model.name={prompt['run_dir']}", "objective.name=dpo", "method.name=lora",
+                                 "run_name=on-prompt", *common]), echo=lambda *_: None)
+    assert not (Path(prompt["run_dir"]) / "merged").exists()

@@ -80,7 +80,7 @@ def test_unusable_run_directories_are_one_line_errors(tmp_path, classification_r
         argv = [command[0], str(unfinished), *command[1:]] + ([str(tmp_path / "out")] if command == ["export"] else [])
         assert_refused(argv, "has no final weights yet", capsys, tmp_path)
     assert_refused(["generate", str(classification_run), "--prompt", "hi"],
-                   r"is a classification run; generation needs a run whose task generates text \(causal-lm, preference\)",
+                   r"is a classification run; generation needs a run whose task generates text \(causal-lm, preference, prompts\)",
                    capsys, tmp_path)
 
 

@@ -1,7 +1,7 @@
 """Score the RLHF walk-through's policies side by side on held-out prompts.
 
-    python examples/rlhf/score.py --reward runs/rlhf-reward --reference runs/rlhf-sft-merged \
-        --policy sft=runs/rlhf-sft-merged --policy ppo=runs/rlhf-ppo --policy dpo=runs/rlhf-dpo
+    python examples/rlhf/score.py --reward runs/rlhf-reward --reference runs/rlhf-sft/merged \
+        --policy sft=runs/rlhf-sft/merged --policy ppo=runs/rlhf-ppo --policy dpo=runs/rlhf-dpo
 
 Held-out prompts: one per movie of rotten-tomatoes-pairs' test split (the default split, by movie: no movie there
 was seen by the reward model, PPO or DPO). Each policy samples `--samples` reviews per prompt (temperature 1, the

@@ -217,7 +217,10 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 # ---- a finished run as a plain model: `deltatune export`, and a run directory as the next run's model.name ------
-EXPORT_TOLERANCE = 1e-4  # max |logit difference| allowed between the run's model and its plain reload
+# Max |logit difference| between the run's model and its plain reload, relative to the largest |logit|: folding a
+# LoRA update into 30 blocks of fp32 weights moves a 49k-vocabulary LM's logits (|z| ~ 30) by ~1e-4 through
+# rounding alone, while a method that does not fold (virtual tokens) moves them by whole units.
+EXPORT_TOLERANCE = 1e-5
 
 
 def write_plain_model(run: LoadedRun, out: Path) -> float:
@@ -235,7 +238,7 @@ def write_plain_model(run: LoadedRun, out: Path) -> float:
     shutil.rmtree(tmp, ignore_errors=True)
     _save_plain(run.model, run.task, run.processor, tmp)
     difference = float((_reload_logits(tmp, run.task, run.model, batch) - expected).abs().max())
-    if difference > EXPORT_TOLERANCE:
+    if difference > EXPORT_TOLERANCE * max(1.0, float(expected.abs().max())):
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"method {run.method.name!r} of {run.run_dir.path} cannot be folded into plain weights (the "
                         f"plain model's logits differ by {difference:.2e}); only runs of methods that change or merge "

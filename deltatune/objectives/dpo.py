@@ -18,6 +18,7 @@ accuracy (the share of pairs whose chosen implicit reward is the larger).
 from __future__ import annotations
 
 import gc
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -62,6 +63,7 @@ class DirectPreferenceOptimisation(Objective):
         super().__init__(config)
         check_dpo_options(self.config.beta, self.config.loss_type, self.config.label_smoothing)
         self.reference: nn.Module | None = None
+        self._evaluation_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def setup(self, models: dict[str, nn.Module], policy_model: nn.Module, method: Any) -> None:
         self.reference = models["reference"]
@@ -92,11 +94,22 @@ class DirectPreferenceOptimisation(Objective):
         with torch.no_grad():
             return split_halves(sequence_logprobs(lm_logits(self.reference, inputs), inputs["labels"]))
 
-    def _pair_losses(self, model: nn.Module, batch: dict[str, Any]):
+    def _cached_reference_logprobs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probabilities of an evaluation batch, computed once per distinct batch: the reference never
+        changes and validation batches recur at every evaluation, so later evaluations cost one forward, not two."""
+        key = hashlib.sha1(inputs["input_ids"].cpu().numpy().tobytes() + inputs["labels"].cpu().numpy().tobytes())
+        found = self._evaluation_cache.get(key.hexdigest())
+        if found is None:
+            found = self._evaluation_cache[key.hexdigest()] = self._reference_logprobs(inputs)
+        return found
+
+    def _pair_losses(self, model: nn.Module, batch: dict[str, Any], evaluating: bool = False):
         inputs = concatenated(batch)
         policy_chosen, policy_rejected = split_halves(sequence_logprobs(lm_logits(model, inputs), inputs["labels"]))
         if REFERENCE_KEY in batch:
             reference_chosen, reference_rejected = batch[REFERENCE_KEY][:, 0], batch[REFERENCE_KEY][:, 1]
+        elif evaluating:
+            reference_chosen, reference_rejected = self._cached_reference_logprobs(inputs)
         else:
             reference_chosen, reference_rejected = self._reference_logprobs(inputs)
         chosen_lengths, rejected_lengths = split_halves(response_lengths(inputs["labels"]))
@@ -111,7 +124,7 @@ class DirectPreferenceOptimisation(Objective):
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         losses, chosen, rejected = [], [], []
         for batch in batches:
-            output = self._pair_losses(model, batch)
+            output = self._pair_losses(model, batch, evaluating=True)
             losses.append(output.losses)
             chosen.append(output.chosen_rewards)
             rejected.append(output.rejected_rewards)

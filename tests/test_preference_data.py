@@ -230,6 +230,18 @@ def test_rotten_tomatoes_pairs_are_same_movie_fresh_rotten_pairs_split_by_movie(
     assert len(data.test) == pytest.approx(0.1 * 3226, abs=20)
 
 
+def test_rotten_tomatoes_reviews_put_the_same_movies_in_each_split_as_the_pairs() -> None:
+    pairs_cfg, reviews_cfg = DataConfig(name="rotten-tomatoes-pairs"), DataConfig(name="rotten-tomatoes-reviews")
+    pairs, reviews = load_rows(pairs_cfg), load_rows(reviews_cfg)
+    assert len(reviews) == 2 * len(pairs)
+    assert [(row["response"], row["label"]) for row in reviews[:2]] == [(pairs[0]["chosen"], 1), (pairs[0]["rejected"], 0)]
+    for seed in (0, 3):
+        split = SplitConfig(seed=seed)
+        movies = [groups_of(make_splits(len(rows), split, None, group_keys(cfg, rows)), group_keys(cfg, rows))
+                  for cfg, rows in ((pairs_cfg, pairs), (reviews_cfg, reviews))]
+        assert movies[0] == movies[1]
+
+
 # --- through the runner --------------------------------------------------------------------------------------------
 
 class ToyPairwise(Objective):

@@ -51,7 +51,7 @@ def pair_rows() -> list[dict]:
 
 
 def prompt_rows() -> list[dict]:
-    return [{"prompt": f"Tell me about film {i % 10}."} for i in range(60)]
+    return [{"prompt": f"Tell me about film {i}."} for i in range(60)]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tests.bad_input import write_jsonl
 METHODS = ["lora", "dora", "qlora", "adapter", "prompt", "prefix", "ptuning", "ptuning_v2", "freeze", "full"]
 OBJECTIVE_DATA = {
     "dpo": [{"prompt": f"Review film {i % 5}.", "chosen": "great film", "rejected": "dull dull film"} for i in range(20)],
-    "ppo": [{"prompt": f"Tell me about film {i % 5}."} for i in range(20)],
+    "ppo": [{"prompt": f"Tell me about film {i}."} for i in range(20)],
 }
 
 

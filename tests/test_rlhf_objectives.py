@@ -143,3 +143,20 @@ def test_a_finished_run_directory_is_a_model_name(tmp_path) -> None:
         train(load_config(None, [f"model.name={prompt['run_dir']}", "objective.name=dpo", "method.name=lora",
                                  "run_name=on-prompt", *common]), echo=lambda *_: None)
     assert not (Path(prompt["run_dir"]) / "merged").exists()
+
+
+def test_prompts_are_kept_once_per_split_and_left_padded(tmp_path) -> None:
+    from deltatune.config.schema import DataConfig, SplitConfig
+    from deltatune.tasks import build_datasets
+    from tests.tiny_models import tiny_chat_llama_processor
+
+    rows = [{"prompt": f"Review film {i % 4}.", "other": i} for i in range(40)]
+    data = build_datasets(DataConfig(name=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+                                     split=SplitConfig(validation=0.25, test=0.25)), "prompts",
+                          tiny_chat_llama_processor())
+    for examples in (data.train, data.validation, data.test):
+        texts = [example["prompt"] for example in examples]
+        assert len(texts) == len(set(texts)) and texts
+    batch = data.collate(data.train[:2] + [{"input_ids": [7], "prompt": "x"}])
+    assert batch["attention_mask"][-1].tolist()[-1] == 1 and batch["attention_mask"][-1].tolist()[0] == 0
+    assert batch["prompt"][-1] == "x"

@@ -1,7 +1,7 @@
 """Prompts alone, for objectives that generate their own responses and have them scored (PPO).
 
 Role: `prompt` (default column "prompt"); any other column is ignored, so a preference file's prompts (for example
-`rotten-tomatoes-pairs`) serve as they are. Each example is the prompt as the model sees it before answering (the
+`rotten-tomatoes-pairs`) serve as they are. A prompt that repeats within a split is kept once. Each example is the prompt as the model sees it before answering (the
 chat template's generation prompt, as causal-LM SFT builds it) plus the prompt text, which a reward model or reward
 function reads beside the response. Batches are left-padded for generation: {"input_ids", "attention_mask",
 "prompt": list of texts}. Trained with objective `ppo` by default; `deltatune generate` accepts its runs.
@@ -44,6 +44,8 @@ class Prompts(Task):
                 if not text.strip():
                     raise UserError(f"row {index} of {table.source} has an empty '{table.columns['prompt']}' "
                                     "(prompt); fill it in or drop that row")
-            parts[name] = encode_prompts(tokenizer, texts, data.max_length)
+            # A prompt repeated within a split (one per preference pair of the same movie) adds nothing a rollout
+            # would not sample anyway, and makes every evaluation generate for it again: keep each once.
+            parts[name] = encode_prompts(tokenizer, list(dict.fromkeys(texts)), data.max_length)
         return DatasetBundle(parts["train"], parts["validation"], parts["test"], PromptCollator(pad), None, None,
                              splits)

@@ -11,6 +11,8 @@ Every unusable directory (not a run, unfinished, unreadable config) is a one-lin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -286,8 +288,27 @@ def with_run_as_model(config: RunConfig) -> RunConfig:
     path = Path(config.model.name).expanduser()
     if not (path / "config.yaml").is_file():
         return config
-    merged = path / "merged"
+    saved = open_run(path)
+    merged, stamp = path / "merged", _weights_stamp(saved.run_dir)
+    if (merged / "config.json").is_file() and _read_stamp(merged) != stamp:
+        shutil.rmtree(merged)  # the run trained on (--resume) since its weights were folded in: fold them again
     if not (merged / "config.json").is_file():
-        saved = open_run(path)
         write_plain_model(saved.load(with_data=True), merged)
+        (merged / "deltatune-source.json").write_text(json.dumps({"weights_sha256": stamp}))
     return replace(config, model=replace(config.model, name=str(merged)))
+
+
+def _weights_stamp(run_dir: RunDir) -> str:
+    """sha256 of the run's final weights file: what `<run>/merged/` was folded from."""
+    digest = hashlib.sha256()
+    with open(run_dir.weights / "model.safetensors", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_stamp(merged: Path) -> str | None:
+    try:
+        return json.loads((merged / "deltatune-source.json").read_text())["weights_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -136,6 +136,7 @@ def test_a_finished_run_directory_is_a_model_name(tmp_path) -> None:
                                    "run_name=dpo", *common]), echo=lambda *_: None)
     merged = Path(sft["run_dir"]) / "merged"
     assert (merged / "config.json").is_file() and dpo["task"] == "preference"
+    assert json.loads((merged / "deltatune-source.json").read_text())["weights_sha256"]  # refolded if it changes
     assert load_config(Path(dpo["run_dir"]) / "config.yaml").model.name == str(merged)
     prompt = train(load_config(None, ["model.name=tests.tiny_models:tiny_llama", "model.task=causal-lm",
                                       "method.name=prompt", "run_name=prompt", *common]), echo=lambda *_: None)

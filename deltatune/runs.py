@@ -193,10 +193,11 @@ def load_scorer(source: str, key: str) -> nn.Module:
     if parsed.kind == sources.IMPORT:
         _, function = sources.import_target(source, key, "a function (prompts, responses) -> one score per response")
         return FunctionScorer(function, source)
-    architectures = sources.saved_architectures(parsed) or []
-    one_output = parsed.path is not None and parsed.alias is None and parsed.kind == sources.TRANSFORMERS and len(
-        sources.read_model_config(parsed.path).get("id2label") or {"0": 0, "1": 1}) == 1
-    if not one_output or not any(name.endswith("ForSequenceClassification") for name in architectures):
+    # Only a saved transformers directory can hold a trained head (an alias is a pretrained base); transformers
+    # writes one id2label entry per output, and a classifier saved without any has its default two.
+    trained_head = parsed.alias is None and parsed.kind == sources.TRANSFORMERS
+    if not trained_head or len(sources.read_model_config(parsed.path).get("id2label") or "01") != 1 or not any(
+            name.endswith("ForSequenceClassification") for name in sources.saved_architectures(parsed) or []):
         raise UserError(f"{key}={source} is not a trained reward model (no one-output sequence-classification "
                         f"head); {advice}")
     task = get_task("reward-pairs")()

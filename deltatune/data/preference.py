@@ -45,12 +45,7 @@ class PreferenceRows:
 
 def read_pairs(table: Table, indices: list[int]) -> PreferenceRows:
     """The rows' prompt/chosen/rejected texts and margins; a missing or empty cell is a UserError naming the row."""
-    texts = {role: table.texts(role, indices) for role in TEXT_ROLES}
-    for role, values in texts.items():
-        for index, value in zip(indices, values):
-            if not value.strip():
-                raise UserError(f"row {index} of {table.source} has an empty '{table.columns[role]}' ({role}); fill "
-                                "it in or drop that row")
+    texts = {role: table.filled_texts(role, indices) for role in TEXT_ROLES}
     margins = _margins(table, indices) if table.has("margin") else None
     return PreferenceRows(texts["prompt"], texts["chosen"], texts["rejected"], margins)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from deltatune.data.labels import EncodedLabels, encode_labels
 from deltatune.data.sources import column_values, text_values
+from deltatune.errors import UserError
 
 Row = dict[str, Any]
 
@@ -37,6 +38,15 @@ class Table:
     def texts(self, role: str, indices: list[int]) -> list[str]:
         """The role's values as strings (numbers become their string form)."""
         return text_values(self.rows, indices, self.columns[role], self.source)
+
+    def filled_texts(self, role: str, indices: list[int]) -> list[str]:
+        """`texts`, refusing an empty or blank cell with a one-line UserError naming the row and its column."""
+        texts = self.texts(role, indices)
+        for index, text in zip(indices, texts):
+            if not text.strip():
+                raise UserError(f"row {index} of {self.source} has an empty '{self.columns[role]}' ({role}); fill "
+                                "it in or drop that row")
+        return texts
 
     def labels(self, role: str, num_labels: int | None) -> EncodedLabels:
         """Class ids for every row of the table (not only a split's rows), so ids never depend on the split.

@@ -41,7 +41,7 @@ from deltatune.objectives.losses import (
     masked_whiten,
     token_logprobs,
 )
-from deltatune.objectives.rollouts import Rollout, generate_responses, policy_outputs
+from deltatune.objectives.rollouts import Rollout, generate_responses, kl_per_response, policy_outputs
 
 EVALUATION_SEED = 0  # validation samples with its own seed: the same draws at every evaluation, training untouched
 
@@ -102,7 +102,7 @@ class ProximalPolicyOptimisation(Objective):
             self.value_head.bias.zero_()
 
     def higher_is_better(self, metric: str) -> bool:
-        return metric == "reward" or super().higher_is_better(metric) and metric not in ("kl", "reward_std")
+        return metric not in ("kl", "reward_std") and super().higher_is_better(metric)
 
     # ---- the rollout phase ------------------------------------------------------------------------------------
     def steps_per_rollout(self, examples: int, batch_size: int, accumulation: int) -> int:
@@ -172,12 +172,9 @@ class ProximalPolicyOptimisation(Objective):
             for batch in batches:
                 rollout = generate_responses(model, batch, self.processor, self.config)
                 scores.append(self.reward(batch["prompt"], rollout.texts).float().cpu())
-                logprobs, mask = token_logprobs(policy_outputs(model, rollout.inputs)[0] / self.config.temperature,
-                                                rollout.inputs["labels"])
-                reference, _ = token_logprobs(policy_outputs(self.reference, rollout.inputs)[0]
-                                              / self.config.temperature, rollout.inputs["labels"])
-                kls.append(((logprobs - reference) * mask).sum(dim=1).cpu())
-                lengths.append(mask.sum(dim=1).float().cpu())
+                kl, length = kl_per_response(model, self.reference, rollout.inputs, self.config.temperature)
+                kls.append(kl.cpu())
+                lengths.append(length.cpu())
         if not scores:
             return {}
         score = torch.cat(scores)

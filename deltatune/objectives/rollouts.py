@@ -17,6 +17,7 @@ from torch import nn
 
 from deltatune.data.sft import IGNORE_INDEX
 from deltatune.data.text import pad_token_id
+from deltatune.objectives.losses import token_logprobs
 
 
 @dataclass
@@ -82,4 +83,14 @@ def policy_outputs(model: nn.Module, inputs: dict[str, torch.Tensor],
     return output.logits[:, -length:], states
 
 
-__all__ = ["Rollout", "end_of_sequence_id", "generate_responses", "policy_outputs", "response_mask", "right_padded"]
+def kl_per_response(model: nn.Module, reference: nn.Module, inputs: dict[str, torch.Tensor],
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL to `reference`, response length) per row of a rollout batch: Σ_t log π(y_t) − log π_ref(y_t) over the
+    response tokens (the k1 estimate, unbiased for KL(π ‖ π_ref) when the responses were sampled from π), with both
+    models' logits divided by the sampling temperature."""
+    policy, mask = token_logprobs(policy_outputs(model, inputs)[0] / temperature, inputs["labels"])
+    base, _ = token_logprobs(policy_outputs(reference, inputs)[0] / temperature, inputs["labels"])
+    return ((policy - base) * mask).sum(dim=1), mask.sum(dim=1).float()
+
+
+__all__ = ["Rollout", "end_of_sequence_id", "generate_responses", "kl_per_response", "policy_outputs", "response_mask", "right_padded"]

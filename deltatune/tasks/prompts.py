@@ -37,15 +37,10 @@ class Prompts(Task):
         if not callable(tokenizer):
             raise UserError("prompts need a tokenizer; pick a language model (e.g. smollm2-135m)")
         pad = pad_token_id(tokenizer)  # a tokenizer with neither pad nor eos is refused here, before any generation
-        parts = {}
-        for name in SPLIT_NAMES:
-            texts = table.texts("prompt", splits[name])
-            for index, text in zip(splits[name], texts):
-                if not text.strip():
-                    raise UserError(f"row {index} of {table.source} has an empty '{table.columns['prompt']}' "
-                                    "(prompt); fill it in or drop that row")
-            # A prompt repeated within a split (one per preference pair of the same movie) adds nothing a rollout
-            # would not sample anyway, and makes every evaluation generate for it again: keep each once.
-            parts[name] = encode_prompts(tokenizer, list(dict.fromkeys(texts)), data.max_length)
+        # A prompt repeated within a split (one per preference pair of the same movie) adds nothing a rollout
+        # would not sample anyway, and makes every evaluation generate for it again: keep each once.
+        parts = {name: encode_prompts(tokenizer, list(dict.fromkeys(table.filled_texts("prompt", splits[name]))),
+                                      data.max_length)
+                 for name in SPLIT_NAMES}
         return DatasetBundle(parts["train"], parts["validation"], parts["test"], PromptCollator(pad), None, None,
                              splits)

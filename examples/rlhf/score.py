@@ -26,8 +26,7 @@ from deltatune.data.sft import PromptCollator, encode_prompts
 from deltatune.data.splits import group_keys
 from deltatune.data.text import pad_token_id
 from deltatune.models import load_model, load_processor
-from deltatune.objectives.losses import token_logprobs
-from deltatune.objectives.rollouts import generate_responses, policy_outputs
+from deltatune.objectives.rollouts import generate_responses, kl_per_response
 from deltatune.runs import load_run, load_scorer
 from deltatune.tasks import get_task
 
@@ -66,12 +65,7 @@ def sample(model, tokenizer, prompts: list[str], options, batch_size: int, seed:
 
 @torch.no_grad()
 def kl_to_reference(model, reference, batches: list[dict]) -> torch.Tensor:
-    values = []
-    for inputs in batches:
-        policy, mask = token_logprobs(policy_outputs(model, inputs)[0], inputs["labels"])
-        base, _ = token_logprobs(policy_outputs(reference, inputs)[0], inputs["labels"])
-        values.append(((policy - base) * mask).sum(dim=1))
-    return torch.cat(values)
+    return torch.cat([kl_per_response(model, reference, inputs)[0] for inputs in batches])
 
 
 def main() -> None:

@@ -75,7 +75,8 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
     objective = build_objective(config.objective, task)
     get_method(config.method.name)  # an unknown method fails before any data is read
     processor = load_processor(config.model, task)
-    data = build_datasets(config.data, task, processor, splits, config.model.num_labels)
+    data = build_datasets(config.data, task, processor, splits, config.model.num_labels,
+                          objective.reads_unlabelled)
     num_labels = config.model.num_labels or data.num_labels
     if num_labels is not None and data.num_labels is not None and num_labels < data.num_labels:
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "

@@ -17,6 +17,7 @@ from torch import nn
 from deltatune.config.constraints import check_config
 from deltatune.config.loader import config_to_dict
 from deltatune.config.schema import RunConfig
+from deltatune.data.carry import CarryingCollator
 from deltatune.errors import UserError, closest_names
 from deltatune.objectives import get_objective
 from deltatune.preparation import (  # re-exported: the runner is where callers have always found them
@@ -78,8 +79,11 @@ def calibrate(prepared: Prepared) -> None:
 
 
 def _precompute(prepared: Prepared) -> dict[str, dict[str, torch.Tensor]]:
-    """What the objective computes once before training (DPO's precomputed reference), by split; {} for most."""
+    """What the objective computes once before training (DPO's precomputed reference), by split; {} for most.
+    Values it stores in the examples (`Objective.example_keys`) are carried into every batch from then on; what
+    it keeps for later runs (a teacher's logits) goes under `<output_dir>/cache/`."""
     data = prepared.data
+    prepared.objective.cache_dir = Path(prepared.config.output_dir) / "cache"
     splits = {name: examples for name, examples in
               (("train", data.train), ("validation", data.validation), ("test", data.test)) if examples}
 
@@ -88,6 +92,8 @@ def _precompute(prepared: Prepared) -> dict[str, dict[str, torch.Tensor]]:
 
     with torch.no_grad(), autocast_context(prepared.device, prepared.config.train.dtype):
         stored = prepared.objective.precompute(splits, batches_of, prepared.config.train.eval_batch_size)
+    if prepared.objective.example_keys:
+        data.collate = CarryingCollator(data.collate, prepared.objective.example_keys)
     return {split: {"values": tensor} for split, tensor in stored.items()} if stored else {}
 
 

@@ -172,8 +172,12 @@ def _role_model(config: RunConfig, objective: Objective, role: str, spec: ModelR
         return load_model(config.model, run_task(config), num_labels)
     if (Path(source) / "config.yaml").is_file():
         return load_run(source).model
-    task = run_task(config) if spec.task == "auto" else get_task(spec.task)()
-    return load_model(ModelConfig(name=source, task=task.name), task, spec.num_labels)
+    if spec.task == "auto":  # a model for the run's own task (a distillation teacher): as many outputs as saved
+        task, outputs = run_task(config), spec.num_labels if spec.num_labels is not None else num_labels
+        outputs = _saved_label_count(source) or outputs
+    else:
+        task, outputs = get_task(spec.task)(), spec.num_labels
+    return load_model(ModelConfig(name=source, task=task.name), task, outputs)
 
 
 def load_scorer(source: str, key: str) -> nn.Module:
@@ -203,6 +207,18 @@ def load_scorer(source: str, key: str) -> nn.Module:
     task = get_task("reward-pairs")()
     model = load_model(ModelConfig(name=source, task=task.name), task, 1)
     return TextScorer(model, load_processor(ModelConfig(name=source, task=task.name), task), 512)
+
+
+def _saved_label_count(source: str) -> int | None:
+    """How many labels a saved transformers classifier directory was trained for (its id2label), else None: a
+    teacher keeps its own head, so a label count other than the run's is caught instead of replaced by a new head."""
+    from deltatune.models import sources
+
+    parsed = sources.parse_source(source)
+    if parsed.alias is not None or parsed.kind != sources.TRANSFORMERS:
+        return None
+    names = sources.read_model_config(parsed.path).get("id2label")
+    return len(names) if names else None
 
 
 def _outputs(model: nn.Module) -> int | None:

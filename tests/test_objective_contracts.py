@@ -37,8 +37,8 @@ def longer_responses(prompts: list[str], responses: list[str]) -> list[float]:
     return [len(response) / 50 for response in responses]
 
 
-def classification_rows() -> list[dict]:
-    return [{"text": f"{'good fine' if i % 2 else 'bad awful'} film {i % 7}", "label": i % 2} for i in range(48)]
+def classification_rows(count: int = 48) -> list[dict]:
+    return [{"text": f"{'good fine' if i % 2 else 'bad awful'} film {i % 7}", "label": i % 2} for i in range(count)]
 
 
 def sft_rows() -> list[dict]:
@@ -73,6 +73,17 @@ CASES = {
         "method.name=lora", "train.lr=3e-3", f"objective.reward_model={__name__}:longer_responses",
         "objective.rollout_size=16", "objective.ppo_epochs=2", "objective.max_new_tokens=8", "objective.top_k=5"],
         steps=24),
+    # A one-block student of the tiny Llama, distilled from a two-block one; half the steps on-policy (the student
+    # samples its own responses), so resuming must also restore the sampling and the on-policy coin flips.
+    "distill": Case(TINY_LLAMA, sft_rows(), [
+        "model.task=causal-lm", "model.student.keep_layers=[1]", f"objective.teacher_model={TINY_LLAMA}",
+        "objective.lmbda=0.5", "objective.max_new_tokens=4", "objective.alpha_cos=0.5", "train.lr=3e-3"]),
+    # Half the labels hidden; 3 rounds of 8 micro-batches, the consistency term on: the crash at step 10 falls inside
+    # round 1, after its pseudo-labels were chosen, which the resumed run must restore rather than choose again.
+    "self_training": Case(TINY_BERT, classification_rows(96), [
+        "model.task=classification", "data.labelled_fraction=0.5", "objective.rounds=3",
+        "objective.batches_per_round=8", "objective.confidence=0.5", "objective.patience=3",
+        "objective.consistency_weight=0.5", "objective.p_cutoff=0.5", "train.lr=1e-2"], steps=24, crash_at=10),
 }
 OBJECTIVES = sorted(available_objectives())
 

@@ -59,9 +59,9 @@ def above(low: float) -> dict[str, Any]:
     return {"range": Range(low=low, low_open=True)}
 
 
-def between(low: float, high: float, high_open: bool = False) -> dict[str, Any]:
-    """Metadata: `low` <= value <= `high` (or < `high` with `high_open`)."""
-    return {"range": Range(low=low, high=high, high_open=high_open)}
+def between(low: float, high: float, high_open: bool = False, low_open: bool = False) -> dict[str, Any]:
+    """Metadata: `low` <= value <= `high` (strict at a bound marked open: a confidence in (0, 1])."""
+    return {"range": Range(low=low, high=high, low_open=low_open, high_open=high_open)}
 
 
 def one_of(*choices: str) -> dict[str, Any]:

@@ -40,6 +40,16 @@ class ObjectiveConfig:
 
 
 @dataclass
+class StudentConfig:
+    """A smaller student cut from the model's own blocks (`deltatune.models.student`): `keep_layers` lists the
+    block indices to keep (e.g. [0, 2, 4] of a 6-block encoder), `every_other` keeps blocks 0, 2, 4, ...; unset,
+    the model is used whole."""
+
+    keep_layers: list[int] | None = None
+    every_other: bool = False
+
+
+@dataclass
 class ModelConfig:
     """Which network to fine-tune and for what task.
 
@@ -53,6 +63,7 @@ class ModelConfig:
     family: str = "auto"  # architecture table entry; "auto" detects it from the model
     # Pickle-only weights (pytorch_model.bin) are refused unless this is true; they are then read weights-only.
     allow_pickle: bool = False
+    student: StudentConfig = field(default_factory=StudentConfig)  # keep a subset of the blocks (distillation)
 
 
 @dataclass
@@ -95,6 +106,10 @@ class DataConfig:
     max_examples: int | None = field(default=None, metadata=at_least(1))
     packing: bool = False  # causal-LM SFT: pack several examples per sequence, attention kept within each
     image_size: int | None = field(default=None, metadata=at_least(1))  # None: the model's own input size
+    # Rows without labels for self-training or distillation (deltatune.data.unlabelled): a second source with the
+    # same input columns, and, for experiments, the share of train-split labels to keep (the rest are hidden).
+    unlabelled: str | None = None
+    labelled_fraction: float | None = field(default=None, metadata=between(0, 1, low_open=True))
     split: SplitConfig = field(default_factory=SplitConfig)
 
 

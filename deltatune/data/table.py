@@ -12,6 +12,7 @@ from typing import Any
 
 from deltatune.data.labels import EncodedLabels, encode_labels
 from deltatune.data.sources import column_values, text_values
+from deltatune.data.unlabelled import UNLABELLED, blank_rows
 from deltatune.errors import UserError
 
 Row = dict[str, Any]
@@ -53,5 +54,11 @@ class Table:
 
         `num_labels` (the model's head size, if fixed) widens the allowed integer range beyond the distinct labels.
         """
-        values = self.values(role, list(range(len(self.rows))))
-        return encode_labels(values, self.columns[role], num_labels, self.label_names)
+        column = self.columns[role]
+        blank = set(blank_rows(self.rows, column))  # unlabelled rows (only reach here when the objective reads them)
+        filled = [index for index in range(len(self.rows)) if index not in blank]
+        encoded = encode_labels(self.values(role, filled), column, num_labels, self.label_names)
+        ids = [UNLABELLED] * len(self.rows)
+        for index, label in zip(filled, encoded.ids):
+            ids[index] = label
+        return EncodedLabels(ids, encoded.num_labels, encoded.label_names)

@@ -30,7 +30,9 @@ from deltatune.errors import UserError
 from deltatune.models import sources
 from deltatune.models.image import ImageClassifier, ImageProcessor
 from deltatune.models.sources import ALIASES, Alias, Source
+from deltatune.models.families import family_of
 from deltatune.models.head import ModelHead
+from deltatune.models.student import keep_blocks, wants_student
 
 # huggingface_hub reads this once when first imported: set it before anything imports transformers, so no load
 # ever waits on the network (the machines this runs on are offline). setdefault keeps a user's explicit choice.
@@ -80,6 +82,8 @@ def load_model(cfg: ModelConfig, task: ModelHead, num_labels: int | None) -> nn.
     source = sources.parse_source(cfg.name)
     sources.check_supported(source, task.name, task.auto_class)
     model = task.adapt_model(_load(source, task, num_labels, cfg.allow_pickle))
+    if wants_student(cfg.student):
+        model = keep_blocks(model, family_of(model, cfg.family), cfg.student)
     # Training runs in fp32 on CPU; the trainer moves and casts the model later if it wants another device/dtype.
     return model.to(device="cpu").float()
 

@@ -20,9 +20,11 @@ def available_objectives() -> dict[str, type[Objective]]:
 
 
 class HasDefaultObjective(Protocol):
-    """What "auto" asks: a task (`deltatune.tasks.Task`) names the objective it trains with by default."""
+    """What an objective asks of a task (`deltatune.tasks.Task`): the objective "auto" picks, and whether its
+    examples carry class labels (`Objective.attach_task`)."""
 
     default_objective: str
+    labelled: bool
 
 
 def get_objective(name: str, task: HasDefaultObjective) -> type[Objective]:
@@ -39,7 +41,9 @@ def build_objective(config: ObjectiveConfig, task: HasDefaultObjective) -> Objec
     """The objective `config` names (or the task's default for "auto"), built with its options; "auto" parses into
     the bare ObjectiveConfig, so the resolved objective then gets its own config class's defaults."""
     objective = get_objective(config.name, task)
-    return objective(config if isinstance(config, objective.config_class) else objective.config_class())
+    built = objective(config if isinstance(config, objective.config_class) else objective.config_class())
+    built.attach_task(task)
+    return built
 
 
 __all__ = ["BASE", "OBJECTIVES", "POLICY_DISABLED", "ModelRole", "Objective", "available_objectives",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -74,6 +75,12 @@ class Objective:
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
     models: ClassVar[dict[str, ModelRole]] = {}
     processor: Any = None  # the policy's tokenizer (or image processor), set by the runner before `setup`
+    # Where the objective may keep what it computes once and later runs can reuse (a distillation teacher's
+    # logits): `<output_dir>/cache/`, set by the runner before `precompute`; None outside training.
+    cache_dir: Path | None = None
+    # Keys of per-example values `precompute` stores in the examples, which batches must then carry (the runner
+    # wraps the collator so each becomes a tensor with one row per example).
+    example_keys: ClassVar[tuple[str, ...]] = ()
     main_metric: ClassVar[str] = "loss"
     greater_is_better: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]] = ("loss",)  # the keys `evaluate` reports; train.metric must be one of them
@@ -89,6 +96,11 @@ class Objective:
 
     def __init__(self, config: ObjectiveConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
+
+    def attach_task(self, task: Any) -> None:
+        """Called once when the objective is built, with the run's task (`deltatune.tasks.Task`): an objective that
+        serves several kinds of task (distillation of a classifier or of a language model) picks its headline
+        metric here from what the task is (`task.labelled`), never from its name. Nothing by default."""
 
     def setup(self, models: dict[str, nn.Module], policy_model: nn.Module, method: Any) -> None:
         """Called once before training (and before evaluating a saved run) with the declared extra models by role,
@@ -113,6 +125,29 @@ class Objective:
     def steps_per_rollout(self, examples: int, batch_size: int, accumulation: int) -> int:
         """How many optimizer steps `rollout` returns for a draw of `examples` examples (to plan the schedule)."""
         raise NotImplementedError(f"{type(self).__name__} sets rollout_size, so it must implement steps_per_rollout()")
+
+    # ---- an objective that chooses each epoch's training examples (self-training's rounds) ----------------------
+    # Before the first step of every epoch the loop calls `start_epoch` (never again when a run resumes inside the
+    # epoch: what it decided must be in `state_tensors`), then draws the epoch's micro-batches from the examples
+    # `epoch_examples` names, cycling them to fill `epoch_plan`'s count.
+    reads_unlabelled: ClassVar[bool] = False  # training rows without a label (label -100) are welcome
+    early_stopping_patience: int | None = None  # used when train.early_stopping_patience is unset
+
+    def epoch_plan(self, num_examples: int, batch_size: int) -> tuple[int, float] | None:
+        """(micro-batches per epoch, epochs) when the objective sets them rather than one pass over the training
+        examples per epoch for train.epochs epochs; None by default."""
+        return None
+
+    def start_epoch(self, epoch: int, model: nn.Module, batches_of: Callable[[list[int]], dict[str, Any]],
+                    batch_size: int) -> dict[str, float]:
+        """Called before the epoch's first step, the model in eval mode without gradients; `batches_of(indices)`
+        collates training examples onto the run's device. Returns statistics to log as a "round" record ({}:
+        nothing to log). Nothing by default."""
+        return {}
+
+    def epoch_examples(self) -> list[int] | None:
+        """Indices of the training examples the current epoch draws from; None: all of them."""
+        return None
 
     # ---- trainable state of the objective's own (a PPO value head) ---------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

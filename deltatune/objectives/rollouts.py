@@ -72,6 +72,20 @@ def right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]], pad: int) -> dic
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def prompts_of(batch: dict[str, torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
+    """The prompts of a right-padded SFT batch (each row's tokens before its first labelled one), left-padded for
+    `generate_responses`: what on-policy distillation has the student answer itself."""
+    labelled = batch["labels"] != IGNORE_INDEX
+    starts = torch.where(labelled.any(dim=1), labelled.float().argmax(dim=1), batch["attention_mask"].sum(dim=1))
+    longest = int(starts.max())
+    input_ids = torch.full((len(starts), longest), pad, dtype=torch.long, device=batch["input_ids"].device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, start in enumerate(starts.tolist()):
+        input_ids[row, longest - start:] = batch["input_ids"][row, :start]
+        attention_mask[row, longest - start:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def policy_outputs(model: nn.Module, inputs: dict[str, torch.Tensor],
                    hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, last hidden state or None) for a right-padded rollout batch, one position per input token (a method
@@ -93,4 +107,5 @@ def kl_per_response(model: nn.Module, reference: nn.Module, inputs: dict[str, to
     return ((policy - base) * mask).sum(dim=1), mask.sum(dim=1).float()
 
 
-__all__ = ["Rollout", "end_of_sequence_id", "generate_responses", "kl_per_response", "policy_outputs", "response_mask", "right_padded"]
+__all__ = ["Rollout", "end_of_sequence_id", "generate_responses", "kl_per_response", "policy_outputs", "prompts_of",
+           "response_mask", "right_padded"]

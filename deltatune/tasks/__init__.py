@@ -16,6 +16,7 @@ from deltatune.config.schema import DataConfig, ModelConfig
 from deltatune.data import ALIASES, DatasetBundle
 from deltatune.data.sources import load_rows, require_columns
 from deltatune.data.splits import check_splits, group_keys, make_splits
+from deltatune.data import unlabelled
 from deltatune.data.table import Table
 from deltatune.errors import UserError
 from deltatune.models import sources
@@ -91,6 +92,7 @@ def build_datasets(
     processor: Any,
     splits: dict[str, list[int]] | None = None,
     num_labels: int | None = None,
+    reads_unlabelled: bool = False,
 ) -> DatasetBundle:
     """Load, split and let `task` (a registered task's name or object) encode the dataset.
 
@@ -98,22 +100,37 @@ def build_datasets(
     it. `splits` given (e.g. from a saved run) are used exactly; otherwise they come from `make_splits` with
     cfg.split and cfg.max_examples, grouped by `group_keys` (data.split.group, or the alias's group column).
     `num_labels` (the model's head size, if fixed) widens the allowed integer label range beyond the number of
-    distinct labels.
+    distinct labels. Rows without a label (an empty cell, `data.unlabelled`, `data.labelled_fraction`; see
+    `deltatune.data.unlabelled`) train as unlabelled rows when `reads_unlabelled`, and are refused otherwise.
     """
     definition = as_task(task)
     columns = definition.columns(cfg)  # a wrong role fails before any data is read
     rows = load_rows(cfg)
+    labelled_rows = len(rows)
+    label_column = columns.get("label") if definition.labelled else None
+    if cfg.unlabelled is not None and label_column is not None:
+        rows = rows + unlabelled.source_rows(cfg, label_column)
     chosen = check_splits(splits, len(rows)) if splits is not None else make_splits(
-        len(rows), cfg.split, cfg.max_examples, group_keys(cfg, rows))
+        labelled_rows, cfg.split, cfg.max_examples, group_keys(cfg, rows[:labelled_rows]))
+    if splits is None and len(rows) > labelled_rows:
+        chosen["train"] = chosen["train"] + list(range(labelled_rows, len(rows)))
     if not chosen["train"]:
         raise UserError(f"the train split of '{cfg.name}' is empty; add rows or lower data.split fractions")
     source = f"dataset '{cfg.name}'"
     require_columns(rows, {f"columns.{role}": column for role, column in columns.items()}, source)
+    blank = unlabelled.blank_rows(rows, label_column) if label_column is not None else []
+    if blank and not reads_unlabelled:
+        unlabelled.refuse_unlabelled(blank, label_column, source)
+    chosen = unlabelled.train_takes_unlabelled(chosen, blank) if blank else chosen
     path = Path(cfg.name)
     alias = ALIASES.get(cfg.name)
     table = Table(rows, columns, source, label_names=alias.label_names if alias else None,
                   base_dir=path.parent if alias is None and path.is_file() else None)
-    return definition.encode(table, chosen, cfg, processor, num_labels)
+    bundle = definition.encode(table, chosen, cfg, processor, num_labels)
+    if cfg.labelled_fraction is not None:
+        unlabelled.check_can_hide(cfg.labelled_fraction, reads_unlabelled, label_column)
+        unlabelled.hide_labels(bundle.train, cfg.labelled_fraction, cfg.split.seed, bundle.label_names)
+    return bundle
 
 
 __all__ = [

@@ -57,10 +57,20 @@ class Batches:
             return None
         return [example_length(example) or 0 for example in self.examples]
 
-    def epoch(self, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-        """Index lists of the shuffled micro-batches of one epoch; identical for the same (seed, epoch)."""
+    def epoch(self, batch_size: int, seed: int, epoch: int, pool: list[int] | None = None,
+              count: int | None = None) -> list[list[int]]:
+        """Index lists of the shuffled micro-batches of one epoch; identical for the same (seed, epoch). `pool`
+        limits the epoch to those examples; `count` fixes how many micro-batches it has (the pool is cycled, each
+        pass in a new order, and cut to `count` full batches)."""
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        if pool is None:
+            order = torch.randperm(len(self.examples), generator=generator).tolist()
+        else:
+            order = [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
+        if count is not None and order:
+            while len(order) < count * batch_size:
+                order += [order[i] for i in torch.randperm(len(pool or self.examples), generator=generator).tolist()]
+            order = order[: count * batch_size]
         lengths = self.lengths() if self.group_by_length else None
         if lengths is not None:
             window = 50 * batch_size
@@ -172,12 +182,15 @@ def plan_steps(num_examples: int, cfg: TrainConfig, objective: Objective | None 
     """(optimizer steps per epoch, total optimizer steps). An objective with a rollout phase draws `rollout_size`
     examples at a time and says how many steps each draw becomes."""
     size = objective.rollout_size if objective is not None else None
+    plan = objective.epoch_plan(num_examples, cfg.batch_size) if objective is not None else None
     if size:
         draws = [size] * (num_examples // size) + ([num_examples % size] if num_examples % size else [])
         per_epoch = sum(objective.steps_per_rollout(n, cfg.batch_size, cfg.gradient_accumulation) for n in draws)
     else:
-        per_epoch = math.ceil(math.ceil(num_examples / cfg.batch_size) / cfg.gradient_accumulation)
-    total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * per_epoch)
+        batches = plan[0] if plan else math.ceil(num_examples / cfg.batch_size)
+        per_epoch = math.ceil(batches / cfg.gradient_accumulation)
+    epochs = plan[1] if plan else cfg.epochs
+    total = cfg.max_steps if cfg.max_steps is not None else math.ceil(epochs * per_epoch)
     return per_epoch, max(1, total)
 
 
@@ -230,6 +243,8 @@ class TrainingLoop:
         progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.cfg.progress,
                         desc="train", unit="step", dynamic_ncols=True)
         while self.state.step < self.total_steps and not self.state.stopped_early:
+            if self.state.group == 0 and self.pending is None:
+                self._start_epoch()
             groups = self.epoch_groups()
             while self.state.group < len(groups) and self.state.step < self.total_steps:
                 if self.pending is None:
@@ -255,9 +270,28 @@ class TrainingLoop:
         if self.objective.rollout_size:
             draws = self.train_data.epoch(self.objective.rollout_size, self.cfg.seed, self.state.epoch)
             return [[draw] for draw in draws]
-        micro = self.train_data.epoch(self.cfg.batch_size, self.cfg.seed, self.state.epoch)
+        plan = self.objective.epoch_plan(len(self.train_data.examples), self.cfg.batch_size)
+        micro = self.train_data.epoch(self.cfg.batch_size, self.cfg.seed, self.state.epoch,
+                                      self.objective.epoch_examples(), plan[0] if plan else None)
         k = self.cfg.gradient_accumulation
         return [micro[i : i + k] for i in range(0, len(micro), k)]
+
+    def _start_epoch(self) -> None:
+        """Let the objective prepare the epoch (self-training labels its unlabelled rows); what it reports is
+        logged as a "round" record under the step it precedes, so a resume that repeats it logs it once."""
+        data = self.train_data
+
+        def batches_of(indices: list[int]) -> dict[str, Any]:
+            return to_device(data.collate([data.examples[i] for i in indices]), self.device)
+
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast_context(self.device, self.cfg.dtype):
+                stats = self.objective.start_epoch(self.state.epoch, self.model, batches_of, self.cfg.eval_batch_size)
+        finally:
+            set_train_mode(self.model)
+        if stats:
+            self.run_dir.log({"type": "round", "step": self.state.step + 1, "epoch": self.state.epoch, **stats})
 
     def _updates(self, group: list[list[int]]) -> list[list[Any]]:
         """The optimizer steps a draw becomes: itself, or the steps the objective's rollout on it returns (generated
@@ -356,6 +390,6 @@ class TrainingLoop:
                                  {"step": self.state.step, self.metric: value})
         else:
             self.state.evaluations_without_improvement += 1
-            patience = self.cfg.early_stopping_patience
+            patience = self.cfg.early_stopping_patience or self.objective.early_stopping_patience
             if patience is not None and self.state.evaluations_without_improvement >= patience:
                 self.state.stopped_early = True

@@ -1,7 +1,10 @@
-"""The losses of preference learning and RLHF as small pure tensor functions (issue 12), shared by the objectives.
+"""The losses of preference learning, RLHF and distillation as small pure tensor functions (issues 12 and 13),
+shared by the objectives.
 
 - `logprobs`: per-token and summed response log-probabilities and entropies from a causal LM's logits;
 - `preference`: the Bradley–Terry reward-model loss and its metrics; DPO (sigmoid, IPO, hinge, robust);
+- `distillation`: soft labels with a temperature, token-level forward/reverse KL and generalised JSD, hidden-state
+  cosine alignment (issue 13);
 - `ppo`: GAE, whitening, the KL leash (k1/k3 and the adaptive coefficient), PPO's clipped policy and value losses.
 
 None of them reads a model, a batch layout or a config; each docstring gives the paper and the formula. They are
@@ -10,6 +13,12 @@ checked against hand-computed values and against TRL's own implementation in tes
 
 from __future__ import annotations
 
+from deltatune.objectives.losses.distillation import (
+    DIVERGENCES,
+    classification_distillation_loss,
+    hidden_cosine_loss,
+    token_divergence,
+)
 from deltatune.objectives.losses.logprobs import (
     IGNORE_INDEX,
     entropy_from_logits,
@@ -43,6 +52,7 @@ from deltatune.objectives.losses.preference import (
 )
 
 __all__ = [
+    "DIVERGENCES", "classification_distillation_loss", "hidden_cosine_loss", "token_divergence",
     "DPO_LOSSES", "DPOOutput", "IGNORE_INDEX", "KLController", "KL_ESTIMATORS", "PolicyLossOutput", "ValueLossOutput",
     "adaptive_kl_coefficient", "check_dpo_options", "clipped_policy_loss", "clipped_value_loss", "dpo_loss",
     "entropy_from_logits", "gae_advantages_and_returns", "kl_penalised_rewards", "kl_per_token", "masked_mean",

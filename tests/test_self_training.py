@@ -141,3 +141,27 @@ def test_rounds_are_logged(tmp_path) -> None:
     assert [record["round"] for record in rounds] == [0, 1]
     assert rounds[1]["pseudo_labels"] > 0 and 0 <= rounds[1]["pseudo_accuracy"] <= 1
     assert len([record for record in records if record["type"] == "eval"]) == 2  # one evaluation per round
+
+
+def test_restart_starts_every_round_from_the_weights_training_started_with() -> None:
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.norm = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.norm(x))
+
+    model = Classifier()
+    start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    objective = SelfTraining(SelfTrainingConfig(name="self_training", restart=True, confidence=0.5))
+    objective.setup({}, model, None)
+    objective.precompute({"train": [{"labels": 0}, {"labels": UNLABELLED}]}, None, 2)
+    with torch.no_grad():  # what round 0's training did: new weights and BatchNorm statistics
+        model.linear.weight.add_(1.0)
+        model.norm.running_mean.add_(3.0)
+    model.eval()
+    stats = objective.start_epoch(1, model, lambda rows: {"x": torch.ones(len(rows), 3), "labels": torch.zeros(1)}, 2)
+    assert stats["pseudo_labels"] == 1  # pseudo-labels come from the trained model, before the restart
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, start[name]), name

@@ -10,7 +10,9 @@ Training runs in rounds, one epoch of the loop each (`rounds`, `batches_per_roun
 
                      L = Σ_i w_i · CE(y_i, f(x_i)) / Σ_i w_i,   w = 1 on labels, `pseudo_weight` on pseudo-labels.
 
-The validation score is measured after every round and training stops when it stops improving (`patience`
+With `restart`, every round starts again from the weights training started with (Noisy Student, Xie et al.
+2020; Curriculum Labeling, Cascante-Bonilla et al. 2021), so a round's own mistakes are not learned twice; the
+optimizer's moments carry over. The validation score is measured after every round and training stops when it stops improving (`patience`
 rounds); the best round's weights are the run's. Each round is logged (`"type": "round"` in metrics.jsonl): how
 many pseudo-labels were kept, their share, and, when the true labels are known (data.labelled_fraction hides
 them), how many are right.
@@ -54,6 +56,9 @@ class SelfTrainingConfig(ObjectiveConfig):
     per_class: int | None = field(default=None, metadata=at_least(1))  # at most this many pseudo-labels a class
     pseudo_weight: float = field(default=1.0, metadata=above(0))
     patience: int = field(default=1, metadata=at_least(1))  # rounds without validation improvement before stopping
+    # Start every round from the weights training started with (Noisy Student, Curriculum Labeling): the errors a
+    # round's model learned from its own pseudo-labels are not carried into the next round's.
+    restart: bool = False
     consistency_weight: float = field(default=0.0, metadata=at_least(0))
     p_cutoff: float = field(default=0.95, metadata=between(0, 1, low_open=True))
 
@@ -75,6 +80,13 @@ class SelfTraining(Objective):
         self.labelled: list[int] = []
         self.unlabelled: list[int] = []
         self.hidden: torch.Tensor | None = None  # true labels of unlabelled rows where an experiment hid them
+        self.start: dict[str, torch.Tensor] = {}  # the weights every round starts from, with `restart`
+
+    def setup(self, models: dict[str, nn.Module], policy_model: nn.Module, method: Any) -> None:
+        """With `restart`, keep the weights training starts from (the trainable parameters and the buffers); setup
+        runs before a resumed run loads its checkpoint, so this is the start in every case."""
+        if self.config.restart:
+            self.start = {name: tensor.detach().clone() for name, tensor in _restartable(policy_model)}
 
     def attach_task(self, task: Any) -> None:
         if not task.labelled:
@@ -107,6 +119,7 @@ class SelfTraining(Objective):
             return self.labelled + self.unlabelled
         return self.labelled + [i for i in self.unlabelled if int(self.pseudo_labels[i]) != UNLABELLED]
 
+    @torch.no_grad()
     def start_epoch(self, epoch: int, model: nn.Module, batches_of: Callable[[list[int]], dict[str, Any]],
                     batch_size: int) -> dict[str, float]:
         """Round `epoch`: from round 1 on, pseudo-label the unlabelled rows with the model as it is now."""
@@ -127,6 +140,9 @@ class SelfTraining(Objective):
         self.pseudo_labels[unlabelled[kept]] = prediction[kept]
         stats.update(pseudo_labels=int(kept.sum()), pseudo_share=float(kept.float().mean()),
                      mean_confidence=float(confidence.mean()))
+        if self.config.restart:
+            for name, tensor in _restartable(model):
+                tensor.copy_(self.start[name])
         if self.hidden is not None and bool(kept.any()):
             known = kept & (self.hidden != UNLABELLED)
             stats["pseudo_accuracy"] = float((prediction[known] == self.hidden[known]).float().mean())
@@ -176,6 +192,12 @@ class SelfTraining(Objective):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if "pseudo_labels" in tensors:
             self.pseudo_labels = tensors["pseudo_labels"].clone()
+
+
+def _restartable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What training changes: the trainable parameters, and the buffers (BatchNorm statistics)."""
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad] + list(
+        model.named_buffers())
 
 
 def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

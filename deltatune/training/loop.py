@@ -1,5 +1,6 @@
-"""The one training loop. Every objective (classification, SFT, and later reward, DPO, PPO, distillation) runs
-through `fit`; the loop knows nothing about tasks or methods beyond the `Objective` and `Method` interfaces.
+"""The one training loop. Every objective (classification, SFT, reward, DPO, PPO, distillation, self-training) runs
+through `TrainingLoop`; the loop knows nothing about tasks or methods beyond the `Objective` and `Method` interfaces.
+How examples become each epoch's micro-batches is `deltatune.training.batches.Batches`.
 
 Determinism: the order of examples in epoch e is a permutation seeded by (seed, e), and checkpoints carry the
 RNG state, so a run killed and resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
@@ -13,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from deltatune.config.schema import TrainConfig
 from deltatune.errors import UserError
 from deltatune.methods.base import Method
 from deltatune.objectives.base import Objective
+from deltatune.training.batches import Batches, example_length  # noqa: F401 - re-exported: callers import them here
 from deltatune.training.checkpoint import prune_checkpoints, step_checkpoints, write_checkpoint_dir
 from deltatune.training.run_dir import RunDir
 from deltatune.training.schedule import make_scheduler
@@ -36,58 +37,6 @@ from deltatune.training.state import (
 )
 
 KEEP_CHECKPOINTS = 2
-
-
-@dataclass
-class Batches:
-    """Examples plus how to turn a list of them into tensors.
-
-    With `group_by_length`, each window of 50 shuffled micro-batches is re-cut so similar lengths share a batch,
-    then the batches are shuffled again: padding (wasted compute) shrinks by about half on short-text data while
-    every example is still seen once per epoch in a seeded random order.
-    """
-
-    examples: list[dict]
-    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
-    group_by_length: bool = True
-
-    def lengths(self) -> list[int] | None:
-        """Each example's padded length in tokens (None when the examples hold no token ids, e.g. images)."""
-        if not self.examples or example_length(self.examples[0]) is None:
-            return None
-        return [example_length(example) or 0 for example in self.examples]
-
-    def epoch(self, batch_size: int, seed: int, epoch: int, pool: list[int] | None = None,
-              count: int | None = None) -> list[list[int]]:
-        """Index lists of the shuffled micro-batches of one epoch; identical for the same (seed, epoch). `pool`
-        limits the epoch to those examples; `count` fixes how many micro-batches it has (the pool is cycled, each
-        pass in a new order, and cut to `count` full batches)."""
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        if pool is None:
-            order = torch.randperm(len(self.examples), generator=generator).tolist()
-        else:
-            order = [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
-        if count is not None and order:
-            while len(order) < count * batch_size:
-                order += [order[i] for i in torch.randperm(len(pool or self.examples), generator=generator).tolist()]
-            order = order[: count * batch_size]
-        lengths = self.lengths() if self.group_by_length else None
-        if lengths is not None:
-            window = 50 * batch_size
-            order = [i for start in range(0, len(order), window)
-                     for i in sorted(order[start : start + window], key=lengths.__getitem__)]
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        if lengths is not None:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return batches
-
-    def in_order(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """All examples once, batched by length (metrics are sums over examples, so order does not matter)."""
-        lengths = self.lengths()
-        order = sorted(range(len(self.examples)), key=lengths.__getitem__) if lengths else range(len(self.examples))
-        order = list(order)
-        for start in range(0, len(order), batch_size):
-            yield self.collate([self.examples[i] for i in order[start : start + batch_size]])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,17 +76,6 @@ def set_train_mode(model: nn.Module) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not any(p.requires_grad for p in module.parameters()):
                 module.eval()
-
-
-def example_length(example: Any) -> int | None:
-    """Tokens an example pads to: its `input_ids` length, or for a nested example (a preference pair's chosen and
-    rejected halves, padded to one common length in a batch) the longest of its parts; None without token ids."""
-    if not isinstance(example, dict):
-        return None
-    if "input_ids" in example:
-        return len(example["input_ids"])
-    parts = [length for value in example.values() if (length := example_length(value)) is not None]
-    return max(parts) if parts else None
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

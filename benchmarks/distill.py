@@ -52,7 +52,7 @@ SETTINGS = {
         ("1e-4", "2e-4"), "accuracy", True),
     "smollm2": Setting(
         "examples/smollm2_chatterbot_lora.yaml", [],
-        ["method.name=full", "model.student.every_other=true", "train.epochs=2", "train.eval_every=57"],
+        ["method={name: full}", "model.student.every_other=true", "train.epochs=2", "train.eval_every=57"],
         ["objective.temperature=1", "objective.alpha=0.5", "objective.divergence=forward_kl"],
         ("1e-4", "3e-4"), "perplexity", False),
 }

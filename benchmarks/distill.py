@@ -21,15 +21,13 @@ ROUNDS), real (non-padding) tokens.
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-RUNS = Path("runs")
+from _runs import RUNS, read_json, run_training
+
 ROUNDS = 5
 
 
@@ -58,19 +56,6 @@ SETTINGS = {
 }
 
 
-def run_training(config: str, run_name: str, overrides: list[str]) -> None:
-    """One run through the CLI, in runs/RUN_NAME; a finished run (summary.json) is kept, not redone."""
-    if (RUNS / run_name / "summary.json").exists():
-        print(f"runs/{run_name} is finished; skipping")
-        return
-    command = [sys.executable, "-m", "deltatune.cli", "train", config, f"run_name={run_name}", "train.progress=false",
-               *overrides]
-    print(" ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    print(f"runs/{run_name}: {time.perf_counter() - started:.0f} s", flush=True)
-
-
 def kinds(key: str) -> dict[str, list[str]]:
     setting = SETTINGS[key]
     alone = "objective.name=classification" if setting.metric == "accuracy" else "objective.name=sft"
@@ -90,7 +75,7 @@ def train(key: str) -> None:
 def chosen(key: str, kind: str) -> tuple[str, dict]:
     """The run of `kind` with the best validation metric, and its summary."""
     setting = SETTINGS[key]
-    found = {lr: _read(RUNS / f"distill-{key}-{kind}-lr{lr}" / "summary.json") for lr in setting.learning_rates}
+    found = {lr: read_json(RUNS / f"distill-{key}-{kind}-lr{lr}" / "summary.json") for lr in setting.learning_rates}
     found = {lr: summary for lr, summary in found.items() if summary}
     if not found:
         sys.exit(f"no finished {kind} student of {key} under {RUNS}; run `python {__file__} train {key}` first")
@@ -122,7 +107,7 @@ def inference_speed(run_names: list[str]) -> dict[str, float]:
 
 def table(key: str) -> None:
     setting = SETTINGS[key]
-    teacher = _read(RUNS / f"distill-{key}-teacher" / "summary.json")
+    teacher = read_json(RUNS / f"distill-{key}-teacher" / "summary.json")
     rows = [("teacher", f"distill-{key}-teacher", teacher)]
     for kind, label in (("alone", "student without a teacher"), ("distilled", "student, distilled")):
         name, summary = chosen(key, kind)
@@ -138,14 +123,10 @@ def table(key: str) -> None:
               f"{100 * after['test'][metric] / reference:.1f}% |")
     for kind in kinds(key):
         for lr in setting.learning_rates:
-            summary = _read(RUNS / f"distill-{key}-{kind}-lr{lr}" / "summary.json")
+            summary = read_json(RUNS / f"distill-{key}-{kind}-lr{lr}" / "summary.json")
             if summary:
                 print(f"{kind} lr {lr}: validation {summary['after']['validation'][metric]:.4f}, test "
                       f"{summary['after']['test'][metric]:.4f}, {summary['train_seconds']:.0f} s of training")
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def main(argv: list[str]) -> None:

@@ -23,10 +23,10 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
+
+from _runs import RUNS, read_json, run_training
 
 BASE = "examples/minilm_rotten_tomatoes.yaml"
-RUNS = Path("runs")
 STEPS, WARMUP = 60, 3
 # Fusion reads only the bottleneck weights of its adapters, so the RT adapter it fuses is the Pfeiffer variant
 # without trained layer norms.
@@ -80,17 +80,6 @@ TOPIC = ["method.name=adapter", "method.placement=pfeiffer", "data.name=chatterb
          "data.columns.label=category", "train.epochs=3", "train.lr=1e-3", "train.eval_every=null"]
 
 
-def run_training(run_name: str, overrides: list[str], extra: list[str]) -> None:
-    """One run through the CLI, in runs/RUN_NAME; a finished run (summary.json) is kept, not redone."""
-    if (RUNS / run_name / "summary.json").exists():
-        print(f"runs/{run_name} is finished; skipping")
-        return
-    command = [sys.executable, "-m", "deltatune.cli", "train", BASE, f"run_name={run_name}", "train.progress=false",
-               *overrides, *extra]
-    print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
-
-
 def with_settings(overrides: list[str], changes: list[str]) -> list[str]:
     """`overrides` with the keys that `changes` sets replaced by `changes`."""
     changed = {change.split("=")[0] for change in changes}
@@ -102,8 +91,8 @@ def sweep(key: str, extra: list[str]) -> None:
     test accuracy; the recipe is the best on validation, the test column only reports."""
     results = {}
     for variant, changes in SWEEPS[key].items():
-        run_training(f"sweep-{key}-{variant}", with_settings(METHODS[key][1], changes), extra)
-        results[variant] = _read(RUNS / f"sweep-{key}-{variant}" / "summary.json")["after"]
+        run_training(BASE, f"sweep-{key}-{variant}", [*with_settings(METHODS[key][1], changes), *extra])
+        results[variant] = read_json(RUNS / f"sweep-{key}-{variant}" / "summary.json")["after"]
     best = max(results, key=lambda variant: results[variant]["validation"]["accuracy"])
     print(f"| {key} variant | settings | validation accuracy | test accuracy |\n|---|---|---|---|")
     for variant, after in results.items():
@@ -146,7 +135,7 @@ def measure_speed(key: str) -> dict[str, float]:
 
 
 def speed(keys: list[str]) -> None:
-    results = _read(RUNS / "table-speed.json")
+    results = read_json(RUNS / "table-speed.json")
     for key in keys:
         output = subprocess.run([sys.executable, __file__, "_measure", key], check=True, capture_output=True,
                                 text=True).stdout
@@ -156,12 +145,12 @@ def speed(keys: list[str]) -> None:
 
 
 def table() -> None:
-    speeds = _read(RUNS / "table-speed.json")
-    full = _read(RUNS / "table-full" / "summary.json")
+    speeds = read_json(RUNS / "table-speed.json")
+    full = read_json(RUNS / "table-full" / "summary.json")
     print("| method | test accuracy | vs full | trainable parameters | epochs, lr | train tok/s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for key, (label, overrides) in METHODS.items():
-        summary = _read(RUNS / f"table-{key}" / "summary.json")
+        summary = read_json(RUNS / f"table-{key}" / "summary.json")
         if not summary:
             continue
         accuracy = summary["after"]["test"]["accuracy"]
@@ -171,10 +160,6 @@ def table() -> None:
         print(f"| {label} | {accuracy:.4f} | {versus} | {summary['trainable_parameters']:,} | "
               f"{settings.get('train.epochs')}, {settings.get('train.lr')} | "
               f"{measured.get('tokens_per_second', float('nan')):.0f} | {measured.get('peak_rss_mib', float('nan')):.0f} |")
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def main(argv: list[str]) -> None:
@@ -188,8 +173,8 @@ def main(argv: list[str]) -> None:
     if action == "train":
         for key in keys:
             if key == "fusion":
-                run_training("table-topic-adapter", TOPIC, extra)
-            run_training(f"table-{key}", METHODS[key][1] if key in METHODS else TOPIC, extra)
+                run_training(BASE, "table-topic-adapter", [*TOPIC, *extra])
+            run_training(BASE, f"table-{key}", [*(METHODS[key][1] if key in METHODS else TOPIC), *extra])
     elif action == "sweep":
         for key in keys:
             sweep(key, extra)

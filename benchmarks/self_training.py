@@ -20,12 +20,10 @@ first round shorter than that hands the next one pseudo-labels from an undertrai
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-RUNS = Path("runs")
+from _runs import RUNS, read_json, run_training
+
 ROUNDS = 3
 SETTINGS = {
     # (config, batches per round, overrides shared by both arms, overrides of the self-training arm)
@@ -42,19 +40,6 @@ ARMS = {
 }
 
 
-def run_training(config: str, run_name: str, overrides: list[str]) -> None:
-    """One run through the CLI, in runs/RUN_NAME; a finished run (summary.json) is kept, not redone."""
-    if (RUNS / run_name / "summary.json").exists():
-        print(f"runs/{run_name} is finished; skipping")
-        return
-    command = [sys.executable, "-m", "deltatune.cli", "train", config, f"run_name={run_name}", "train.progress=false",
-               "objective.name=self_training", "data.labelled_fraction=0.05", *overrides]
-    print(" ".join(command), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    print(f"runs/{run_name}: {time.perf_counter() - started:.0f} s", flush=True)
-
-
 def train(keys: list[str]) -> None:
     for key in keys:
         config, batches, shared, own = SETTINGS[key]
@@ -64,7 +49,7 @@ def train(keys: list[str]) -> None:
 
 def table() -> None:
     for key in SETTINGS:
-        results = {arm: _read(RUNS / f"semi-{key}-{arm}" / "summary.json") for arm in ARMS}
+        results = {arm: read_json(RUNS / f"semi-{key}-{arm}" / "summary.json") for arm in ARMS}
         if not all(results.values()):
             continue
         print(f"\n{key}: test accuracy, labels alone {results['alone']['after']['test']['accuracy']:.4f}, "
@@ -82,10 +67,6 @@ def table() -> None:
                 print(f"| {arm} | {record['round']} | {record['labelled']} | {record.get('pseudo_labels', 0)} | "
                       f"{'-' if accuracy is None else format(accuracy, '.4f')} | "
                       f"{', '.join(f'{a:.4f}' for a in after[:1 if arm != 'alone' else None])} |")
-
-
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def main(argv: list[str]) -> None:

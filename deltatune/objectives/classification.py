@@ -19,6 +19,21 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels)
 
 
+@torch.no_grad()
+def classification_metrics(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of `model` over every example of `batches`; {} when there are none."""
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in batches:
+        logits = model_logits(model, batch)
+        labels = batch["labels"]
+        total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += len(labels)
+    if count == 0:
+        return {}
+    return {"loss": total_loss / count, "accuracy": correct / count}
+
+
 @dataclass
 class ClassificationConfig(ObjectiveConfig):
     """No options yet; the section still parses strictly (only `name`)."""
@@ -40,16 +55,7 @@ class Classification(Objective):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        total_loss, correct, count = 0.0, 0, 0
-        for batch in batches:
-            logits = model_logits(model, batch)
-            labels = batch["labels"]
-            total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            count += len(labels)
-        if count == 0:
-            return {}
-        return {"loss": total_loss / count, "accuracy": correct / count}
+        return classification_metrics(model, batches)
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return super().tokens_in(batch) if "input_ids" in batch else len(batch["labels"])

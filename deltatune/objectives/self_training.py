@@ -42,7 +42,7 @@ from deltatune.data.unlabelled import HIDDEN_LABEL, UNLABELLED, check_some_unlab
 from deltatune.errors import UserError
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
-from deltatune.objectives.classification import Classification
+from deltatune.objectives.classification import classification_metrics
 
 EXAMPLE_INDEX = "example_index"  # a training example's position, to look its pseudo-label up
 
@@ -164,7 +164,7 @@ class SelfTraining(Objective):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         labels = batch["labels"]
         unlabelled = labels == UNLABELLED
-        pseudo = self.pseudo_labels.to(labels.device)[batch[EXAMPLE_INDEX]]
+        pseudo = self.pseudo_labels[batch[EXAMPLE_INDEX].cpu()].to(labels.device)  # the batch's rows only
         targets = torch.where(unlabelled, pseudo, labels)
         weights = torch.where(unlabelled, self.config.pseudo_weight, 1.0) * (targets != UNLABELLED)
         logits = model_logits(model, _model_inputs(batch)).float()
@@ -184,7 +184,7 @@ class SelfTraining(Objective):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Cross-entropy and accuracy on the split's labelled rows (validation and test keep all their labels)."""
-        return Classification.evaluate(self, model, (_labelled_only(batch) for batch in batches))
+        return classification_metrics(model, (_labelled_only(batch) for batch in batches))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"pseudo_labels": self.pseudo_labels.clone()}

@@ -44,7 +44,8 @@ def train(keys: list[str]) -> None:
     for key in keys:
         config, batches, shared, own = SETTINGS[key]
         for arm, overrides in ARMS.items():
-            run_training(config, f"semi-{key}-{arm}", [*shared, *overrides(batches), *(own if arm != "alone" else [])])
+            run_training(config, f"semi-{key}-{arm}", ["objective.name=self_training", "data.labelled_fraction=0.05",
+                                                        *shared, *overrides(batches), *(own if arm != "alone" else [])])
 
 
 def table() -> None:

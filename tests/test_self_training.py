@@ -91,6 +91,24 @@ def test_the_loss_weights_pseudo_labels_and_skips_rows_without_any() -> None:
     assert float(loss) == pytest.approx((labelled + 0.5 * pseudo) / 1.5, abs=1e-6)
 
 
+def test_input_noise_reaches_the_training_pass_and_not_the_weak_view() -> None:
+    torch.manual_seed(0)
+    train = [{"labels": 1}, {"labels": UNLABELLED}]
+    objective = objective_with(train, input_noise=0.5, consistency_weight=1.0, p_cutoff=0.5)
+    seen: list[torch.Tensor] = []
+
+    def model(**inputs):
+        seen.append(inputs["attention_mask"].clone())
+        return torch.zeros(len(inputs["attention_mask"]), 2, requires_grad=True)
+
+    batch = {"attention_mask": torch.ones(2, 50, dtype=torch.long), "labels": torch.tensor([1, UNLABELLED]),
+             EXAMPLE_INDEX: torch.tensor([0, 1])}
+    objective.loss(model, batch)
+    training_pass, weak_view = seen
+    assert 30 < int(training_pass.sum()) < 70  # about half of the 96 inner tokens hidden
+    assert bool((weak_view == 1).all()) and bool((batch["attention_mask"] == 1).all())
+
+
 RUN = TINY_BERT + "train: {max_steps: 2, batch_size: 4, progress: false, num_threads: 1}\n"
 
 CASES = {

@@ -18,7 +18,7 @@ from deltatune.training.checkpoint import (
     write_checkpoint_dir,
 )
 from deltatune.training.loop import Batches, make_optimizer, plan_steps, set_train_mode
-from deltatune.training.schedule import lr_multiplier
+from deltatune.training.schedule import lr_multiplier, make_scheduler
 from deltatune.training.state import LoopState, load_training_checkpoint, save_training_checkpoint
 
 
@@ -115,6 +115,19 @@ def test_schedule_warms_up_then_decays(schedule):
         assert values[-1] < 0.05
     if schedule == "cosine":
         assert lr_multiplier(55, 100, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_schedule_with_warm_restarts_starts_again_every_cycle():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, total_steps=30, warmup_steps=2, schedule="cosine", cycle_steps=10)
+    rates = []
+    for _ in range(30):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    once = [lr_multiplier(step, 10, 2, "cosine") for step in range(10)]
+    assert rates == pytest.approx(once * 3)  # three identical cycles, each warming up and decaying to ~0
+    assert rates[9] < 0.05 and rates[10] == rates[0]
 
 
 def test_epoch_order_is_seeded_and_covers_every_example():

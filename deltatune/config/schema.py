@@ -133,6 +133,9 @@ class TrainConfig:
     schedule: str = field(default="linear", metadata=one_of(*SCHEDULES))
     warmup_ratio: float = field(default=0.06, metadata=between(0, 1))
     warmup_steps: int | None = field(default=None, metadata=at_least(0))  # overrides warmup_ratio when set
+    # Run the warm-up and decay once per epoch instead of once per run (SGDR's warm restarts, Loshchilov & Hutter
+    # 2017); with self-training an epoch is a round, so every round ends on a small learning rate.
+    restart_schedule_each_epoch: bool = False
     max_grad_norm: float | None = field(default=1.0, metadata=above(0))  # None: no clipping
     eval_every: int | None = field(default=None, metadata=at_least(1))  # optimizer steps; None: once per epoch
     save_every: int | None = field(default=None, metadata=at_least(1))  # optimizer steps; None: at each evaluation

@@ -17,9 +17,12 @@ rounds); the best round's weights are the run's. Each round is logged (`"type": 
 many pseudo-labels were kept, their share, and, when the true labels are known (data.labelled_fraction hides
 them), how many are right.
 
+Input noise (`input_noise` > 0, Noisy Student): the training pass sees corrupted inputs (tokens hidden from
+attention, or a Cutout square on images) while the pseudo-labels come from clean ones.
+
 Consistency (`consistency_weight` > 0): every unlabelled row of a batch is also predicted by one more forward
-pass with dropout (no gradient); where that pass is confident (max p ≥ `p_cutoff`) its argmax supervises the
-training pass, which sees another dropout mask: FixMatch's weak/strong views with dropout as the noise,
+pass on the clean input with dropout (no gradient); where that pass is confident (max p ≥ `p_cutoff`) its argmax
+supervises the training pass, which sees another dropout mask and the input noise: FixMatch's weak/strong views,
 
     L_u = Σ_{i unlabelled} 1[max p̃_i ≥ τ] · CE(argmax p̃_i, f(x_i)) / #unlabelled.
 
@@ -38,6 +41,7 @@ from torch import nn
 
 from deltatune.config.constraints import above, at_least, between
 from deltatune.config.schema import ObjectiveConfig
+from deltatune.data.noise import noised_inputs
 from deltatune.data.unlabelled import HIDDEN_LABEL, UNLABELLED, check_some_unlabelled
 from deltatune.errors import UserError
 from deltatune.objectives import register_objective
@@ -59,6 +63,9 @@ class SelfTrainingConfig(ObjectiveConfig):
     # Start every round from the weights training started with (Noisy Student, Curriculum Labeling): the errors a
     # round's model learned from its own pseudo-labels are not carried into the next round's.
     restart: bool = False
+    # Noisy Student's input noise on the training pass: this fraction of each text's tokens hidden from attention, or
+    # a Cutout square of this fraction of each image (deltatune/data/noise.py); pseudo-labels come from clean inputs.
+    input_noise: float = field(default=0.0, metadata=between(0, 1, high_open=True))
     consistency_weight: float = field(default=0.0, metadata=at_least(0))
     p_cutoff: float = field(default=0.95, metadata=between(0, 1, low_open=True))
 
@@ -167,7 +174,7 @@ class SelfTraining(Objective):
         pseudo = self.pseudo_labels[batch[EXAMPLE_INDEX].cpu()].to(labels.device)  # the batch's rows only
         targets = torch.where(unlabelled, pseudo, labels)
         weights = torch.where(unlabelled, self.config.pseudo_weight, 1.0) * (targets != UNLABELLED)
-        logits = model_logits(model, _model_inputs(batch)).float()
+        logits = model_logits(model, _model_inputs(noised_inputs(batch, self.config.input_noise))).float()
         per_row = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
         loss = (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
         stats = {"pseudo_rows": float((unlabelled & (pseudo != UNLABELLED)).float().sum())}

@@ -149,9 +149,10 @@ class TrainingLoop:
         self.model, self.method, self.objective, self.cfg = model, method, objective, cfg
         self.train_data, self.validation_data, self.run_dir, self.device = train_data, validation_data, run_dir, device
         self.steps_per_epoch, self.total_steps = plan_steps(len(train_data.examples), cfg, objective)
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
+        cycle = self.steps_per_epoch if cfg.restart_schedule_each_epoch else self.total_steps
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * cycle)
         self.optimizer = make_optimizer(model, cfg, objective.trainable_parameters())
-        self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup, cfg.schedule)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup, cfg.schedule, cycle)
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         self.save_every = cfg.save_every or self.eval_every
         self.metric = objective.main_metric if cfg.metric == "auto" else cfg.metric

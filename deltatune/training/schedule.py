@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warm-up to the peak, then linear decay, cosine decay, or constant."""
+"""Learning-rate schedules: linear warm-up to the peak, then linear decay, cosine decay, or constant; once per run
+or, with warm restarts (SGDR, Loshchilov & Hutter 2017), once every `cycle_steps` steps."""
 
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str,
+    cycle_steps: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule over `total_steps`; with `cycle_steps`, warm-up and decay start again every `cycle_steps` steps
+    (`warmup_steps` is then per cycle)."""
     if schedule not in SCHEDULES:
         raise UserError(f"unknown train.schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    cycle = cycle_steps or total_steps
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, schedule)
+        optimizer, lambda step: lr_multiplier(step % cycle, cycle, warmup_steps, schedule)
     )

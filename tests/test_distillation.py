@@ -147,3 +147,25 @@ def test_a_classifier_distils_from_soft_labels_and_rows_without_labels_count_in_
     write_plain_model(load_run(tmp_path / "runs" / "student", with_data=True), tmp_path / "exported")
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
     assert exported.config.num_hidden_layers == 1 and len(exported.bert.encoder.layer) == 1
+
+
+def test_input_noise_reaches_the_student_and_not_the_teacher() -> None:
+    from deltatune.objectives.distill import DistillConfig, Distillation
+
+    torch.manual_seed(0)
+    objective = Distillation(DistillConfig(name="distill", input_noise=0.5))
+    objective.labelled = True
+    seen: dict[str, torch.Tensor] = {}
+
+    def recorder(role: str, logits: torch.Tensor):
+        def model(**inputs):
+            seen[role] = inputs["attention_mask"].clone()
+            return logits
+        return model
+
+    objective.teacher = recorder("teacher", torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    batch = {"input_ids": torch.ones(2, 50, dtype=torch.long), "attention_mask": torch.ones(2, 50, dtype=torch.long),
+             "labels": torch.tensor([0, 1])}
+    objective.loss(recorder("student", torch.zeros(2, 2, requires_grad=True)), batch)
+    assert bool((seen["teacher"] == 1).all())
+    assert 30 < int(seen["student"].sum()) < 70  # about half of the 96 inner tokens hidden

@@ -31,6 +31,7 @@ from torch import nn
 
 from deltatune.config.constraints import above, at_least, between, one_of
 from deltatune.config.schema import ObjectiveConfig
+from deltatune.data.noise import noised_inputs
 from deltatune.errors import UserError
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import ModelRole, Objective
@@ -61,6 +62,10 @@ class DistillConfig(ObjectiveConfig):
     alpha_cos: float = field(default=0.0, metadata=at_least(0))  # weight of the hidden-state cosine term
     layer_map: dict[int, int] | None = None  # student block -> teacher block for the cosine term
     precompute_teacher: bool = False
+    # Noisy Student: the student sees corrupted inputs (tokens hidden from attention, or a Cutout square on images,
+    # deltatune/data/noise.py) and learns the teacher's outputs on the clean ones, a transfer set drawn afresh
+    # every step
+    input_noise: float = field(default=0.0, metadata=between(0, 1, high_open=True))
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,8 @@ class Distillation(Objective):
         if self.config.lmbda and float(torch.rand(())) < self.config.lmbda:
             batch = self._on_policy(model, batch)
         hidden = bool(self.layer_pairs)
-        student, student_states = self._outputs(model, batch, hidden)
-        teacher, teacher_states = self._teacher_outputs(batch, hidden)
+        student, student_states = self._outputs(model, noised_inputs(batch, self.config.input_noise), hidden)
+        teacher, teacher_states = self._teacher_outputs(batch, hidden)  # on the clean inputs
         config, labels = self.config, batch["labels"]
         compared_student, compared_teacher = self._compared(student, teacher, labels)
         if self.labelled:

@@ -77,3 +77,60 @@ def test_intruder_dimensions_count_new_directions_only() -> None:
     tuned = base + 100.0 * torch.outer(direction, torch.nn.functional.normalize(torch.randn(64), dim=0))
     assert intruder_dimensions(base, tuned, top_k=1) == 1
     assert intruder_dimensions(base, tuned, top_k=1, threshold=0.01) == 0
+
+
+def lora_tuned_tiny_llama():
+    """A tiny Llama and a LoRA-tuned copy whose B factors are non-zero, folded into plain weights; with the
+    layers' (B, A, scaling) to recompute ΔW by hand."""
+    import copy
+
+    import deltatune
+    from deltatune.adapters import adapter_layers, merge_and_unload
+    from tests.tiny_models import tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    tuned = copy.deepcopy(base)
+    deltatune.apply(tuned, {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    expected = {}
+    for name, layer in adapter_layers(tuned).items():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+        expected[f"{name}.weight"] = layer._delta("default").detach().clone()
+    merge_and_unload(tuned)
+    return base, tuned, expected
+
+
+def test_weight_changes_of_a_lora_run_are_the_merged_update() -> None:
+    from deltatune.insight.changes import change_by_block, weight_changes
+    from deltatune.models.families import family_of
+
+    base, tuned, expected = lora_tuned_tiny_llama()
+    changes = {change.name: change for change in weight_changes(base, tuned, family_of(base))}
+    assert set(changes) == set(expected)  # only the q projections moved
+    base_state = base.state_dict()
+    for name, delta in expected.items():
+        assert changes[name].relative == pytest.approx(
+            float(torch.linalg.norm(delta) / torch.linalg.norm(base_state[name])), rel=1e-5)
+        assert changes[name].effective_rank <= 4.0 + 1e-6  # a rank-4 update
+        assert changes[name].block is not None
+    per_block = change_by_block(list(changes.values()), 2)
+    assert all(value > 0 for value in per_block)
+
+
+def test_block_features_pool_real_tokens_and_a_model_is_identical_to_itself() -> None:
+    from deltatune.insight.representations import block_features, relative_feature_change
+    from tests.tiny_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    mask = torch.ones(6, 7, dtype=torch.long)
+    mask[:3, 5:] = 0
+    batches = [{"input_ids": torch.randint(0, 100, (6, 7)), "attention_mask": mask}]
+    features = block_features(model, batches)
+    assert len(features) == model.config.num_hidden_layers and features[0].shape == (6, model.config.hidden_size)
+    padded = batches[0]["input_ids"].clone()
+    padded[:3, 5:] = 0  # what sits under the padding does not reach the pooled features of the real tokens
+    again = block_features(model, [{"input_ids": padded, "attention_mask": mask}])
+    assert torch.allclose(features[0], again[0], atol=1e-5)
+    assert relative_feature_change(features, features) == [0.0] * len(features)
+    assert linear_cka(features[-1], features[-1]) == pytest.approx(1.0)

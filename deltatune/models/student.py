@@ -25,14 +25,16 @@ def wants_student(config: StudentConfig) -> bool:
     return config.keep_layers is not None or config.every_other
 
 
-def block_list(model: nn.Module, family: Family) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The `nn.ModuleList` holding the model's repeated blocks: (its parent, its attribute name, the list)."""
+def block_list(model: nn.Module, family: Family,
+               needed_by: str = "model.student") -> tuple[nn.Module, str, nn.ModuleList]:
+    """The `nn.ModuleList` holding the model's repeated blocks: (its parent, its attribute name, the list);
+    `needed_by` names the feature asking, for the error when there is none."""
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and family.block_index(f"{name}.0.weight") == 0:
             parent_name, _, attribute = name.rpartition(".")
             return model.get_submodule(parent_name) if parent_name else model, attribute, module
-    raise UserError(f"model.student needs a model whose blocks sit in one list, and none matches the "
-                    f"{family.name!r} family's block pattern {family.block!r}; use another model or drop model.student")
+    raise UserError(f"{needed_by} needs a model whose blocks sit in one list, and none matches the "
+                    f"{family.name!r} family's block pattern {family.block!r}; use another model or drop {needed_by}")
 
 
 def kept_indices(config: StudentConfig, num_blocks: int) -> list[int]:

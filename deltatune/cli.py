@@ -1,4 +1,4 @@
-"""`deltatune` command line: train, eval, generate, export, methods, objectives, tasks.
+"""`deltatune` command line: train, eval, generate, export, report, methods, objectives, tasks.
 
 Bad input exits with code 2 and one line on stderr saying what to fix; `--debug` shows the traceback instead.
 That holds for the command line itself too: a usage mistake is one `error:` line, not argparse's usage block.
@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 from deltatune.errors import UserError
@@ -39,6 +40,20 @@ def _export(args: argparse.Namespace) -> None:
     from deltatune.export import export_run
 
     export_run(args.run_dir, args.out_dir)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from deltatune.insight.report import ReportOptions, write_report
+
+    columns = {}
+    for pair in args.forgetting_columns:
+        role, _, column = pair.partition("=")
+        if not role or not column:
+            raise UserError(f"--forgetting-columns takes role=column pairs, e.g. text=prompt label=category; got "
+                            f"{pair!r}")
+        columns[role] = column
+    write_report(args.run_dir, ReportOptions(base=args.base, forgetting=args.forgetting, forgetting_columns=columns,
+                                             out=args.out, examples=args.examples))
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -124,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="a new directory for the merged model")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     export.set_defaults(handler=_export)
+
+    report = commands.add_parser("report", help="what a finished run changed: weights, representations (CKA), "
+                                 "errors or samples, forgetting; an offline HTML page in RUN_DIR/report")
+    report.add_argument("run_dir", help="the run directory printed by `deltatune train`")
+    report.add_argument("--base", help="compare with this model instead of the run's own pretrained model")
+    report.add_argument("--forgetting", metavar="DATA", help="a second dataset (alias or file) the run did not "
+                        "train on: the base and tuned models are measured on it")
+    report.add_argument("--forgetting-columns", nargs="+", default=[], metavar="ROLE=COLUMN",
+                        help="the second dataset's columns for the task's roles, e.g. text=prompt label=category")
+    report.add_argument("--out", type=Path, help="where to write the report (default RUN_DIR/report)")
+    report.add_argument("--examples", type=int, default=256, help="validation rows whose representations are "
+                        "compared (default 256)")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    report.set_defaults(handler=_report)
 
     methods = commands.add_parser("methods", help="list the registered fine-tuning methods")
     methods.set_defaults(handler=_methods)

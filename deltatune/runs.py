@@ -81,15 +81,16 @@ class SavedRun:
         run.model.eval()
         return run
 
-    def load_base_model(self) -> nn.Module:
+    def load_base_model(self, num_labels: int | None = None) -> nn.Module:
         """The pretrained model as the run started from it, without the method: what `--compare` shows as "base".
 
-        Seeded like training, so a freshly initialised head starts as it did there.
+        Seeded like training, so a freshly initialised head starts as it did there; `num_labels` sizes that head
+        when the config leaves it to the data.
         """
         from deltatune.models import load_model
 
         start_seeded(self.config)
-        model = load_model(self.config.model, self.task, self.config.model.num_labels)
+        model = load_model(self.config.model, self.task, self.config.model.num_labels or num_labels)
         return model.to(resolve_device(self.config.train.device)).eval()
 
     def _load_without_data(self) -> LoadedRun:

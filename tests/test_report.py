@@ -1,0 +1,90 @@
+"""`deltatune report` (issue 14) on tiny runs of several methods: every section is there, its numbers hold what they
+say (a LoRA run's weight change is its merged update, a method that adds modules reports hidden-state change
+instead), forgetting is measured on a second dataset, and bad input is one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deltatune.cli import main
+from tests.bad_input import assert_refused, write_jsonl
+from tests.test_runs import sft_run, tiny_run
+
+
+def reviews(root: Path) -> Path:
+    return write_jsonl(root / "reviews.jsonl", [{"text": f"{'good' if i % 2 else 'bad'} film {i}", "label": i % 2}
+                                                for i in range(60)])
+
+
+def classifier_run(root: Path, method: list[str]) -> Path:
+    return tiny_run(root, method[0].partition("=")[2], ["model.name=tests.tiny_models:tiny_bert",
+                                                         "model.task=classification", f"data.name={reviews(root)}",
+                                                         *method, "train.max_steps=3", "train.lr=1e-2"])
+
+
+def report_of(run_dir: Path, *extra: str) -> dict:
+    assert main(["report", str(run_dir), *extra]) == 0
+    out = run_dir / "report"
+    page = (out / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "http://" not in page and "https://" not in page  # offline
+    return {"page": page, "numbers": json.loads((out / "report.json").read_text()), "files": sorted(
+        path.name for path in out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def lora_classifier(tmp_path_factory) -> Path:
+    return classifier_run(tmp_path_factory.mktemp("lora"), ["method.name=lora", "method.r=4"])
+
+
+def test_the_report_of_a_lora_classifier_has_every_section(lora_classifier, tmp_path) -> None:
+    topics = write_jsonl(tmp_path / "topics.jsonl", [{"text": f"{['sport', 'food', 'music'][i % 3]} talk {i}",
+                                                      "label": i % 3} for i in range(90)])
+    report = report_of(lora_classifier, "--forgetting", str(topics))
+    for title in ("Training curves", "Weight change", "Hidden-state change", "linear CKA", "Confusion matrix",
+                  "Forgetting"):
+        assert title in report["page"]
+    assert {"curves.png", "weight_change.png", "cka.png", "confusion.png", "forgetting.png", "index.html",
+            "report.json"} <= set(report["files"])
+    numbers = report["numbers"]
+    assert numbers["weights"]["changed_tensors"] > 0
+    lora_tensors = [t for t in numbers["weights"]["tensors"] if t["block"] is not None]
+    assert lora_tensors and all(t["effective_rank"] <= 4.0 + 1e-6 for t in lora_tensors)  # rank-4 updates
+    assert all(-1e-9 <= value <= 1 + 1e-9 for value in numbers["cka"]["diagonal"])
+    assert sum(map(sum, numbers["confusion"]["matrix"])) == numbers["cka"]["examples"]
+    forgetting = numbers["forgetting"]
+    assert set(forgetting["base"]) == {"probe_accuracy", "probe_loss"}
+    assert 0.0 <= forgetting["tuned"]["probe_accuracy"] <= 1.0
+
+
+def test_a_method_that_adds_modules_reports_hidden_state_change_instead(tmp_path) -> None:
+    run = classifier_run(tmp_path, ["method.name=adapter", "method.placement=houlsby"])
+    numbers = report_of(run)["numbers"]
+    assert numbers["weights"] is None
+    assert len(numbers["hidden_change"]) == 2 and max(numbers["hidden_change"]) > 0
+
+
+def test_a_prompt_tuned_classifier_lines_its_positions_up_with_the_input(tmp_path) -> None:
+    run = classifier_run(tmp_path, ["method.name=prompt", "method.num_virtual_tokens=3"])
+    numbers = report_of(run)["numbers"]
+    assert numbers["weights"] is None and len(numbers["cka"]["diagonal"]) == 2
+
+
+def test_a_language_model_report_has_before_and_after_samples_and_perplexity_forgetting(tmp_path) -> None:
+    run = sft_run(tmp_path, "lora", ["method.r=4", "train.max_steps=2"])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": f"name a colour {i}", "response": "blue"}
+                                                   for i in range(30)])
+    numbers = report_of(run, "--forgetting", str(other))["numbers"]
+    assert numbers["samples"] and {"prompt", "base", "tuned"} <= set(numbers["samples"][0])
+    assert {"loss", "perplexity"} <= set(numbers["forgetting"]["base"])
+
+
+def test_report_mistakes(lora_classifier, tmp_path, capsys) -> None:
+    assert_refused(["report", str(tmp_path)], r"not a run directory", capsys, tmp_path)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 20)
+    assert_refused(["report", str(lora_classifier), "--forgetting", str(pairs)],
+                   r"--forgetting .*cannot be read as classification rows", capsys, lora_classifier)
+    assert_refused(["report", str(lora_classifier), "--forgetting-columns", "text"],
+                   r"--forgetting-columns takes role=column", capsys, lora_classifier)

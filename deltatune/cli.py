@@ -1,4 +1,4 @@
-"""`deltatune` command line: train, eval, generate, export, report, methods, objectives, tasks.
+"""`deltatune` command line: train, eval, generate, export, report, tune, methods, objectives, tasks.
 
 Bad input exits with code 2 and one line on stderr saying what to fix; `--debug` shows the traceback instead.
 That holds for the command line itself too: a usage mistake is one `error:` line, not argparse's usage block.
@@ -54,6 +54,14 @@ def _report(args: argparse.Namespace) -> None:
         columns[role] = column
     write_report(args.run_dir, ReportOptions(base=args.base, forgetting=args.forgetting, forgetting_columns=columns,
                                              out=args.out, examples=args.examples))
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from deltatune.tune import run_study
+
+    if args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    run_study(args.config, args.overrides, args.trials, args.space, args.timeout)
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -140,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     export.set_defaults(handler=_export)
 
+    tune = commands.add_parser("tune", help="search hyperparameters with optuna; every trial is a run directory")
+    tune.add_argument("config", help="YAML config file (see examples/)")
+    tune.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as for train")
+    tune.add_argument("--trials", type=int, required=True, help="finished trials wanted in the study, in all")
+    tune.add_argument("--space", help="YAML search space: config path -> {type, low, high, log, choices}")
+    tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    tune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    tune.set_defaults(handler=_tune)
+
     report = commands.add_parser("report", help="what a finished run changed: weights, representations (CKA), "
                                  "errors or samples, forgetting; an offline HTML page in RUN_DIR/report")
     report.add_argument("run_dir", help="the run directory printed by `deltatune train`")
@@ -171,8 +188,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [word for word in extra if "=" in word and not word.startswith("-")]
-    if extra and (args.command != "train" or len(overrides) != len(extra)):
-        unknown = [word for word in extra if args.command != "train" or word not in overrides]
+    takes_overrides = args.command in ("train", "tune")
+    if extra and (not takes_overrides or len(overrides) != len(extra)):
+        unknown = [word for word in extra if not takes_overrides or word not in overrides]
         raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see `deltatune {args.command} --help`")
     if overrides:
         args.overrides = [*args.overrides, *overrides]

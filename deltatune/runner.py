@@ -9,7 +9,7 @@ import contextlib
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -146,8 +146,10 @@ def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flatten(config_dict).items() if key not in LOCATION and key not in RESUMABLE}
 
 
-def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]:
-    """Fine-tune as `config` says; returns the summary also written to the run directory.
+def train(config: RunConfig, resume: bool = False, echo=print,
+          on_evaluation: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune as `config` says; returns the summary also written to the run directory. `on_evaluation(step,
+    metrics)` runs after every validation (a search's pruner raises there to stop a poor trial).
 
     Everything checkable is checked before the run directory is written: ranges and choices of the config, what
     --resume may change, the device, the metric, the output directory and its free space, whether a resume has
@@ -169,6 +171,7 @@ def train(config: RunConfig, resume: bool = False, echo=print) -> dict[str, Any]
     calibrate(prepared)
     check_free_space(run_dir.path, prepared.model)
     loop = _training_loop(prepared, run_dir)
+    loop.on_evaluation = on_evaluation
     if resume:
         check_resume_point(run_dir, loop.total_steps)
     trainable, total = count_parameters(prepared.model)

@@ -49,6 +49,11 @@ class Method:
     named_adapters: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
     saves_adapter_files: ClassVar[bool] = False
+    # What `deltatune tune` searches for this method by default, on top of the shared epochs and batch size:
+    # config path -> {"type": "float", "low", "high", "log"} | {"type": "int", "low", "high"} |
+    # {"type": "categorical", "choices"}. train.lr here replaces the shared learning-rate range (methods that train
+    # few parameters want larger rates).
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

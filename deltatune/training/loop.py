@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -160,6 +160,8 @@ class TrainingLoop:
         # The optimizer steps of the current draw not all taken yet: one step for most objectives, a rollout's
         # epochs of mini-batches for PPO. state.update counts those already taken.
         self.pending: list[list[Any]] | None = None
+        # Called with (step, validation metrics) after every evaluation, once the best checkpoint is written.
+        self.on_evaluation: Callable[[int, dict[str, float]], None] | None = None
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint (model, optimizer, schedule, RNG, loop state); False when there is
@@ -332,3 +334,5 @@ class TrainingLoop:
             patience = self.cfg.early_stopping_patience or self.objective.early_stopping_patience
             if patience is not None and self.state.evaluations_without_improvement >= patience:
                 self.state.stopped_early = True
+        if self.on_evaluation is not None:
+            self.on_evaluation(self.state.step, metrics)  # e.g. a hyperparameter search's pruner, which may stop it

@@ -68,6 +68,8 @@ class AdapterConfig(MethodConfig):
 @register_method("adapter")
 class Adapter(Method):
     description = "bottleneck adapters after the attention / feed-forward outputs (Houlsby; Pfeiffer placement)"
+    search_space = {"train.lr": {"type": "float", "low": 3e-4, "high": 1e-2, "log": True},
+                    "method.reduction_factor": {"type": "categorical", "choices": [8, 16, 32, 64]}}
     config_class: ClassVar[type[MethodConfig]] = AdapterConfig
     peft_type: ClassVar[str | None] = PEFT_TYPE  # deltatune's own adapter-file type (see shared.protocol.PeftFormat)
     model_kinds: ClassVar[frozenset[str]] = frozenset({"transformer"})

@@ -56,6 +56,9 @@ class LoRAConfig(MethodConfig):
 @register_method("lora")
 class LoRA(Method):
     description = "low-rank adapters on Linear/Conv1D/Conv2d/Embedding weights (LoRA, rsLoRA, DoRA)"
+    search_space = {"train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+                    "method.r": {"type": "categorical", "choices": [4, 8, 16, 32]},
+                    "method.lora_alpha": {"type": "categorical", "choices": [8, 16, 32, 64]}}
     config_class: ClassVar[type[MethodConfig]] = LoRAConfig
     peft_type: ClassVar[str | None] = "LORA"  # reads and writes PEFT's LoRA files (see shared.protocol.PeftFormat)
     named_adapters: ClassVar[bool] = True

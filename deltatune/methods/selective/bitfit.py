@@ -27,6 +27,7 @@ class BitFitConfig(MethodConfig):
 @register_method("bitfit")
 class BitFit(Method):
     description = "train only bias terms (and the task head)"
+    search_space = {"train.lr": {"type": "float", "low": 3e-4, "high": 1e-2, "log": True}}
     config_class = BitFitConfig
 
     @classmethod

@@ -20,6 +20,7 @@ class FullConfig(MethodConfig):
 @register_method("full")
 class FullFineTuning(Method):
     description = "every parameter trains"
+    search_space = {"train.lr": {"type": "float", "low": 1e-5, "high": 3e-4, "log": True}}
     config_class = FullConfig
 
     def apply(self, model: nn.Module, family: Family) -> None:

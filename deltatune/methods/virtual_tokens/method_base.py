@@ -68,6 +68,9 @@ class VirtualTokenMethod(Method):
     init_change_from: ClassVar[str] = "adapter"  # ... but the base is untouched: disabled(model) is the original
     named_adapters: ClassVar[bool] = True
     saves_adapter_files: ClassVar[bool] = True  # PEFT's files (on encoders only with keep_first_token: false)
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "train.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+        "method.num_virtual_tokens": {"type": "categorical", "choices": [10, 20, 30]}}
     layer_class: ClassVar[type[VirtualTokenLayer]]
     file_type: ClassVar[str]  # the PEFT type of this method's adapter files
     peft_type: ClassVar[str | None] = None  # the type `load_adapter` maps to this class (None: another class reads)

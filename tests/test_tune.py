@@ -1,0 +1,85 @@
+"""`deltatune tune` (issue 14) on a tiny classifier: trials are run directories, the best config is written out, a
+killed search continues its numbering, pruning stops poor trials, and bad search spaces are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from deltatune.cli import main
+from deltatune.config.loader import load_config
+from tests.bad_input import assert_refused, write_jsonl
+
+
+def study_args(root: Path, name: str = "study") -> list[str]:
+    data = write_jsonl(root / "reviews.jsonl", [{"text": f"{'good' if i % 2 else 'bad'} film {i}", "label": i % 2}
+                                                for i in range(60)])
+    space = root / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+                                     "method.r": {"type": "categorical", "choices": [2, 4]}}))
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": "tests.tiny_models:tiny_bert", "task": "classification"},
+                                      "data": {"name": str(data)}, "method": {"name": "lora"},
+                                      "train": {"max_steps": 4, "eval_every": 2, "num_threads": 1}}))
+    return [str(config), f"output_dir={root / 'runs'}", f"run_name={name}", "--space", str(space)]
+
+
+def trials_of(root: Path, name: str = "study") -> list[dict]:
+    return json.loads((root / "runs" / f"tune-{name}" / "trials.json").read_text())
+
+
+def test_a_study_runs_trials_as_runs_and_writes_the_best_config(tmp_path) -> None:
+    assert main(["tune", *study_args(tmp_path), "--trials", "3"]) == 0
+    trials = trials_of(tmp_path)
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    assert all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
+    finished = [t for t in trials if t["state"] == "COMPLETE"]
+    assert all((Path(t["run_dir"]) / "summary.json").is_file() for t in finished)
+    study_dir = tmp_path / "runs" / "tune-study"
+    best = load_config(study_dir / "best.yaml")
+    best_trial = max(finished, key=lambda t: t["value"])
+    assert best.train.lr == best_trial["params"]["train.lr"] and best.method.r == best_trial["params"]["method.r"]
+    assert (study_dir / "study.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["tune", *study_args(tmp_path), "--trials", "4"]) == 0  # one more, numbered on
+    assert [t["number"] for t in trials_of(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_a_killed_study_resumes_and_continues_numbering(tmp_path) -> None:
+    args = study_args(tmp_path, "killed")
+    command = [sys.executable, "-m", "deltatune.cli", "tune", *args, "--trials", "3"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    second = tmp_path / "runs" / "killed-trial1"
+    deadline = time.time() + 240
+    while not second.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert second.exists(), "the search never reached its second trial"
+    assert main(["tune", *args, "--trials", "3"]) == 0
+    trials = trials_of(tmp_path, "killed")
+    states = {t["number"]: t["state"] for t in trials}
+    assert states[0] == "COMPLETE" and states[1] == "FAIL"  # the trial cut off by the kill
+    assert sum(state in ("COMPLETE", "PRUNED") for state in states.values()) == 3
+    assert sorted(states) == list(range(len(states)))  # numbering went on after the killed trial
+
+
+def test_search_space_mistakes(tmp_path, capsys) -> None:
+    args = study_args(tmp_path)
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml.safe_dump({"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}))
+    at = args.index("--space")
+    bad = [*args[:at], "--space", str(space)]
+    assert_refused(["tune", *bad, "--trials", "1"], r"train\.learning_rate.*unknown.*lr", capsys, tmp_path)
+    space.write_text(yaml.safe_dump({"train.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}))
+    assert_refused(["tune", *bad, "--trials", "1"], r"train\.lr needs numbers low < high", capsys, tmp_path)
+    space.write_text(yaml.safe_dump({"method.r": {"type": "categorical", "values": [2]}}))
+    assert_refused(["tune", *bad, "--trials", "1"], r"unknown fields \['values'\]", capsys, tmp_path)
+    assert_refused(["tune", *args, "--trials", "0"], r"--trials must be at least 1", capsys, tmp_path)

@@ -169,6 +169,9 @@ def train(config: RunConfig, resume: bool = False, echo=print,
                     prepared.num_labels, prepared.processor)
     precomputed = _precompute(prepared)
     calibrate(prepared)
+    choices = prepared.method.choices()
+    if choices:
+        echo(f"method {config.method.name} chose from the training data: {choices}")
     check_free_space(run_dir.path, prepared.model)
     loop = _training_loop(prepared, run_dir)
     loop.on_evaluation = on_evaluation
@@ -197,7 +200,7 @@ def train(config: RunConfig, resume: bool = False, echo=print,
                "best_step": state.best_step, "stopped_early": state.stopped_early,
                "train_seconds": round(state.seconds, 1),
                "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9), 1),
-               "before": before, "after": after}
+               "before": before, "after": after, **({"method_choices": choices} if choices else {})}
     run_dir.write_summary(summary)
     echo(f"run saved in {run_dir.path}")
     return summary

@@ -128,6 +128,9 @@ class TrainConfig:
     gradient_accumulation: int = field(default=1, metadata=at_least(1))
     lr: float = field(default=5e-5, metadata=above(0))
     weight_decay: float = field(default=0.01, metadata=at_least(0))
+    # Layer-wise learning-rate decay (Howard & Ruder 2018; ELECTRA, BEiT): block i of L trains at
+    # lr · decay^(L − 1 − i), embeddings at lr · decay^L, the head and what follows the blocks at lr. None: off.
+    layer_lr_decay: float | None = field(default=None, metadata=between(0, 1, low_open=True))
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=between(0, 1, high_open=True))
     adam_eps: float = field(default=1e-8, metadata=above(0))
     schedule: str = field(default="linear", metadata=one_of(*SCHEDULES))

@@ -92,6 +92,11 @@ class Method:
         on the device) and the objective's loss; the batches are produced lazily, so a method that takes none
         costs nothing. The default does nothing."""
 
+    def choices(self) -> dict[str, Any]:
+        """What the method chose from data in `calibrate` (e.g. which blocks, with their scores), for the run's
+        summary and log; {} for methods that choose nothing."""
+        return {}
+
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Everything this method changes: saved as the run's weights and reloaded by `load_trainable_state`.
 

@@ -9,7 +9,9 @@ Adding a family is one `Family(...)` entry below; nothing else changes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -44,11 +46,23 @@ class Family:
     mlp_output: tuple[str, ...] = ()
     mlp_output_norm: tuple[str, ...] = ()
     detect: tuple[str, ...] = ()
+    # The blocks a method may adapt (`method.layers`); None: all. The attention / MLP / sublayer-output tests
+    # below answer False outside them, so a method choosing its modules through them stays inside these blocks.
+    selected_blocks: frozenset[int] | None = None
 
     def block_index(self, name: str) -> int | None:
         """The block number a parameter/module name belongs to, or None outside the blocks."""
         match = re.search(self.block, name)
         return int(match.group(1)) if match else None
+
+    def restricted_to(self, blocks: Iterable[int]) -> "Family":
+        """This family with only `blocks` open to a method."""
+        return dataclasses.replace(self, selected_blocks=frozenset(blocks))
+
+    def in_selected_block(self, name: str) -> bool:
+        """Inside a block, and inside one of the selected blocks when there is a selection."""
+        index = self.block_index(name)
+        return index is not None and (self.selected_blocks is None or index in self.selected_blocks)
 
     def num_blocks(self, model: nn.Module) -> int:
         """How many repeated blocks the model has (1 + the largest index seen)."""
@@ -66,19 +80,19 @@ class Family:
         return any(re.search(pattern, name) for pattern in self.after_blocks)
 
     def is_attention(self, name: str) -> bool:
-        return self.block_index(name) is not None and any(re.search(p, name) for p in self.attention)
+        return self.in_selected_block(name) and any(re.search(p, name) for p in self.attention)
 
     def is_mlp(self, name: str) -> bool:
-        return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp)
+        return self.in_selected_block(name) and any(re.search(p, name) for p in self.mlp)
 
     def is_attention_output(self, name: str) -> bool:
-        return self.block_index(name) is not None and any(re.search(p, name) for p in self.attention_output)
+        return self.in_selected_block(name) and any(re.search(p, name) for p in self.attention_output)
 
     def is_mlp_output(self, name: str) -> bool:
-        return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp_output)
+        return self.in_selected_block(name) and any(re.search(p, name) for p in self.mlp_output)
 
     def is_mlp_output_norm(self, name: str) -> bool:
-        return self.block_index(name) is not None and any(re.search(p, name) for p in self.mlp_output_norm)
+        return self.in_selected_block(name) and any(re.search(p, name) for p in self.mlp_output_norm)
 
 
 FAMILIES: dict[str, Family] = {

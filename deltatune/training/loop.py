@@ -105,15 +105,36 @@ def evaluate(
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, extra: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters and `extra` ones (an objective's value head); biases and norm
-    weights (1-D tensors) get no weight decay, as is standard for transformers."""
-    decay, no_decay = [], []
-    for param in [*model.parameters(), *(extra or [])]:
+    weights (1-D tensors) get no weight decay, as is standard for transformers; with `layer_lr_decay` each depth
+    gets its own learning rate (`layer_lr_scales`)."""
+    scales = layer_lr_scales(model, cfg.layer_lr_decay)
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    named = [*model.named_parameters(), *(("", param) for param in extra or [])]
+    for name, param in named:
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((param.ndim >= 2, scales.get(name, 1.0)), []).append(param)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
-    )
+        [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
+         for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))],
+        lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+
+
+def layer_lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:
+    """Parameter name -> learning-rate factor: decay^(L − 1 − i) in block i of L, decay^L before the blocks
+    (embeddings), 1 after them (final norm, head); {} without decay."""
+    if decay is None:
+        return {}
+    from deltatune.models.families import family_of
+
+    family = family_of(model)
+    total = family.num_blocks(model)
+    scales, seen_block = {}, False
+    for name, _ in model.named_parameters():  # registration order: embeddings, blocks, then what follows
+        index = family.block_index(name)
+        seen_block = seen_block or index is not None
+        depth = total - 1 - index if index is not None else (0 if seen_block or family.is_head(name) else total)
+        scales[name] = decay ** depth
+    return scales
 
 
 def plan_steps(num_examples: int, cfg: TrainConfig, objective: Objective | None = None) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from deltatune.methods.adapters.bottleneck_layers import (
     wrap,
 )
 from deltatune.methods.base import Method, set_trainable
+from deltatune.methods.shared.layer_selection import LayerSelectionConfig, SelectsLayers
 from deltatune.methods.shared.model_surgery import base_modules, check_new_name, set_adapter
 from deltatune.methods.shared.modules_to_save import add_copies, choose_modules_to_save
 from deltatune.methods.shared.protocol import AdapterLayer
@@ -57,7 +58,7 @@ PLACEMENTS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 
 @dataclass
-class AdapterConfig(MethodConfig):
+class AdapterConfig(LayerSelectionConfig):
     name: str = "adapter"
     placement: str = "houlsby"  # houlsby: after attention and feed-forward outputs; pfeiffer: feed-forward, post-norm
     reduction_factor: int = 16  # bottleneck width m = hidden size // reduction_factor (at least 1)
@@ -66,7 +67,7 @@ class AdapterConfig(MethodConfig):
 
 
 @register_method("adapter")
-class Adapter(Method):
+class Adapter(SelectsLayers, Method):
     description = "bottleneck adapters after the attention / feed-forward outputs (Houlsby; Pfeiffer placement)"
     search_space = {"train.lr": {"type": "float", "low": 3e-4, "high": 1e-2, "log": True},
                     "method.reduction_factor": {"type": "categorical", "choices": [8, 16, 32, 64]}}
@@ -85,7 +86,7 @@ class Adapter(Method):
         return [("reduction_factor", 0), ("reduction_factor", -4), ("placement", "parallel"),
                 ("non_linearity", "swish"), ("modules_to_save", ["no_such_head"])]
 
-    def apply(self, model: nn.Module, family: Family) -> None:
+    def apply_to_blocks(self, model: nn.Module, family: Family) -> None:
         config: AdapterConfig = self.config  # type: ignore[assignment]
         validate(config)
         check_new_name(model, self.adapter_name)

@@ -30,6 +30,7 @@ from deltatune.methods.base import Method, set_trainable
 from deltatune.methods.lora import peft_format
 from deltatune.methods.lora.layers_per_type import SUPPORTED_TYPES, LoRALinear, layer_class_for, wrap
 from deltatune.methods.lora.lora_layer import LoRALayer, LoRASettings
+from deltatune.methods.shared.layer_selection import LayerSelectionConfig, SelectsLayers
 from deltatune.methods.shared.model_surgery import base_modules, check_new_name, set_adapter
 from deltatune.methods.shared.modules_to_save import ModulesToSaveLayer, add_copies, choose_modules_to_save
 from deltatune.methods.shared.protocol import AdapterLayer
@@ -38,7 +39,7 @@ from deltatune.models.families import Family
 
 
 @dataclass
-class LoRAConfig(MethodConfig):
+class LoRAConfig(LayerSelectionConfig):
     name: str = "lora"
     r: int = 8
     lora_alpha: float = 16
@@ -54,7 +55,7 @@ class LoRAConfig(MethodConfig):
 
 
 @register_method("lora")
-class LoRA(Method):
+class LoRA(SelectsLayers, Method):
     description = "low-rank adapters on Linear/Conv1D/Conv2d/Embedding weights (LoRA, rsLoRA, DoRA)"
     search_space = {"train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
                     "method.r": {"type": "categorical", "choices": [4, 8, 16, 32]},
@@ -75,7 +76,7 @@ class LoRA(Method):
                 ("init_lora_weights", "orthogonal"), ("rank_pattern", {"q_proj": 0}), ("alpha_pattern", {"(": 4}),
                 ("target_modules", ["no_such_module"]), ("modules_to_save", ["no_such_head"])]
 
-    def apply(self, model: nn.Module, family: Family) -> None:
+    def apply_to_blocks(self, model: nn.Module, family: Family) -> None:
         config: LoRAConfig = self.config  # type: ignore[assignment]
         validate(config)
         check_new_name(model, self.adapter_name)

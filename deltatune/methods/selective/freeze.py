@@ -14,15 +14,15 @@ from typing import Any
 
 from torch import nn
 
-from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
 from deltatune.methods.base import Method, set_trainable
+from deltatune.methods.shared.layer_selection import LayerSelectionConfig, SelectsLayers
 from deltatune.models.families import Family
 
 
 @dataclass
-class FreezeConfig(MethodConfig):
+class FreezeConfig(LayerSelectionConfig):
     name: str = "freeze"
     train_head: bool = True
     last_n_blocks: int = 0
@@ -30,7 +30,7 @@ class FreezeConfig(MethodConfig):
 
 
 @register_method("freeze")
-class Freeze(Method):
+class Freeze(SelectsLayers, Method):
     description = "train only the head, the last N blocks and/or parameters matching name patterns"
     config_class = FreezeConfig
 
@@ -43,7 +43,7 @@ class Freeze(Method):
     def contract_bad_options(cls) -> list[tuple[str, Any]]:
         return [("last_n_blocks", -1), ("last_n_blocks", 9), ("patterns", ["("]), ("train_head", "yes")]
 
-    def apply(self, model: nn.Module, family: Family) -> None:
+    def apply_to_blocks(self, model: nn.Module, family: Family) -> None:
         config: FreezeConfig = self.config  # type: ignore[assignment]
         total_blocks = family.num_blocks(model)
         if config.last_n_blocks < 0 or config.last_n_blocks > total_blocks:
@@ -57,6 +57,8 @@ class Freeze(Method):
         def keep(name: str) -> bool:
             if config.train_head and family.is_head(name):
                 return True
+            if family.selected_blocks is not None and family.in_selected_block(name):
+                return True  # method.layers: these blocks train in full
             if config.last_n_blocks > 0:
                 index = family.block_index(name)
                 if (index is not None and index >= first_trained_block) or family.is_after_blocks(name):

@@ -61,6 +61,7 @@ from deltatune.errors import UserError
 from deltatune.methods import register_method
 from deltatune.methods.base import LossFunction, Method, set_trainable
 from deltatune.methods.selective.sparse_layer import SparseDelta, SparseDeltaLayer, wrap
+from deltatune.methods.shared.gradient_scores import calibration_scores
 from deltatune.methods.shared.model_surgery import adapter_layers, check_new_name, set_adapter
 from deltatune.methods.shared.modules_to_save import add_copies, choose_modules_to_save
 from deltatune.methods.shared.protocol import AdapterLayer
@@ -194,35 +195,6 @@ def entries_for(density: float, numel: int) -> int:
 def top_positions(score: Tensor, k: int) -> Tensor:
     """Flat positions of the k largest scores."""
     return torch.topk(score.reshape(-1), k, sorted=False).indices
-
-
-def calibration_scores(model: nn.Module, weights: list[Tensor], batches: Iterable[dict[str, Any]],
-                       loss_fn: LossFunction, selection: str) -> list[Tensor]:
-    """|mean gradient| ("gradient") or mean squared gradient ("fisher") of each weight over the batches."""
-    totals = [torch.zeros_like(weight, dtype=torch.float32) for weight in weights]
-    previous = [(param, param.requires_grad) for param in model.parameters()]
-    was_training = model.training
-    model.eval()  # no dropout noise, and BatchNorm running statistics stay as they are
-    count = 0
-    try:
-        for param, _ in previous:
-            param.requires_grad_(False)
-        for weight in weights:
-            weight.requires_grad_(True)
-        for batch in batches:
-            # autograd.grad rather than backward(): nothing accumulates in .grad, so nothing is left behind.
-            grads = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
-            for total, grad in zip(totals, grads):
-                if grad is not None:
-                    total.add_(grad.float().square() if selection == "fisher" else grad.float())
-            count += 1
-    finally:
-        for param, requires_grad in previous:
-            param.requires_grad_(requires_grad)
-        model.train(was_training)
-    if count == 0:
-        raise UserError(f"selection {selection} got no calibration batches; pass at least one batch of training data")
-    return [total.abs_().div_(count) if selection == "gradient" else total.div_(count) for total in totals]
 
 
 # ---- which modules ---------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def choose_targets(model: nn.Module, family: Family, target_modules: str | list[
                   if (family.is_attention(name) or family.is_mlp(name)) and rule.by_default(module)]
         if not chosen:
             chosen = [name for name, module in modules.items()
-                      if family.block_index(f"{name}.") is not None and rule.in_blocks(module)]
+                      if family.in_selected_block(f"{name}.") and rule.in_blocks(module)]
     elif wanted == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         chosen = [name for name, module in modules.items()
@@ -93,6 +93,8 @@ def choose_targets(model: nn.Module, family: Family, target_modules: str | list[
         chosen = [name for name in select_modules(model, entries, "method.target_modules") if name in modules]
         for name in chosen:
             rule.check(name, modules[name])
+    if family.selected_blocks is not None:  # method.layers: only inside the chosen blocks
+        chosen = [name for name in chosen if family.in_selected_block(f"{name}.")]
     if not chosen:
         raise UserError(f"method {rule.method} found no module to {rule.verb} with target_modules="
                         f"{target_modules!r}; set method.target_modules to module names (e.g. {rule.example}) or "

@@ -1,4 +1,4 @@
-"""`deltatune` command line: train, eval, generate, export, report, tune, methods, objectives, tasks.
+"""`deltatune` command line: train, eval, generate, export, report, tune, advise, methods, objectives, tasks.
 
 Bad input exits with code 2 and one line on stderr saying what to fix; `--debug` shows the traceback instead.
 That holds for the command line itself too: a usage mistake is one `error:` line, not argparse's usage block.
@@ -62,6 +62,12 @@ def _tune(args: argparse.Namespace) -> None:
     if args.trials < 1:
         raise UserError(f"--trials must be at least 1, got {args.trials}")
     run_study(args.config, args.overrides, args.trials, args.space, args.timeout)
+
+
+def _advise(args: argparse.Namespace) -> None:
+    from deltatune.advise import advise
+
+    advise(args.config, args.overrides, args.memory, args.time)
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -157,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     tune.set_defaults(handler=_tune)
 
+    advise = commands.add_parser("advise", help="measure a few real steps of each method here and rank them by "
+                                 "predicted time, memory and expected quality")
+    advise.add_argument("config", help="YAML config file (see examples/)")
+    advise.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as for train")
+    advise.add_argument("--memory", help="memory budget, e.g. 8GB")
+    advise.add_argument("--time", help="time budget for the whole run, e.g. 1h or 30m")
+    advise.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    advise.set_defaults(handler=_advise)
+
     report = commands.add_parser("report", help="what a finished run changed: weights, representations (CKA), "
                                  "errors or samples, forgetting; an offline HTML page in RUN_DIR/report")
     report.add_argument("run_dir", help="the run directory printed by `deltatune train`")
@@ -188,7 +203,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [word for word in extra if "=" in word and not word.startswith("-")]
-    takes_overrides = args.command in ("train", "tune")
+    takes_overrides = args.command in ("train", "tune", "advise")
     if extra and (not takes_overrides or len(overrides) != len(extra)):
         unknown = [word for word in extra if not takes_overrides or word not in overrides]
         raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see `deltatune {args.command} --help`")

@@ -114,7 +114,8 @@ def test_the_objective_section_parses_into_the_objectives_own_dataclass() -> Non
     ({"name": "toy_teacher", "wieght": 0.1},
      r"^unknown key 'wieght' in objective \(did you mean 'weight'\?\); valid keys: name, weight, reference_model, "
      r"teacher_model$"),
-    ({"name": "sft", "beta": 0.1}, r"^unknown key 'beta' in objective .*valid keys: name$"),
+    ({"name": "sft", "beta": 0.1}, r"^unknown key 'beta' in objective .*valid keys: name, chunked_loss, "
+     r"loss_chunk_size$"),
     ({"name": "toy_teacher", "weight": 2}, r"^objective\.weight .*2"),
     ({"name": "toy_teacher", "weight": "much"}, r"^objective\.weight must be a number"),
     ({"beta": 0.1}, r"^objective\.beta needs a named objective: objective\.name is 'auto'"),
@@ -142,7 +143,8 @@ def test_deltatune_objectives_lists_every_objective_with_its_options_and_models(
     assert main(["objectives"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert set(lines) == set(OBJECTIVES.all())
-    assert "options: none" in lines["sft"] and "lower is better" in lines["sft"]
+    assert "options: none" in lines["classification"] and "lower is better" in lines["sft"]
+    assert "chunked_loss=False" in lines["sft"]
     toy = lines["toy_teacher"]
     assert "weight=0.5" in toy and "higher is better" in toy
     assert "reference (objective.reference_model, default base)" in toy

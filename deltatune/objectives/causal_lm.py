@@ -7,14 +7,16 @@ mean over response tokens t of -log p(x_t | x_<t). Validation reports the token-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.config.constraints import at_least
 from deltatune.config.schema import ObjectiveConfig
+from deltatune.errors import UserError
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
 
@@ -34,9 +36,32 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """`next_token_loss` without the full logits: the model returns its final hidden states (and the logits of the
+    last position only, `logits_to_keep=1`), and the loss goes through the output layer chunk by chunk."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        raise UserError("objective.chunked_loss needs a transformers causal LM whose output layer is a plain Linear "
+                        "(leave lm_head out of method.target_modules), or set objective.chunked_loss=false")
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    try:
+        output = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    except TypeError as error:
+        raise UserError(f"objective.chunked_loss: this model's forward takes no logits_to_keep ({error}); set "
+                        f"objective.chunked_loss=false") from None
+    hidden = output.hidden_states[-1][:, -batch["input_ids"].shape[1]:]  # methods may prepend virtual tokens
+    from deltatune.objectives.losses.linear_cross_entropy import linear_cross_entropy  # losses/ imports this file
+
+    return linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, batch["labels"][:, 1:], IGNORE_INDEX,
+                                chunk_size)
+
+
 @dataclass
 class SupervisedFineTuningConfig(ObjectiveConfig):
-    """No options yet; the section still parses strictly (only `name`)."""
+    # Compute the training loss through the output layer in chunks of response positions, never holding the
+    # (tokens × vocabulary) logits (objectives/losses/linear_cross_entropy.py); prompt positions skip the layer.
+    chunked_loss: bool = False
+    loss_chunk_size: int = field(default=1024, metadata=at_least(1))
 
 
 @register_objective("sft")
@@ -48,6 +73,8 @@ class SupervisedFineTuning(Objective):
     greater_is_better = False
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.config.chunked_loss:
+            return chunked_next_token_loss(model, batch, self.config.loss_chunk_size), {}
         return next_token_loss(lm_logits(model, batch), batch["labels"]), {}
 
     @torch.no_grad()

@@ -173,6 +173,7 @@ def train(config: RunConfig, resume: bool = False, echo=print,
     if choices:
         echo(f"method {config.method.name} chose from the training data: {choices}")
     check_free_space(run_dir.path, prepared.model)
+    enable_gradient_checkpointing(prepared.model, config.train.gradient_checkpointing)
     loop = _training_loop(prepared, run_dir)
     loop.on_evaluation = on_evaluation
     if resume:
@@ -204,6 +205,21 @@ def train(config: RunConfig, resume: bool = False, echo=print,
     run_dir.write_summary(summary)
     echo(f"run saved in {run_dir.path}")
     return summary
+
+
+def enable_gradient_checkpointing(model: nn.Module, wanted: bool) -> None:
+    """transformers' activation checkpointing, non-reentrant (which also works when the inputs of the first block
+    need no gradient, as with adapters on a frozen base)."""
+    if not wanted:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError("train.gradient_checkpointing needs a transformers model that supports it; set "
+                        "train.gradient_checkpointing=false for this model")
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x; the older name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _training_loop(prepared: Prepared, run_dir: RunDir) -> TrainingLoop:

@@ -45,9 +45,29 @@ def test_the_sft_objective_gives_the_same_loss_and_gradients_either_way() -> Non
                                                                     loss_chunk_size=3))
         loss, _ = objective.loss(model, batch)
         loss.backward()
-        results.append((float(loss), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        results.append((float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (plain_loss, plain_grads), (chunked_loss, chunked_grads) = results
     assert chunked_loss == pytest.approx(plain_loss, rel=1e-5)
     assert len(plain_grads) == len(chunked_grads)
     for plain, chunked in zip(plain_grads, chunked_grads):
         assert torch.allclose(plain, chunked, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_trains_the_same_and_refuses_models_without_it(tmp_path) -> None:
+    import json
+
+    from deltatune.errors import UserError
+    from deltatune.runner import enable_gradient_checkpointing
+    from tests.test_runs import sft_run
+    from tests.tiny_models import tiny_cnn
+
+    losses = []
+    for checkpointing in (False, True):
+        root = tmp_path / str(checkpointing)
+        root.mkdir()
+        run = sft_run(root, "lora", ["method.r=4", "train.max_steps=3", "train.lr=1e-2",
+                                                                f"train.gradient_checkpointing={checkpointing}"])
+        losses.append(json.loads((run / "summary.json").read_text())["after"]["validation"]["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    with pytest.raises(UserError, match="train.gradient_checkpointing needs a transformers model"):
+        enable_gradient_checkpointing(tiny_cnn(), True)

@@ -153,6 +153,9 @@ class TrainConfig:
     # torch intra-op threads on CPU; None leaves torch's choice
     num_threads: int | None = field(default=None, metadata=at_least(1))
     progress: bool = True
+    # Recompute each block's activations in backward instead of keeping them (transformers models): less memory for
+    # about one more forward pass of time.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

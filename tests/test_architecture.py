@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config loader", ("deltatune.config.loader",)),
     ("adapter API", ("deltatune.adapters",)),
     ("runner", ("deltatune.resume", "deltatune.preparation", "deltatune.runner", "deltatune.runs")),
-    ("commands", ("deltatune.export", "deltatune.generate")),
+    ("commands", ("deltatune.export", "deltatune.generate", "deltatune.advise", "deltatune.tune", "deltatune.insight")),
     ("command line and public API", ("deltatune.cli", "deltatune.__main__", "deltatune")),
 ]
 # Imports of a higher layer that are allowed, each with its reason.

@@ -95,6 +95,13 @@ class Family:
         return self.in_selected_block(name) and any(re.search(p, name) for p in self.mlp_output_norm)
 
 
+def check_block_indices(indices: list[int], total: int, key: str) -> None:
+    """A UserError naming `key` when an index is not a block of a model with `total` blocks."""
+    outside = [index for index in indices if not 0 <= index < total]
+    if outside:
+        raise UserError(f"{key} has {outside}, outside this model's {total} blocks; use indices 0 to {total - 1}")
+
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (

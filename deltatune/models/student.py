@@ -17,7 +17,7 @@ from torch import nn
 
 from deltatune.config.schema import StudentConfig
 from deltatune.errors import UserError
-from deltatune.models.families import Family
+from deltatune.models.families import Family, check_block_indices
 
 
 def wants_student(config: StudentConfig) -> bool:
@@ -47,10 +47,7 @@ def kept_indices(config: StudentConfig, num_blocks: int) -> list[int]:
     if not keep:
         raise UserError(f"model.student.keep_layers is empty; list the blocks to keep, 0 to {num_blocks - 1}, "
                         f"e.g. [0, 2, 4]")
-    outside = [index for index in keep if not 0 <= index < num_blocks]
-    if outside:
-        raise UserError(f"model.student.keep_layers has {outside}, outside this model's {num_blocks} blocks; use "
-                        f"indices 0 to {num_blocks - 1}")
+    check_block_indices(keep, num_blocks, "model.student.keep_layers")
     if len(set(keep)) != len(keep) or keep != sorted(keep):
         raise UserError(f"model.student.keep_layers must list distinct blocks in increasing order, got {keep}")
     return keep

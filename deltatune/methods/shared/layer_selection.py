@@ -30,7 +30,7 @@ from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods.base import LossFunction
 from deltatune.methods.shared.gradient_scores import calibration_scores
-from deltatune.models.families import Family
+from deltatune.models.families import Family, check_block_indices
 
 LAYER_SCORES = ("gradient", "fisher")
 
@@ -97,10 +97,7 @@ def restricted(family: Family, model: nn.Module, layers: list[int] | str | None)
     if not isinstance(layers, list) or not layers or not all(isinstance(i, int) for i in layers):
         raise UserError(f"method.layers must be auto or a non-empty list of block indices 0 to {total - 1}, got "
                         f"{layers!r}")
-    outside = [i for i in layers if not 0 <= i < total]
-    if outside:
-        raise UserError(f"method.layers has {outside}, outside this model's {total} blocks; use indices 0 to "
-                        f"{total - 1}")
+    check_block_indices(layers, total, "method.layers")
     return family.restricted_to(layers)
 
 

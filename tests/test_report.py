@@ -88,3 +88,18 @@ def test_report_mistakes(lora_classifier, tmp_path, capsys) -> None:
                    r"--forgetting .*cannot be read as classification rows", capsys, lora_classifier)
     assert_refused(["report", str(lora_classifier), "--forgetting-columns", "text"],
                    r"--forgetting-columns takes role=column", capsys, lora_classifier)
+
+
+def test_the_report_of_an_image_classifier_and_its_forgetting_on_other_images(tmp_path) -> None:
+    from tests.test_data_images import write_image_folder
+
+    images = write_image_folder(tmp_path / "shapes", {"dark": 20, "mid": 20, "light": 20})
+    others = write_image_folder(tmp_path / "others", {"a": 15, "b": 15})
+    run = tiny_run(tmp_path, "cnn", ["model.name=tests.tiny_models:tiny_cnn", "model.task=image-classification",
+                                     f"data.name={images}", "data.image_size=32", "method.name=freeze",
+                                     "method.last_n_blocks=1", "train.max_steps=3", "train.lr=1e-2"])
+    numbers = report_of(run, "--forgetting", str(others))["numbers"]
+    changed_blocks = {t["block"] for t in numbers["weights"]["tensors"] if t["block"] is not None}
+    assert changed_blocks == {len(numbers["cka"]["diagonal"]) - 1}  # only the last block trained
+    assert numbers["cka"]["diagonal"][0] == pytest.approx(1.0)  # frozen early blocks represent as before
+    assert set(numbers["forgetting"]["tuned"]) == {"probe_accuracy", "probe_loss"}

@@ -30,11 +30,13 @@ def block_list(model: nn.Module, family: Family,
     """The `nn.ModuleList` holding the model's repeated blocks: (its parent, its attribute name, the list);
     `needed_by` names the feature asking, for the error when there is none."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and family.block_index(f"{name}.0.weight") == 0:
+        listed = isinstance(module, (nn.ModuleList, nn.Sequential))  # a CNN's stages are often a Sequential
+        if listed and len(module) and family.block_index(f"{name}.0.weight") == 0:
             parent_name, _, attribute = name.rpartition(".")
             return model.get_submodule(parent_name) if parent_name else model, attribute, module
     raise UserError(f"{needed_by} needs a model whose blocks sit in one list, and none matches the "
-                    f"{family.name!r} family's block pattern {family.block!r}; use another model or drop {needed_by}")
+                    f"{family.name!r} family's block pattern {family.block!r}; set model.family to the right family "
+                    f"or use another model")
 
 
 def kept_indices(config: StudentConfig, num_blocks: int) -> list[int]:
@@ -57,7 +59,8 @@ def keep_blocks(model: nn.Module, family: Family, config: StudentConfig) -> nn.M
     """`model` with only the blocks `config` keeps, in their order, each with its trained weights; in place."""
     parent, attribute, blocks = block_list(model, family)
     keep = kept_indices(config, len(blocks))
-    setattr(parent, attribute, nn.ModuleList([blocks[index] for index in keep]))
+    kept = [blocks[index] for index in keep]
+    setattr(parent, attribute, nn.Sequential(*kept) if isinstance(blocks, nn.Sequential) else nn.ModuleList(kept))
     for new_index, block in enumerate(getattr(parent, attribute)):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):

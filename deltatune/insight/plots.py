@@ -60,11 +60,11 @@ def training_curves(records: list[dict[str, Any]]) -> bytes | None:
 
 def per_block_bars(values: Sequence[float], title: str, ylabel: str) -> bytes:
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(max(4.0, 0.35 * len(values) + 2), 3.0))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.3 * len(values) + 2), 3.2))
     axis.bar(range(len(values)), values, color="#4477aa")
     axis.set_xlabel("block")
     axis.set_ylabel(ylabel)
-    axis.set_title(title)
+    axis.set_title(title, fontsize=10)
     axis.grid(axis="y", alpha=0.3)
     return _png(figure)
 

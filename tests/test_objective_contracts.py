@@ -77,7 +77,8 @@ CASES = {
     # samples its own responses), so resuming must also restore the sampling and the on-policy coin flips.
     "distill": Case(TINY_LLAMA, sft_rows(), [
         "model.task=causal-lm", "model.student.keep_layers=[1]", f"objective.teacher_model={TINY_LLAMA}",
-        "objective.lmbda=0.5", "objective.max_new_tokens=4", "objective.alpha_cos=0.5", "train.lr=3e-3"]),
+        "objective.lmbda=0.5", "objective.max_new_tokens=4", "objective.alpha_cos=0.5", "objective.input_noise=0.1",
+        "train.lr=3e-3"]),
     # Half the labels hidden; 3 rounds of 8 micro-batches, the consistency term on: the crash at step 10 falls inside
     # round 1, after its pseudo-labels were chosen, which the resumed run must restore rather than choose again; the
     # input noise must be drawn again the same.

@@ -9,8 +9,7 @@ Tomatoes, each against the same model trained on the 5% alone, over several trai
 labelled rows are the same for every seed (they follow `data.split.seed`), `train.seed` changes the head's
 initialisation and the batch order. Both arms run the `self_training` objective with the same micro-batches and
 evaluations, and a cosine learning rate that decays to ~0 once per round (`train.restart_schedule_each_epoch`):
-- labels alone: one round of ROUNDS x BATCHES micro-batches on the labelled rows, evaluated every BATCHES, best kept
-  (its curve is flat or falling by the end: more batches would not help it);
+- labels alone: one round of ROUNDS x BATCHES micro-batches on the labelled rows, evaluated every BATCHES, best kept;
 - self-training: ROUNDS rounds of BATCHES micro-batches; before each round after the first, the model labels the
   unlabelled rows and keeps the pseudo-labels above the confidence threshold; stops after `patience` rounds without
   a better validation score.
@@ -54,9 +53,10 @@ ARMS = ("alone", "self-training")
 
 
 def arm_overrides(setting: Setting, arm: str) -> list[str]:
+    # Both arms stop after `patience` evaluations without a better validation score (one evaluation per round).
     if arm == "alone":
         return ["objective.rounds=1", f"objective.batches_per_round={setting.rounds * setting.batches}",
-                f"train.eval_every={setting.batches}"]
+                f"train.eval_every={setting.batches}", f"objective.patience={setting.patience}"]
     return [f"objective.rounds={setting.rounds}", f"objective.batches_per_round={setting.batches}",
             f"objective.patience={setting.patience}", *setting.self_training]
 

@@ -10,8 +10,8 @@ continues when the same command runs again: the trial that was cut off is marked
 Search space: the method's own (`Method.search_space`: LoRA's r and alpha, adapters' reduction factor, virtual
 tokens' count, each with a learning-rate range suited to it) on top of epochs and batch size; or a YAML file
 (`--space`) mapping config paths to {type: float|int|categorical, low, high, log, choices}. The best trial's
-resolved config is written to `tune-<run_name>/best.yaml`, a plot of the study to `study.png`, a table of the
-trials to `trials.json`.
+resolved config is written to `tune-<run_name>/best.yaml`, a plot of the study to `study.png`, the trials to
+`trials.json`, and both to an offline page, `index.html`.
 """
 
 from __future__ import annotations
@@ -163,11 +163,28 @@ def _write_results(study: Any, study_dir: Path, metric: str, echo) -> dict[str, 
     best = study.best_trial
     best_config = yaml.safe_load((Path(best.user_attrs["run_dir"]) / "config.yaml").read_text())
     (study_dir / "best.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
-    (study_dir / "study.png").write_bytes(study_figure(rows, metric, study.direction.name == "MAXIMIZE"))
+    figure = study_figure(rows, metric, study.direction.name == "MAXIMIZE")
+    (study_dir / "study.png").write_bytes(figure)
+    (study_dir / "index.html").write_text(study_page(study_dir, rows, metric, best.number, figure), encoding="utf-8")
     echo(f"best: trial {best.number}, validation {metric} {best.value:.4f}: {best.params}")
     echo(f"best config: {study_dir / 'best.yaml'}; all trials: {study_dir / 'trials.json'}")
     return {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
             "best_run_dir": best.user_attrs["run_dir"], "trials": rows}
+
+
+def study_page(study_dir: Path, rows: list[dict[str, Any]], metric: str, best: int, figure: bytes) -> str:
+    """The study as an offline HTML page: the plot and every trial with its settings and outcome."""
+    from deltatune.insight.page import Section, render
+
+    keys = sorted({key for row in rows for key in row["params"]})
+    trials = Section("Trials").table(
+        ["trial", "state", f"validation {metric}", *keys, "last step reported", "run"],
+        [(row["number"], row["state"] + (" (best)" if row["number"] == best else ""), row["value"],
+          *(row["params"].get(key) for key in keys), row["last_step"], row["run_dir"]) for row in rows])
+    plot = Section("Study").figure(figure, "validation score per trial").text(
+        "TPE sampler; pruned trials (dotted) stopped when their score at a step fell below the median of earlier "
+        "trials at that step. best.yaml holds the best trial's full config.", note=True)
+    return render(f"Hyperparameter search: {study_dir}", [plot, trials])
 
 
 def study_figure(rows: list[dict[str, Any]], metric: str, maximize: bool) -> bytes:

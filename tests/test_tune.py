@@ -47,6 +47,8 @@ def test_a_study_runs_trials_as_runs_and_writes_the_best_config(tmp_path) -> Non
     best_trial = max(finished, key=lambda t: t["value"])
     assert best.train.lr == best_trial["params"]["train.lr"] and best.method.r == best_trial["params"]["method.r"]
     assert (study_dir / "study.png").read_bytes().startswith(b"\x89PNG")
+    page = (study_dir / "index.html").read_text()
+    assert "data:image/png;base64," in page and "(best)" in page and "method.r" in page
     assert main(["tune", *study_args(tmp_path), "--trials", "4"]) == 0  # one more, numbered on
     assert [t["number"] for t in trials_of(tmp_path)] == [0, 1, 2, 3]
 

@@ -174,6 +174,8 @@ def train(config: RunConfig, resume: bool = False, echo=print,
         echo(f"method {config.method.name} chose from the training data: {choices}")
     check_free_space(run_dir.path, prepared.model)
     enable_gradient_checkpointing(prepared.model, config.train.gradient_checkpointing)
+    if config.train.compile:
+        compile_model(prepared.model)
     loop = _training_loop(prepared, run_dir)
     loop.on_evaluation = on_evaluation
     if resume:
@@ -220,6 +222,15 @@ def enable_gradient_checkpointing(model: nn.Module, wanted: bool) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def compile_model(model: nn.Module) -> None:
+    """`torch.compile` in place (`nn.Module.compile`: parameter names and checkpoints stay as they are), with the
+    compiled kernels cached on disk so a second run of the same model starts fast."""
+    import os
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "deltatune" / "inductor"))
+    model.compile(dynamic=True)
 
 
 def _training_loop(prepared: Prepared, run_dir: RunDir) -> TrainingLoop:

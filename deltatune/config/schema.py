@@ -156,6 +156,9 @@ class TrainConfig:
     # Recompute each block's activations in backward instead of keeping them (transformers models): less memory for
     # about one more forward pass of time.
     gradient_checkpointing: bool = False
+    # torch.compile the model's forward (dynamic shapes, so varying lengths do not recompile); compiled kernels are
+    # cached on disk (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/deltatune/inductor) and reused by later runs.
+    compile: bool = False
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""The chunked cross-entropy through the output layer (issue 15's fast path) against plain F.cross_entropy on the same
-tensors: value and every gradient, with ignored positions and chunks that do not divide the rows; and the SFT
-objective's chunked_loss against its plain loss on a tiny Llama."""
+"""The fast-path options of issue 15 on tiny models: the chunked cross-entropy through the output layer against
+plain F.cross_entropy on the same tensors (value and every gradient, ignored positions, chunks that do not divide
+the rows) and the SFT objective's chunked_loss against its plain loss; gradient checkpointing and torch.compile
+train as the eager, uncheckpointed run does."""
 
 from __future__ import annotations
 
@@ -71,3 +72,18 @@ def test_gradient_checkpointing_trains_the_same_and_refuses_models_without_it(tm
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     with pytest.raises(UserError, match="train.gradient_checkpointing needs a transformers model"):
         enable_gradient_checkpointing(tiny_cnn(), True)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_like_an_eager_one(tmp_path) -> None:
+    import json
+
+    from tests.test_runs import sft_run
+
+    losses = []
+    for compiled in (False, True):
+        root = tmp_path / str(compiled)
+        root.mkdir()
+        run = sft_run(root, "lora", ["method.r=4", "train.max_steps=2", "train.lr=1e-2", f"train.compile={compiled}"])
+        losses.append(json.loads((run / "summary.json").read_text())["after"]["validation"]["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

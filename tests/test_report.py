@@ -88,6 +88,8 @@ def test_report_mistakes(lora_classifier, tmp_path, capsys) -> None:
                    r"--forgetting .*cannot be read as classification rows", capsys, lora_classifier)
     assert_refused(["report", str(lora_classifier), "--forgetting-columns", "text"],
                    r"--forgetting-columns takes role=column", capsys, lora_classifier)
+    assert_refused(["report", str(lora_classifier), "--examples", "2"], r"--examples must be at least 4", capsys,
+                   lora_classifier)
 
 
 def test_the_report_of_an_image_classifier_and_its_forgetting_on_other_images(tmp_path) -> None:

@@ -49,6 +49,9 @@ def write_report(run_path: str | Path, options: ReportOptions | None = None, ech
     from deltatune.runs import open_run
 
     options = options or ReportOptions()
+    if options.examples < 4:
+        raise UserError(f"--examples must be at least 4 (CKA's unbiased estimator needs 4 inputs), got "
+                        f"{options.examples}")
     saved = open_run(run_path)
     if options.forgetting is not None and saved.task.name not in ("classification", "image-classification") \
             and not saved.task.can_generate:
@@ -61,6 +64,9 @@ def write_report(run_path: str | Path, options: ReportOptions | None = None, ech
     figures: dict[str, bytes] = {}
     sections = [_curves(saved.run_dir.metrics_file, figures)]
     validation = (run.data.validation or run.data.test)[:options.examples]
+    if len(validation) < 4:
+        raise UserError(f"{saved.run_dir.path} has {len(validation)} validation/test rows; the report compares "
+                        "representations on at least 4 (give the run a validation split)")
     base_features = block_features(base, _inputs(validation, run), run.config.model.family)
     tuned_features = block_features(run.model, _inputs(validation, run), run.config.model.family)
     sections.append(_weights(base, run.model, family, len(base_features), numbers, figures))

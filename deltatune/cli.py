@@ -21,6 +21,11 @@ def _train(args: argparse.Namespace) -> None:
     from deltatune.config.loader import load_config
     from deltatune.runner import train
 
+    if args.nproc is not None:
+        from deltatune.launch import launch
+
+        launch(args.config, args.overrides, args.nproc, args.resume)
+        return
     train(load_config(args.config, args.overrides), resume=args.resume)
 
 
@@ -132,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", default=[],
                        help="key.sub=value overrides, e.g. train.lr=3e-5 method.name=bitfit")
     train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.add_argument("--nproc", type=int, help="train on N processes of this machine (torchrun --standalone; "
+                       "gloo on CPU, NCCL with one GPU per process); train.batch_size stays the global batch")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(handler=_train)
 
@@ -224,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every rank reports; rank 0's line reads as usual
+        print(f"error: {'' if rank == '0' else f'rank {rank}: '}{error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from deltatune import distributed
 from deltatune.config.constraints import check_config
 from deltatune.config.loader import config_to_dict
 from deltatune.config.schema import RunConfig
@@ -155,10 +156,34 @@ def train(config: RunConfig, resume: bool = False, echo=print,
     --resume may change, the device, the metric, the output directory and its free space, whether a resume has
     steps left and its checkpoint loads. If the run still fails before its first step checkpoint, what it wrote is
     removed again, so the corrected command can simply be run again.
+
+    Under torchrun every rank runs this (`deltatune.distributed`): all of them build the same run and train it on
+    their shares of each batch; rank 0 alone prints, writes the run directory and measures the splits; the others
+    return {} once training is done.
     """
     check_config(config)
+    distributed.start(config.train.device)
+    try:
+        return _train(config, resume, echo if distributed.is_main() else _silent, on_evaluation)
+    finally:
+        distributed.stop()
+
+
+def _ranks_entry() -> dict[str, int]:
+    """{"ranks": N} for the summary of a distributed run; {} for one process."""
+    return {"ranks": distributed.world_size()} if distributed.world_size() > 1 else {}
+
+
+def _silent(*_: Any, **__: Any) -> None:
+    """`echo` of the ranks other than 0."""
+
+
+def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
+           on_evaluation: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
     config = with_run_as_model(config)  # a finished run as model.name: its model, adapters folded in
-    run_dir = find_run_dir(config, resume)
+    # Every rank checks; rank 0's name wins (an automatic name holds the time), and no rank writes before all
+    # have checked, since the broadcast waits for all of them.
+    run_dir = RunDir(distributed.broadcast_object(str(find_run_dir(config, resume).path)))
     if resume:
         config = resumed_config(run_dir, config)
     check_writable(run_dir.path)
@@ -167,32 +192,36 @@ def train(config: RunConfig, resume: bool = False, echo=print,
     prepared = prepare(config, run_dir.read_splits() if resume else None)
     setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
                     prepared.num_labels, prepared.processor)
-    precomputed = _precompute(prepared)
+    with distributed.main_first():  # rank 0 fills the objective's cache, the others read it
+        precomputed = _precompute(prepared)
     calibrate(prepared)
     choices = prepared.method.choices()
     if choices:
         echo(f"method {config.method.name} chose from the training data: {choices}")
     check_free_space(run_dir.path, prepared.model)
-    enable_gradient_checkpointing(prepared.model, config.train.gradient_checkpointing)
-    if config.train.compile:
-        compile_model(prepared.model)
     loop = _training_loop(prepared, run_dir)
     loop.on_evaluation = on_evaluation
     if resume:
         check_resume_point(run_dir, loop.total_steps)
     trainable, total = count_parameters(prepared.model)
     echo(f"model {config.model.name} ({prepared.task}), method {config.method.name}: "
-         f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), device {prepared.device}")
-    before = _metrics_before(prepared, run_dir, resume)  # of the untrained model: measured before loading a checkpoint
+         f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), device {prepared.device}"
+         + (f", {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""))
+    main = distributed.is_main()
+    before = _metrics_before(prepared, run_dir, resume) if main else {}  # measured before a checkpoint loads
     echo(format_metrics("before", before))
     resumed = resume and loop.resume()
-    with _removed_on_failure(run_dir):
-        _write_run_files(run_dir, prepared, before, loop.state.step if resumed else None)
-        if precomputed:
-            write_checkpoint_dir(run_dir.path / "precomputed", precomputed, {"objective": prepared.objective.name})
+    with _removed_on_failure(run_dir) if main else contextlib.nullcontext():
+        if main:
+            _write_run_files(run_dir, prepared, before, loop.state.step if resumed else None)
+            if precomputed:
+                write_checkpoint_dir(run_dir.path / "precomputed", precomputed, {"objective": prepared.objective.name})
         if resumed:
             echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
         state = loop.run()
+        distributed.barrier()  # best/ and the last checkpoint are written before anyone goes on
+        if not main:
+            return {}
         if holds_weights(run_dir.best):
             load_weights(prepared.model, prepared.method, read_weights(run_dir.best)[0])
         save_final_weights(run_dir, prepared)
@@ -202,8 +231,8 @@ def train(config: RunConfig, resume: bool = False, echo=print,
                "trainable_parameters": trainable, "total_parameters": total, "steps": state.step,
                "best_step": state.best_step, "stopped_early": state.stopped_early,
                "train_seconds": round(state.seconds, 1),
-               "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9), 1),
-               "before": before, "after": after, **({"method_choices": choices} if choices else {})}
+               "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9), 1), "before": before,
+               "after": after, **({"method_choices": choices} if choices else {}), **_ranks_entry()}
     run_dir.write_summary(summary)
     echo(f"run saved in {run_dir.path}")
     return summary
@@ -234,7 +263,11 @@ def compile_model(model: nn.Module) -> None:
 
 
 def _training_loop(prepared: Prepared, run_dir: RunDir) -> TrainingLoop:
+    """The loop over the prepared run, with the model's speed options (checkpointing, compile) switched on."""
     data, train_config = prepared.data, prepared.config.train
+    enable_gradient_checkpointing(prepared.model, train_config.gradient_checkpointing)
+    if train_config.compile:
+        compile_model(prepared.model)
     validation = Batches(data.validation, data.collate) if data.validation else None
     training_data = Batches(data.train, data.collate, train_config.group_by_length)
     return TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data, validation, train_config,

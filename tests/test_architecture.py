@@ -33,11 +33,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config schema", ("deltatune.config", "deltatune.config.schema")),
     ("models and data", ("deltatune.models", "deltatune.data")),
     ("methods", ("deltatune.methods",)),
-    ("objectives, tasks and training", ("deltatune.objectives", "deltatune.tasks", "deltatune.training")),
+    ("objectives, tasks and training", ("deltatune.objectives", "deltatune.tasks", "deltatune.training",
+                                         "deltatune.distributed")),
     ("config loader", ("deltatune.config.loader",)),
     ("adapter API", ("deltatune.adapters",)),
     ("runner", ("deltatune.resume", "deltatune.preparation", "deltatune.runner", "deltatune.runs")),
-    ("commands", ("deltatune.export", "deltatune.generate", "deltatune.advise", "deltatune.tune", "deltatune.insight")),
+    ("commands", ("deltatune.export", "deltatune.generate", "deltatune.advise", "deltatune.tune", "deltatune.insight",
+                  "deltatune.launch")),
     ("command line and public API", ("deltatune.cli", "deltatune.__main__", "deltatune")),
 ]
 # Imports of a higher layer that are allowed, each with its reason.

@@ -25,13 +25,23 @@ def _minilm_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-def tiny_bert(num_labels: int = 2) -> nn.Module:
+def tiny_bert(num_labels: int = 2, **config_overrides: Any) -> nn.Module:
     """BertForSequenceClassification: 2 layers, width 32."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=MINILM_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
-    return BertForSequenceClassification(config)
+    settings = dict(vocab_size=MINILM_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    return BertForSequenceClassification(BertConfig(**{**settings, **config_overrides}))
+
+
+def tiny_bert_without_dropout(num_labels: int = 2) -> nn.Module:
+    """tiny_bert with dropout off: runs that draw different random numbers (one process or several) then compute
+    the same function, so their weights can be compared."""
+    return tiny_bert(num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_bert_without_dropout_processor() -> Any:
+    return tiny_bert_processor()
 
 
 def tiny_bert_processor() -> Any:

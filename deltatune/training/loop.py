@@ -11,7 +11,6 @@ weights are checked to be finite before every evaluation and checkpoint, so no s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any, Callable
@@ -19,11 +18,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from deltatune import distributed
 from deltatune.config.schema import TrainConfig
 from deltatune.errors import UserError
 from deltatune.methods.base import Method
 from deltatune.objectives.base import Objective
 from deltatune.training.batches import Batches, example_length  # noqa: F401 - re-exported: callers import them here
+from deltatune.training.device import autocast_context, resolve_device, to_device  # noqa: F401 - re-exported
 from deltatune.training.checkpoint import prune_checkpoints, step_checkpoints, write_checkpoint_dir
 from deltatune.training.run_dir import RunDir
 from deltatune.training.schedule import make_scheduler
@@ -32,40 +33,12 @@ from deltatune.training.state import (
     flatten_steps,
     unflatten_steps,
     load_training_checkpoint,
+    rng_states,
     save_training_checkpoint,
     weights_to_save,
 )
 
 KEEP_CHECKPOINTS = 2
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device `train.device` names; a UserError when this machine does not have it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"train.device={name} but torch finds no CUDA GPU on this machine; "
-                            f"set train.device=auto or cpu")
-        if device.index is not None and device.index >= count:
-            raise UserError(f"train.device={name} but this machine has {count} CUDA GPU(s), cuda:0 to "
-                            f"cuda:{count - 1}; pick one of those")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"train.device={name} but torch finds no Apple GPU (MPS) here; set train.device=auto or cpu")
-    return device
-
-
-def autocast_context(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager:
-    """Mixed precision where it pays: bf16 autocast on CUDA by default; fp32 on CPU (bf16 is ~7x slower there)."""
-    if dtype_name == "auto":
-        dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if dtype_name == "fp32":
-        return contextlib.nullcontext()
-    # Names outside DTYPES never get here: the config parser refuses them.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def set_train_mode(model: nn.Module) -> None:
@@ -76,18 +49,6 @@ def set_train_mode(model: nn.Module) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not any(p.requires_grad for p in module.parameters()):
                 module.eval()
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """`batch` with every tensor moved to `device`, however deeply it sits in dicts, lists and tuples (a preference
-    pair's chosen/rejected halves are nested batches); anything else is kept as it is."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(value, device) for value in batch)
-    return batch
 
 
 def evaluate(
@@ -183,6 +144,11 @@ class TrainingLoop:
         self.pending: list[list[Any]] | None = None
         # Called with (step, validation metrics) after every evaluation, once the best checkpoint is written.
         self.on_evaluation: Callable[[int, dict[str, float]], None] | None = None
+        ranks = distributed.world_size()
+        if ranks > 1 and objective.rollout_size and (objective.rollout_size % ranks or cfg.batch_size % ranks):
+            raise UserError(f"objective {objective.name!r} generates its own batches: with {ranks} ranks "
+                            f"rollout_size ({objective.rollout_size}) and train.batch_size ({cfg.batch_size}) must "
+                            f"both be multiples of {ranks}")
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint (model, optimizer, schedule, RNG, loop state); False when there is
@@ -202,7 +168,9 @@ class TrainingLoop:
         from tqdm.auto import tqdm
 
         set_train_mode(self.model)
-        progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.cfg.progress,
+        self._same_start_on_every_rank()
+        progress = tqdm(total=self.total_steps, initial=self.state.step,
+                        disable=not self.cfg.progress or not distributed.is_main(),
                         desc="train", unit="step", dynamic_ncols=True)
         while self.state.step < self.total_steps and not self.state.stopped_early:
             if self.state.group == 0 and self.pending is None:
@@ -225,6 +193,22 @@ class TrainingLoop:
                 self.state.epoch, self.state.group = self.state.epoch + 1, 0
         progress.close()
         return self.state
+
+    def _same_start_on_every_rank(self) -> None:
+        """In a distributed run: every rank trains the same parameters from rank 0's values, and (on a fresh start)
+        ranks other than 0 draw their own dropout masks; rank 0 keeps the stream a single process would use."""
+        if distributed.world_size() == 1:
+            return
+        trainable = [name for name, param in self.model.named_parameters() if param.requires_grad]
+        distributed.check_same_on_all_ranks(trainable, "which parameters train")
+        # Frozen weights come from the same files on every rank; what trains (and running statistics) is sent.
+        buffers = [b for b in self.model.buffers() if b.is_floating_point() and b.is_contiguous()]
+        distributed.broadcast_from_main([*self._trainable(), *buffers])
+        if self.state.step == 0 and not distributed.is_main():
+            torch.manual_seed(self.cfg.seed * 1_000_003 + distributed.rank())
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad] + self.objective.trainable_parameters()
 
     def epoch_groups(self) -> list[list[list[int]]]:
         """The current epoch's draws: for most objectives each is one optimizer step's group of micro-batches (lists
@@ -252,7 +236,7 @@ class TrainingLoop:
                 stats = self.objective.start_epoch(self.state.epoch, self.model, batches_of, self.cfg.eval_batch_size)
         finally:
             set_train_mode(self.model)
-        if stats:
+        if stats and distributed.is_main():
             self.run_dir.log({"type": "round", "step": self.state.step + 1, "epoch": self.state.epoch, **stats})
 
     def _updates(self, group: list[list[int]]) -> list[list[Any]]:
@@ -260,11 +244,13 @@ class TrainingLoop:
         in eval mode under the run's autocast; training mode comes back afterwards)."""
         if not self.objective.rollout_size:
             return [group]
-        batch = to_device(self.train_data.collate([self.train_data.examples[i] for i in group[0]]), self.device)
+        indices, _ = distributed.share(group[0])  # each rank rolls out on its share, in batches of its share
+        batch = to_device(self.train_data.collate([self.train_data.examples[i] for i in indices]), self.device)
         self.model.eval()
         try:
             with autocast_context(self.device, self.cfg.dtype):
-                return self.objective.rollout(self.model, batch, self.cfg.batch_size, self.cfg.gradient_accumulation)
+                return self.objective.rollout(self.model, batch, self.cfg.batch_size // distributed.world_size(),
+                                              self.cfg.gradient_accumulation)
         finally:
             set_train_mode(self.model)
 
@@ -276,19 +262,25 @@ class TrainingLoop:
         started = time.perf_counter()
         total_loss, stats, tokens = 0.0, {}, 0
         for item in group:
-            batch = item if isinstance(item, dict) else self.train_data.collate(
-                [self.train_data.examples[i] for i in item])
+            weight = 1.0
+            if isinstance(item, dict):
+                batch = item
+            else:  # a global micro-batch of example indices: this rank computes its share (all of it alone)
+                indices, weight = distributed.share(item)
+                batch = self.train_data.collate([self.train_data.examples[i] for i in indices])
             batch = to_device(batch, self.device)
             with autocast_context(self.device, self.cfg.dtype):
                 loss, stats = self.objective.loss(self.model, batch)
             # Each micro-batch carries 1/len(group) of the step's loss, so accumulation equals one big batch.
-            (loss / len(group)).backward()
-            total_loss += loss.item() / len(group)
-            tokens += self.objective.tokens_in(batch)
+            (loss * (weight / len(group))).backward()
+            total_loss += loss.item() * weight / len(group)
+            tokens += self.objective.tokens_in(batch) if weight else 0
+        params = self._trainable()
+        total_loss, tokens = distributed.average_gradients(params, [total_loss, tokens])
+        tokens = round(tokens * distributed.world_size())  # every rank's tokens, summed
         if not math.isfinite(total_loss):
             raise self._diverged(f"the loss is {total_loss}", self.state.step + 1)
         if self.cfg.max_grad_norm:
-            params = [p for p in self.model.parameters() if p.requires_grad] + self.objective.trainable_parameters()
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
             if not math.isfinite(stats["grad_norm"]):
                 raise self._diverged(f"the gradient norm is {stats['grad_norm']}", self.state.step + 1)
@@ -318,7 +310,8 @@ class TrainingLoop:
         last = step == self.total_steps
         if last or step % self.save_every == 0 or (self.validation_data is not None and step % self.eval_every == 0):
             self._check_weights_finite()  # nothing non-finite may reach best/ or a checkpoint
-        if step % self.cfg.log_every == 0 or last:
+        main = distributed.is_main()  # the one rank that writes; all of them evaluate, so all decide alike
+        if (step % self.cfg.log_every == 0 or last) and main:
             self.run_dir.log({"type": "train", "step": step, "epoch": self._epoch_progress(), "loss": loss,
                               "lr": self.scheduler.get_last_lr()[0], **stats})
         if self.validation_data is not None and (step % self.eval_every == 0 or step == self.total_steps):
@@ -327,18 +320,22 @@ class TrainingLoop:
             extra = {"objective": self.objective.state_tensors()}
             if self.pending is not None:
                 extra["rollout"] = flatten_steps(self.pending)
-            save_training_checkpoint(self.run_dir.checkpoints / f"step-{step:08d}", self.model, self.method,
-                                     self.optimizer, self.scheduler, self.state,
-                                     {name: group for name, group in extra.items() if group})
-            prune_checkpoints(self.run_dir.checkpoints, KEEP_CHECKPOINTS)
+            rng = rng_states()  # every rank's, gathered before rank 0 writes them
+            if main:
+                save_training_checkpoint(self.run_dir.checkpoints / f"step-{step:08d}", self.model, self.method,
+                                         self.optimizer, self.scheduler, self.state,
+                                         {name: group for name, group in extra.items() if group}, rng)
+                prune_checkpoints(self.run_dir.checkpoints, KEEP_CHECKPOINTS)
 
     def _epoch_progress(self) -> float:
         return round(self.state.step / self.steps_per_epoch, 4)
 
     def _evaluate_and_track(self) -> None:
         metrics = evaluate(self.model, self.objective, self.validation_data, self.cfg, self.device)
-        self.run_dir.log({"type": "eval", "split": "validation", "step": self.state.step,
-                          "epoch": self._epoch_progress(), **metrics})
+        main = distributed.is_main()
+        if main:
+            self.run_dir.log({"type": "eval", "split": "validation", "step": self.state.step,
+                              "epoch": self._epoch_progress(), **metrics})
         if self.metric not in metrics:
             raise UserError(f"train.metric {self.metric!r} is not reported by this objective; choose from "
                             f"{', '.join(metrics)}")
@@ -348,8 +345,9 @@ class TrainingLoop:
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.evaluations_without_improvement = 0
-            write_checkpoint_dir(self.run_dir.best, {"model": weights_to_save(self.model, self.method)},
-                                 {"step": self.state.step, self.metric: value})
+            if main:
+                write_checkpoint_dir(self.run_dir.best, {"model": weights_to_save(self.model, self.method)},
+                                     {"step": self.state.step, self.metric: value})
         else:
             self.state.evaluations_without_improvement += 1
             patience = self.cfg.early_stopping_patience or self.objective.early_stopping_patience

@@ -65,13 +65,13 @@ def save_training_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: LoopState,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Model weights, optimizer, schedule, RNG and loop state; `extra` adds named tensor groups (an objective's own
-    state, the rollout steps not yet taken), read back through `load_training_checkpoint`'s `extra_out`."""
+    state, the rollout steps not yet taken), read back through `load_training_checkpoint`'s `extra_out`. `rng` is
+    `rng_states()` of every rank (gathered by the loop, since only rank 0 writes); by default this process's."""
     optimizer_tensors, optimizer_rest = optimizer_to_tensors(optimizer)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    rng = rng if rng is not None else rng_states()
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     write_checkpoint_dir(
         directory,
@@ -145,9 +145,36 @@ def _restore(
     )
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    rng = tensors["rng"]
-    torch.set_rng_state(rng["cpu"])
-    cuda_states = [rng[f"cuda{i}"] for i in range(len(rng) - 1) if f"cuda{i}" in rng]
+    restore_rng_states(tensors["rng"])
+    return LoopState(**state["loop"])
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The random-number generators' states of this process ("cpu", "cuda0", ...); in a distributed run those of
+    every rank, rank r > 0 under "rank<r>." names (each rank draws its own dropout masks)."""
+    from deltatune import distributed
+
+    local = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        local.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    gathered = distributed.gather_objects(local)
+    return {**gathered[0], **{f"rank{index}.{name}": state for index, states in enumerate(gathered[1:], 1)
+                              for name, state in states.items()}}
+
+
+def restore_rng_states(rng: dict[str, torch.Tensor]) -> None:
+    """Inverse of `rng_states` for this process. A rank the checkpoint has no state for (resuming on more ranks
+    than it was saved with) starts a generator of its own, seeded by its rank."""
+    from deltatune import distributed
+
+    index = distributed.rank()
+    prefix = f"rank{index}." if index else ""
+    mine = {name[len(prefix):]: state for name, state in rng.items() if name.startswith(prefix)
+            and (prefix or not name.startswith("rank"))}
+    if "cpu" not in mine:
+        torch.manual_seed(1_000_003 * index + int(rng["cpu"][:8].sum()))
+        return
+    torch.set_rng_state(mine["cpu"])
+    cuda_states = [mine[f"cuda{i}"] for i in range(len(mine) - 1) if f"cuda{i}" in mine]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return LoopState(**state["loop"])

@@ -1,0 +1,211 @@
+"""Data-parallel training (`deltatune.distributed`, `--nproc`): ranks stay identical, N ranks make the steps of one
+process with the same global batch, and a killed rank stops the job with one line and a resumable checkpoint."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from deltatune import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shares_weighted_by_size_average_to_the_whole_batch_mean(monkeypatch):
+    values = torch.randn(50)
+    for ranks in (2, 3, 4):
+        for size in range(1, 12):
+            batch = list(range(size))
+            averaged = 0.0
+            taken = []
+            for index in range(ranks):
+                monkeypatch.setattr(distributed, "world_size", lambda: ranks)
+                monkeypatch.setattr(distributed, "rank", lambda: index)
+                share, weight = distributed.share(batch)
+                averaged += weight * float(values[share].mean()) / ranks
+                taken += share if weight else []
+            assert taken == batch, (ranks, size)  # every example once, in order, none twice
+            assert averaged == pytest.approx(float(values[:size].mean()), abs=1e-6), (ranks, size)
+
+
+class _DropoutToy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.dropout = nn.Linear(4, 3), nn.Dropout(0.5)
+
+    def forward(self, x, labels=None):
+        return self.layer(self.dropout(x))
+
+
+def _rank_worker(index: int, port: int, out: str, steps: int) -> None:
+    """One rank of a 2-rank gloo group training a model with dropout (each rank draws its own masks) for `steps`
+    steps, then comparing its parameters with the other rank's."""
+    from deltatune.config.schema import TrainConfig
+    from deltatune.methods.selective.full import FullConfig, FullFineTuning
+    from deltatune.objectives.classification import Classification
+    from deltatune.training.loop import Batches, TrainingLoop
+    from deltatune.training.run_dir import RunDir
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.start("cpu")
+    torch.manual_seed(1)
+    examples = [{"x": torch.randn(4), "labels": torch.tensor(i % 3)} for i in range(21)]
+    collate = lambda items: {key: torch.stack([item[key] for item in items]) for key in items[0]}  # noqa: E731
+    torch.manual_seed(100 + index)  # ranks start apart: the loop must give them rank 0's weights
+    model = _DropoutToy()
+    method = FullFineTuning(FullConfig())
+    method.apply(model, None)
+    cfg = TrainConfig(progress=False, group_by_length=False, max_steps=steps, batch_size=5, lr=0.05,
+                      warmup_steps=0, save_every=1000, eval_every=1000)
+    run_dir = RunDir(Path(out) / "run")
+    if distributed.is_main():
+        run_dir.create()
+    distributed.barrier()
+    loop = TrainingLoop(model, method, Classification(), Batches(examples, collate), None, cfg, run_dir,
+                        torch.device("cpu"))
+    loop.run()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = distributed.gather_objects(flat)
+    if distributed.is_main():
+        (Path(out) / "result.json").write_text(json.dumps({
+            "identical": bool(torch.equal(gathered[0], gathered[1])),
+            "moved": float((gathered[0] - torch.cat([p.reshape(-1) for p in _start_weights()])).abs().max())}))
+    distributed.stop()
+
+
+def _start_weights() -> list[torch.Tensor]:
+    torch.manual_seed(100)
+    return [p.detach() for p in _DropoutToy().parameters()]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_every_rank_holds_the_same_parameters_after_training_steps(tmp_path):
+    torch.multiprocessing.spawn(_rank_worker, args=(_free_port(), str(tmp_path), 7), nprocs=2, join=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["identical"], "ranks drifted apart"
+    assert result["moved"] > 1e-3, "the training steps did not change the weights"
+
+
+CONFIG = """
+model: {name: 'tests.tiny_models:tiny_bert_without_dropout', task: classification}
+data: {name: data.jsonl, max_length: 16, split: {validation: 0.2, test: 0.2, seed: 3}}
+method: {name: full}
+train:
+  max_steps: 12
+  batch_size: 5
+  gradient_accumulation: 2
+  lr: 1.0e-3
+  eval_every: 4
+  save_every: 4
+  log_every: 1
+  num_threads: 1
+  progress: false
+  seed: 5
+output_dir: runs
+"""
+
+
+def _workspace(root: Path, rows: int = 40) -> None:
+    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "actor", "scene"]
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(rows):
+        picks = torch.randint(0, len(words), (6,), generator=generator).tolist()
+        label = int(sum(j < 3 for j in picks) > sum(3 <= j < 6 for j in picks))
+        lines.append(json.dumps({"text": " ".join(words[j] for j in picks), "label": label}) + "\n")
+    (root / "data.jsonl").write_text("".join(lines))
+    (root / "config.yaml").write_text(CONFIG)
+
+
+def _deltatune(workdir: Path, *arguments: str, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "deltatune", "train", "config.yaml", *arguments]
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out, err
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "weights" / "model.safetensors")
+
+
+def test_two_ranks_take_the_steps_of_one_process_with_the_same_global_batch(tmp_path):
+    # 24 training rows in global micro-batches of 5: the last one (4 rows) splits 2 / 2, the others 2 / 3.
+    _workspace(tmp_path)
+    code, out, err = _deltatune(tmp_path, "run_name=one")
+    assert code == 0, err
+    code, out, err = _deltatune(tmp_path, "run_name=two", "--nproc", "2")
+    assert code == 0, err
+    assert "2 ranks" in out and out.count("run saved in") == 1  # rank 0 alone prints
+    one, two = _weights(tmp_path / "runs" / "one"), _weights(tmp_path / "runs" / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    summary = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["steps"] == 12
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "two" / "metrics.jsonl").open()]
+    assert [r["step"] for r in logged if r["type"] == "train"] == list(range(1, 13))  # once, not once per rank
+    reference = [r["loss"] for r in map(json.loads, (tmp_path / "runs" / "one" / "metrics.jsonl").open())
+                 if r["type"] == "train"]
+    assert [r["loss"] for r in logged if r["type"] == "train"] == pytest.approx(reference, abs=1e-5)
+
+
+def _rank_pids(launcher: int) -> dict[int, int]:
+    """RANK -> pid of the processes the launcher started (read from /proc)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        rank = next((item.split(b"=")[1] for item in environ if item.startswith(b"RANK=")), None)
+        if parent == launcher and rank is not None:
+            ranks[int(rank)] = int(entry.name)
+    return ranks
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' processes through /proc")
+def test_a_killed_rank_stops_the_job_with_one_line_and_resume_finishes(tmp_path):
+    _workspace(tmp_path, rows=200)
+    steps = ["train.max_steps=300", "train.save_every=10", "train.eval_every=100", "train.log_every=10"]
+    victim = _deltatune(tmp_path, "run_name=victim", "--nproc", "2", *steps, wait=False)
+    checkpoints = tmp_path / "runs" / "victim" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.glob("step-*"))):
+        time.sleep(0.05)
+    os.kill(_rank_pids(victim.pid)[1], signal.SIGKILL)
+    out, err = victim.communicate(timeout=300)
+    assert victim.returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 of 2 was killed by SIGKILL") and "--resume" in last, err
+    assert not (tmp_path / "runs" / "victim" / "weights").exists(), "killed too late"
+    done = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
+    assert f"step {done[-1]}" in last
+    # The last complete checkpoint loads: resumed on one process (another number of ranks), the run finishes.
+    code, out, err = _deltatune(tmp_path, "run_name=victim", "--resume", *steps)
+    assert code == 0, err
+    assert f"resumed from step {done[-1]}" in out
+    assert json.loads((tmp_path / "runs" / "victim" / "summary.json").read_text())["steps"] == 300

@@ -94,7 +94,12 @@ def build_model(config: RunConfig, task: Task, num_labels: int | None) -> tuple[
 
     method = get_method(config.method.name)(config.method)
     torch.manual_seed(config.train.seed)
-    model = load_model(config.model, task, num_labels)
+
+    def converting(skeleton: nn.Module) -> dict:  # e.g. qlora quantising each Linear as its weight is read
+        return method.convert_while_loading(skeleton, family_of(skeleton, config.model.family))
+
+    converts = type(method).convert_while_loading is not Method.convert_while_loading
+    model = load_model(config.model, task, num_labels, converting if converts else None)
     method.check_model_kind(model)
     method.apply(model, family_of(model, config.model.family))
     return model, method

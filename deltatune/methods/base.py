@@ -81,6 +81,13 @@ class Method:
         """Change `model` in place: set `requires_grad` and/or add the method's own modules."""
         raise NotImplementedError(f"{type(self).__name__} must implement apply()")
 
+    def convert_while_loading(self, model: nn.Module, family: Family) -> dict[str, Callable[[nn.Module], nn.Module]]:
+        """Modules to replace the moment their weights are read, by name, each with the function that builds the
+        replacement from the loaded module (qlora quantises frozen Linears, so the fp32 model never exists whole).
+        `model` is the uninitialised skeleton: read names, types and shapes, never values. `apply` runs afterwards
+        as usual and must accept the converted modules. {} (the default): load normally."""
+        return {}
+
     def calibration_needed(self) -> str | None:
         """None when `apply` alone readies the model; else why `calibrate` must see data before training (a phrase
         for the error that `deltatune.apply` raises when it is given none)."""

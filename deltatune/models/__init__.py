@@ -32,6 +32,7 @@ from deltatune.models.image import ImageClassifier, ImageProcessor
 from deltatune.models.sources import ALIASES, Alias, Source
 from deltatune.models.families import family_of
 from deltatune.models.head import ModelHead
+from deltatune.models.streaming import Converting
 from deltatune.models.student import keep_blocks, wants_student
 
 # huggingface_hub reads this once when first imported: set it before anything imports transformers, so no load
@@ -70,18 +71,22 @@ def load_processor(cfg: ModelConfig, task: ModelHead | None) -> Any:
     return _import_processor(cfg.name)
 
 
-def load_model(cfg: ModelConfig, task: ModelHead, num_labels: int | None) -> nn.Module:
+def load_model(cfg: ModelConfig, task: ModelHead, num_labels: int | None,
+               converting: Converting | None = None) -> nn.Module:
     """`cfg`'s model for `task` (a registered task, `deltatune.tasks.get_task(name)()`), fp32 on CPU; labelled tasks
     (classification, image-classification) get a new head of `num_labels` outputs.
 
     `num_labels` falls back to `cfg.num_labels`; labelled tasks require it. The task's `adapt_model` fix-ups
-    (e.g. wrapping a CNN in `ImageClassifier`) apply whatever the source.
+    (e.g. wrapping a CNN in `ImageClassifier`) apply whatever the source. `converting(skeleton)` names modules to
+    convert while a transformers directory (or a GGUF's cache) is read tensor by tensor (`deltatune.models.
+    streaming`); where that path does not apply the model loads as usual and the caller converts afterwards.
     """
     num_labels = num_labels if num_labels is not None else cfg.num_labels
     _check_num_labels(task, num_labels)
     source = sources.parse_source(cfg.name)
     sources.check_supported(source, task.name, task.auto_class)
-    model = task.adapt_model(_load(source, task, num_labels, cfg.allow_pickle))
+    model = _load_converting(source, task, num_labels, converting) if not wants_student(cfg.student) else None
+    model = task.adapt_model(model if model is not None else _load(source, task, num_labels, cfg.allow_pickle))
     if wants_student(cfg.student):
         model = keep_blocks(model, family_of(model, cfg.family), cfg.student)
     # Training runs in fp32 on CPU; the trainer moves and casts the model later if it wants another device/dtype.
@@ -100,6 +105,16 @@ def _load(source: Source, task: ModelHead, num_labels: int | None, allow_pickle:
     if source.kind == sources.TRANSFORMERS:
         return task.load_pretrained(_path(source), num_labels, allow_pickle)
     return _import_model(source.name, task, num_labels)
+
+
+def _load_converting(source: Source, task: ModelHead, num_labels: int | None,
+                     converting: Converting | None) -> nn.Module | None:
+    from deltatune.models import gguf_cache, streaming
+
+    if converting is None or task.auto_class is None or source.kind not in (sources.GGUF, sources.TRANSFORMERS):
+        return None
+    directory = gguf_cache.ensure_model(_path(source)) if source.kind == sources.GGUF else _path(source)
+    return streaming.load_converting(directory, task.auto_class, num_labels if task.labelled else None, converting)
 
 
 def _check_num_labels(task: ModelHead, num_labels: int | None) -> None:

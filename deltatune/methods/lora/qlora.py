@@ -24,19 +24,21 @@ restores the NF4 layer), which is also how an fp32 export of a QLoRA model is ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import nn
 
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
-from deltatune.methods.lora.lora import LoRA, LoRAConfig
+from deltatune.methods.lora.lora import LoRA, LoRAConfig, target_modules
 from deltatune.methods.lora.lora_layer import LoRALayer
 from deltatune.methods.lora.nf4 import BLOCK_SIZES
 from deltatune.methods.lora.qlora_layers import NF4Linear
 from deltatune.methods.shared.model_surgery import base_modules, replace_module
+from deltatune.methods.shared.modules_to_save import choose_modules_to_save
 from deltatune.models.families import Family
 
 
@@ -64,15 +66,41 @@ class QLoRA(LoRA):
         """Replace the chosen frozen nn.Linear layers by NF4Linear, before LoRA wraps the targets."""
         config: QLoRAConfig = self.config  # type: ignore[assignment]
         _validate(config)
-        tied = _tied_weights(model)
-        names = [name for name, module in targets.items() if _quantisable(name, module, tied)]
-        if config.quantize == "blocks":
-            names += [name for name in _frozen_block_linears(model, family, saved, tied) if name not in targets]
+        names = _names_to_quantise(model, family, targets, saved, config)  # none left when quantised while loading
         # Quantise everything first and only then swap modules in, so a failure leaves the model as it was.
         quantised = {name: _quantise(model, name, config) for name in names}
         for name, module in quantised.items():
             replace_module(model, name, module)
         return {name: quantised.get(name, module) for name, module in targets.items()}
+
+
+    def convert_while_loading(self, model: nn.Module, family: Family) -> dict[str, Callable[[nn.Module], nn.Module]]:
+        """Every Linear `prepare_targets` would quantise, quantised as its weight is read (the same NF4 codes:
+        quantising is deterministic). Not with `layers`: choosing blocks needs the loaded model first."""
+        config: QLoRAConfig = self.config  # type: ignore[assignment]
+        if config.layers is not None:
+            return {}
+        _validate(config)
+        saved = choose_modules_to_save(model, family, config.modules_to_save)
+        targets = target_modules(model, family, config, excluded=saved)
+        return {name: functools.partial(_quantise_loaded, name=name, config=config)
+                for name in _names_to_quantise(model, family, targets, saved, config)}
+
+
+def _names_to_quantise(model: nn.Module, family: Family, targets: dict[str, nn.Module], saved: list[str],
+                       config: QLoRAConfig) -> list[str]:
+    tied = _tied_weights(model)
+    names = [name for name, module in targets.items() if _quantisable(name, module, tied)]
+    if config.quantize == "blocks":
+        names += [name for name in _frozen_block_linears(model, family, saved, tied) if name not in targets]
+    return names
+
+
+def _quantise_loaded(module: nn.Module, name: str, config: QLoRAConfig) -> NF4Linear:
+    try:
+        return NF4Linear.from_linear(module, config.quant_block_size, config.double_quant)
+    except ValueError as error:
+        raise UserError(f"qlora cannot quantise {name!r}: {error}") from None
 
 
 def _validate(config: QLoRAConfig) -> None:
@@ -84,10 +112,7 @@ def _validate(config: QLoRAConfig) -> None:
 
 
 def _quantise(model: nn.Module, name: str, config: QLoRAConfig) -> NF4Linear:
-    try:
-        return NF4Linear.from_linear(model.get_submodule(name), config.quant_block_size, config.double_quant)
-    except ValueError as error:
-        raise UserError(f"qlora cannot quantise {name!r}: {error}") from None
+    return _quantise_loaded(model.get_submodule(name), name, config)
 
 
 def _tied_weights(model: nn.Module) -> set[int]:

@@ -19,7 +19,8 @@ from deltatune.tasks.base import Task
 from deltatune.training.run_dir import RunDir
 from deltatune.training.state import latest_loop_state
 
-RESUMABLE = ("train.max_steps", "train.epochs", "train.progress", "train.num_threads", "train.device")
+RESUMABLE = ("train.max_steps", "train.epochs", "train.progress", "train.num_threads", "train.device",
+             "train.distributed")  # checkpoints hold full tensors whichever way the ranks shared the work
 LOCATION = ("run_name", "output_dir")  # where the run is, not what it computes: never compared
 _ABSENT = object()
 

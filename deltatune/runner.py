@@ -38,6 +38,7 @@ from deltatune.training.checkpoint import (
     write_json_atomic,
 )
 from deltatune.training.loop import Batches, TrainingLoop, autocast_context, resolve_device, to_device
+from deltatune.training import sharding
 from deltatune.training.preflight import check_free_space, check_metric, check_writable
 from deltatune.resume import (
     LOCATION,
@@ -169,9 +170,13 @@ def train(config: RunConfig, resume: bool = False, echo=print,
         distributed.stop()
 
 
-def _ranks_entry() -> dict[str, int]:
-    """{"ranks": N} for the summary of a distributed run; {} for one process."""
-    return {"ranks": distributed.world_size()} if distributed.world_size() > 1 else {}
+def _ranks_entry(model: nn.Module) -> dict[str, Any]:
+    """For the summary of a distributed run: how many ranks, how they shared the model, and the parameter bytes
+    rank 0 held (all of them under ddp, its shards under fsdp); {} for one process."""
+    if distributed.world_size() == 1:
+        return {}
+    return {"ranks": distributed.world_size(), "distributed": "fsdp" if sharding.model_is_sharded(model) else "ddp",
+            "parameter_bytes_per_rank": sharding.local_parameter_bytes(model)}
 
 
 def _silent(*_: Any, **__: Any) -> None:
@@ -208,7 +213,9 @@ def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
          f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), device {prepared.device}"
          + (f", {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""))
     main = distributed.is_main()
-    before = _metrics_before(prepared, run_dir, resume) if main else {}  # measured before a checkpoint loads
+    # Only rank 0 needs the metrics, but a sharded (FSDP) model computes a forward on every rank together.
+    everyone = sharding.model_is_sharded(prepared.model)
+    before = _metrics_before(prepared, run_dir, resume) if main or everyone else {}  # before a checkpoint loads
     echo(format_metrics("before", before))
     resumed = resume and loop.resume()
     with _removed_on_failure(run_dir) if main else contextlib.nullcontext():
@@ -220,19 +227,21 @@ def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
             echo(f"resumed from step {loop.state.step} of {loop.total_steps}")
         state = loop.run()
         distributed.barrier()  # best/ and the last checkpoint are written before anyone goes on
-        if not main:
+        if not (main or everyone):
             return {}
         if holds_weights(run_dir.best):
             load_weights(prepared.model, prepared.method, read_weights(run_dir.best)[0])
         save_final_weights(run_dir, prepared)
         after = split_metrics(prepared)
+        if not main:
+            return {}
     echo(format_metrics("after", after))
     summary = {"run_dir": str(run_dir.path), "task": prepared.task, "method": config.method.name,
                "trainable_parameters": trainable, "total_parameters": total, "steps": state.step,
                "best_step": state.best_step, "stopped_early": state.stopped_early,
                "train_seconds": round(state.seconds, 1),
                "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9), 1), "before": before,
-               "after": after, **({"method_choices": choices} if choices else {}), **_ranks_entry()}
+               "after": after, **({"method_choices": choices} if choices else {}), **_ranks_entry(prepared.model)}
     run_dir.write_summary(summary)
     echo(f"run saved in {run_dir.path}")
     return summary
@@ -266,6 +275,10 @@ def _training_loop(prepared: Prepared, run_dir: RunDir) -> TrainingLoop:
     """The loop over the prepared run, with the model's speed options (checkpointing, compile) switched on."""
     data, train_config = prepared.data, prepared.config.train
     enable_gradient_checkpointing(prepared.model, train_config.gradient_checkpointing)
+    if train_config.distributed == "fsdp" and distributed.world_size() > 1:
+        from deltatune.models.families import family_of
+
+        sharding.shard_model(prepared.model, family_of(prepared.model, prepared.config.model.family), prepared.device)
     if train_config.compile:
         compile_model(prepared.model)
     validation = Batches(data.validation, data.collate) if data.validation else None
@@ -317,5 +330,7 @@ def _metrics_before(prepared: Prepared, run_dir: RunDir, resume: bool) -> dict[s
 
 
 def save_final_weights(run_dir: RunDir, prepared: Prepared) -> None:
-    write_checkpoint_dir(run_dir.weights, {"model": weights_to_save(prepared.model, prepared.method)},
-                         {"method": config_to_dict(prepared.config.method)})
+    """The final trainable weights into `weights/` (gathered on every rank when sharded; rank 0 writes)."""
+    weights = weights_to_save(prepared.model, prepared.method)
+    if distributed.is_main():
+        write_checkpoint_dir(run_dir.weights, {"model": weights}, {"method": config_to_dict(prepared.config.method)})

@@ -209,3 +209,40 @@ def test_a_killed_rank_stops_the_job_with_one_line_and_resume_finishes(tmp_path)
     assert code == 0, err
     assert f"resumed from step {done[-1]}" in out
     assert json.loads((tmp_path / "runs" / "victim" / "summary.json").read_text())["steps"] == 300
+
+
+def test_fsdp_shards_the_parameters_and_trains_as_ddp_does(tmp_path):
+    _workspace(tmp_path)
+    code, out, err = _deltatune(tmp_path, "run_name=ddp", "--nproc", "2")
+    assert code == 0, err
+    code, out, err = _deltatune(tmp_path, "run_name=fsdp", "--nproc", "2", "train.distributed=fsdp")
+    assert code == 0, err
+    ddp, fsdp = _weights(tmp_path / "runs" / "ddp"), _weights(tmp_path / "runs" / "fsdp")
+    assert ddp.keys() == fsdp.keys()  # saved whole: a one-process run or ddp can load them
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0, msg=name)
+    summaries = {name: json.loads((tmp_path / "runs" / name / "summary.json").read_text()) for name in ("ddp", "fsdp")}
+    assert summaries["fsdp"]["distributed"] == "fsdp" and summaries["ddp"]["distributed"] == "ddp"
+    halved = summaries["fsdp"]["parameter_bytes_per_rank"] / summaries["ddp"]["parameter_bytes_per_rank"]
+    assert 0.45 < halved < 0.55, halved
+    for split in ("validation", "test"):
+        assert summaries["fsdp"]["after"][split] == pytest.approx(summaries["ddp"]["after"][split], abs=1e-4)
+
+
+def test_an_fsdp_run_resumes_exactly_and_on_one_process(tmp_path):
+    # Checkpoints of a sharded run hold whole tensors: resumed under fsdp they are cut into shards again (weights
+    # and AdamW moments), resumed in one process they load as they are.
+    _workspace(tmp_path)
+    fsdp = ["--nproc", "2", "train.distributed=fsdp", "train.schedule=constant", "train.warmup_steps=0"]
+    assert _deltatune(tmp_path, "run_name=straight", *fsdp)[0] == 0
+    for name, again in (("sharded", fsdp), ("alone", fsdp[3:])):
+        code, out, err = _deltatune(tmp_path, f"run_name={name}", *fsdp, "train.max_steps=8")
+        assert code == 0, err
+        code, out, err = _deltatune(tmp_path, f"run_name={name}", "--resume", "train.max_steps=12", *again)
+        assert code == 0, err
+        assert "resumed from step 8 of 12" in out
+    straight = _weights(tmp_path / "runs" / "straight")
+    for name in ("sharded", "alone"):
+        resumed = _weights(tmp_path / "runs" / name)
+        for key in straight:
+            torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")

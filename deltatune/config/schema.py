@@ -159,6 +159,10 @@ class TrainConfig:
     # torch.compile the model's forward (dynamic shapes, so varying lengths do not recompile); compiled kernels are
     # cached on disk (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/deltatune/inductor) and reused by later runs.
     compile: bool = False
+    # With several ranks (`--nproc`, torchrun): ddp keeps a whole copy of the model on every rank and averages
+    # gradients; fsdp (FSDP2) shards every parameter, gradient and AdamW moment over the ranks, for models whose
+    # training state does not fit one device. One process ignores it.
+    distributed: str = field(default="ddp", metadata=one_of("ddp", "fsdp"))
 
 
 @dataclass

@@ -27,6 +27,7 @@ from deltatune.training.batches import Batches, example_length  # noqa: F401 - r
 from deltatune.training.device import autocast_context, resolve_device, to_device  # noqa: F401 - re-exported
 from deltatune.training.checkpoint import prune_checkpoints, step_checkpoints, write_checkpoint_dir
 from deltatune.training.run_dir import RunDir
+from deltatune.training import sharding
 from deltatune.training.schedule import make_scheduler
 from deltatune.training.state import (
     LoopState,
@@ -203,7 +204,8 @@ class TrainingLoop:
         distributed.check_same_on_all_ranks(trainable, "which parameters train")
         # Frozen weights come from the same files on every rank; what trains (and running statistics) is sent.
         buffers = [b for b in self.model.buffers() if b.is_floating_point() and b.is_contiguous()]
-        distributed.broadcast_from_main([*self._trainable(), *buffers])
+        # Sharded (FSDP) parameters were cut from identical copies; the rest is sent.
+        distributed.broadcast_from_main([t for t in [*self._trainable(), *buffers] if not sharding.is_sharded(t)])
         if self.state.step == 0 and not distributed.is_main():
             torch.manual_seed(self.cfg.seed * 1_000_003 + distributed.rank())
 
@@ -276,7 +278,9 @@ class TrainingLoop:
             total_loss += loss.item() * weight / len(group)
             tokens += self.objective.tokens_in(batch) if weight else 0
         params = self._trainable()
-        total_loss, tokens = distributed.average_gradients(params, [total_loss, tokens])
+        # FSDP already averaged its shards' gradients in backward (reduce-scatter); the rest are averaged here.
+        total_loss, tokens = distributed.average_gradients([p for p in params if not sharding.is_sharded(p)],
+                                                           [total_loss, tokens])
         tokens = round(tokens * distributed.world_size())  # every rank's tokens, summed
         if not math.isfinite(total_loss):
             raise self._diverged(f"the loss is {total_loss}", self.state.step + 1)
@@ -320,11 +324,11 @@ class TrainingLoop:
             extra = {"objective": self.objective.state_tensors()}
             if self.pending is not None:
                 extra["rollout"] = flatten_steps(self.pending)
-            rng = rng_states()  # every rank's, gathered before rank 0 writes them
+            # Every rank takes part (RNG states and sharded weights are gathered); rank 0 alone writes.
+            save_training_checkpoint(self.run_dir.checkpoints / f"step-{step:08d}", self.model, self.method,
+                                     self.optimizer, self.scheduler, self.state,
+                                     {name: group for name, group in extra.items() if group}, rng_states())
             if main:
-                save_training_checkpoint(self.run_dir.checkpoints / f"step-{step:08d}", self.model, self.method,
-                                         self.optimizer, self.scheduler, self.state,
-                                         {name: group for name, group in extra.items() if group}, rng)
                 prune_checkpoints(self.run_dir.checkpoints, KEEP_CHECKPOINTS)
 
     def _epoch_progress(self) -> float:
@@ -345,9 +349,9 @@ class TrainingLoop:
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.evaluations_without_improvement = 0
+            weights = weights_to_save(self.model, self.method)  # on every rank: sharded weights are gathered
             if main:
-                write_checkpoint_dir(self.run_dir.best, {"model": weights_to_save(self.model, self.method)},
-                                     {"step": self.state.step, self.metric: value})
+                write_checkpoint_dir(self.run_dir.best, {"model": weights}, {"step": self.state.step, self.metric: value})
         else:
             self.state.evaluations_without_improvement += 1
             patience = self.cfg.early_stopping_patience or self.objective.early_stopping_patience

@@ -12,6 +12,7 @@ from torch import nn
 
 from deltatune.errors import UserError
 from deltatune.methods.base import Method
+from deltatune.training import sharding
 from deltatune.training.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -45,16 +46,19 @@ def weights_to_save(model: nn.Module, method: Method) -> dict[str, torch.Tensor]
             for buffer_name, buffer in module.named_buffers(recurse=False):
                 if buffer_name not in module._non_persistent_buffers_set:
                     weights[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer
-    return weights
+    # Sharded (FSDP) weights are gathered whole: every rank must call this at the same point.
+    return {name: sharding.full(tensor) for name, tensor in weights.items()}
 
 
 def load_weights(model: nn.Module, method: Method, weights: dict[str, torch.Tensor]) -> None:
     """Inverse of `weights_to_save`."""
-    buffers = dict(model.named_buffers())
+    buffers, params = dict(model.named_buffers()), dict(model.named_parameters())
     with torch.no_grad():
         for name in [name for name in weights if name in buffers]:
             buffers[name].copy_(weights.pop(name))
-    method.load_trainable_state(model, weights)
+    # Full tensors go back into sharded (FSDP) parameters as shards of the same layout.
+    method.load_trainable_state(model, {name: sharding.like(tensor, params[name]) if name in params else tensor
+                                        for name, tensor in weights.items()})
 
 
 def save_training_checkpoint(
@@ -70,12 +74,18 @@ def save_training_checkpoint(
     """Model weights, optimizer, schedule, RNG and loop state; `extra` adds named tensor groups (an objective's own
     state, the rollout steps not yet taken), read back through `load_training_checkpoint`'s `extra_out`. `rng` is
     `rng_states()` of every rank (gathered by the loop, since only rank 0 writes); by default this process's."""
+    from deltatune import distributed
+
     optimizer_tensors, optimizer_rest = optimizer_to_tensors(optimizer)
+    optimizer_tensors = {name: sharding.full(tensor) for name, tensor in optimizer_tensors.items()}
     rng = rng if rng is not None else rng_states()
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    model_weights = weights_to_save(model, method)
+    if not distributed.is_main():
+        return  # the gathering above took every rank; rank 0 alone writes
     write_checkpoint_dir(
         directory,
-        {"model": weights_to_save(model, method), "optimizer": optimizer_tensors, "rng": rng, **(extra or {})},
+        {"model": model_weights, "optimizer": optimizer_tensors, "rng": rng, **(extra or {})},
         {"loop": dataclasses.asdict(state), "optimizer": optimizer_rest, "scheduler": scheduler_state},
     )
 
@@ -143,6 +153,11 @@ def _restore(
     optimizer_state = optimizer_from_tensors(
         {k: v.to(device) for k, v in tensors.get("optimizer", {}).items()}, state["optimizer"]
     )
+    ordered = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, entries in optimizer_state["state"].items():  # AdamW's moments of a sharded parameter: sharded too
+        for key, value in entries.items():
+            if torch.is_tensor(value) and index < len(ordered) and value.shape == ordered[index].shape:
+                entries[key] = sharding.like(value, ordered[index])
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     restore_rng_states(tensors["rng"])

@@ -2,7 +2,7 @@
 (`examples/smollm2_chatterbot_lora.yaml`: r 16 on every attention and MLP linear, packed batch of 4 rows ≤ 256
 tokens), the same first batches for every arm, each arm in its own process, alternating over rounds.
 
-    python benchmarks/qlora_memory.py [--rounds 2] [--steps 3]
+    python benchmarks/qlora_memory.py [--rounds 2] [--steps 3] [--return-freed-memory]
 
 Arms: deltatune `lora` (fp32 base), deltatune `qlora` (NF4 base, quantised tensor by tensor while loading), and
 bitsandbytes 4-bit loading (`BitsAndBytesConfig(load_in_4bit, nf4, double quant, fp32 compute)`) + peft LoRA with the
@@ -110,8 +110,12 @@ def run_bitsandbytes(steps: int, phases: dict) -> None:
     phase(phases, "steady")
 
 
-def worker(arm: str, steps: int) -> dict:
+def worker(arm: str, steps: int, return_freed: bool) -> dict:
     torch.manual_seed(0)
+    if return_freed:  # the same allocator policy for every arm (train.return_freed_memory)
+        from deltatune.training.device import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
     phases: dict = {}
     if arm == "bitsandbytes":
         run_bitsandbytes(steps, phases)
@@ -120,8 +124,9 @@ def worker(arm: str, steps: int) -> dict:
     return phases
 
 
-def measure(arm: str, steps: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", arm, str(steps)], capture_output=True, text=True)
+def measure(arm: str, steps: int, return_freed: bool) -> dict:
+    command = [sys.executable, __file__, "--worker", arm, str(steps), str(int(return_freed))]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{arm} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,18 +134,20 @@ def measure(arm: str, steps: int) -> dict:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--worker"]:
-        print(json.dumps(worker(argv[1], int(argv[2]))))
+        print(json.dumps(worker(argv[1], int(argv[2]), argv[3:] == ["1"])))
         return
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="every arm returns freed memory to the OS (train.return_freed_memory)")
     args = parser.parse_args(argv)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for index in range(args.rounds):
         for arm in ARMS if index % 2 == 0 else ARMS[::-1]:
-            results[arm].append(measure(arm, args.steps))
+            results[arm].append(measure(arm, args.steps, args.return_freed_memory))
             print(f"round {index + 1} {arm}: {json.dumps(results[arm][-1])}", flush=True)
     names = ["before load", "loaded", "first step", "steady"]
     print("\npeak RSS MiB so far (RSS at that moment), median of rounds")

@@ -18,7 +18,8 @@ Arms (every one trains on the same tokenised rows, made by deltatune's chatterbo
 Each arm takes 2 warm-up steps, then steps until `--tokens` real (unpadded) tokens were trained on; tokens/s counts
 those steps' real tokens over their wall time (data, forward, backward, optimizer). Afterwards each arm's model
 scores the same 128 validation rows (mean cross-entropy of the response tokens): the check that speed did not buy
-a different training. Peak RSS is the worker process's (the model load included). MFU counts 4N FLOPs per real
+a different training. Peak RSS is the worker process's until the end of training (the model load included, the validation pass
+not). MFU counts 4N FLOPs per real
 token (N = 134.5M: forward plus the input-gradient backward of the frozen base) over the fp32 matmul peak measured
 in the same run.
 """
@@ -79,12 +80,12 @@ def base_model() -> torch.nn.Module:
 
 
 def validation_loss(model: torch.nn.Module, validation: list[dict]) -> float:
-    """Mean cross-entropy of the response tokens of the first VALIDATION_ROWS rows, padded batches of 16."""
+    """Mean cross-entropy of the response tokens of the first VALIDATION_ROWS rows, padded batches of 4."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, min(VALIDATION_ROWS, len(validation)), 16):
-            batch = validation[start : start + 16]
+        for start in range(0, min(VALIDATION_ROWS, len(validation)), 4):
+            batch = validation[start : start + 4]
             longest = max(len(row["input_ids"]) for row in batch)
             ids = torch.tensor([row["input_ids"] + [0] * (longest - len(row["input_ids"])) for row in batch])
             labels = torch.tensor([row["labels"] + [-100] * (longest - len(row["labels"])) for row in batch])
@@ -95,6 +96,11 @@ def validation_loss(model: torch.nn.Module, validation: list[dict]) -> float:
                                                              ignore_index=-100, reduction="sum"))
             count += int((target != -100).sum())
     return total / count
+
+
+def peak_mib() -> float:
+    """This process's peak RSS so far (taken right after training, before the validation pass)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(step_ends: list[float], step_tokens: list[int], budget: int) -> tuple[int, float, int]:
@@ -119,7 +125,7 @@ def run_deltatune(budget: int, overrides: list[str]) -> dict:
     prepared = prepare(load_config(EXAMPLE, settings))
     setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
                     prepared.num_labels, prepared.processor)
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded_rss = peak_mib()
     with tempfile.TemporaryDirectory() as scratch:
         loop = _training_loop(prepared, RunDir(scratch))
     set_train_mode(prepared.model)
@@ -132,9 +138,10 @@ def run_deltatune(budget: int, overrides: list[str]) -> dict:
         if sum(tokens[WARMUP + 1 :]) >= budget:
             break
     real, seconds, steps = timed(ends[1:], tokens[1:], budget)
+    trained_peak = peak_mib()
     _, validation, _ = rows()
     return {"tokens": real, "seconds": seconds, "steps": steps, "loaded_rss_mib": loaded_rss,
-            "validation_loss": validation_loss(prepared.model, validation)}
+            "peak_rss_mib": trained_peak, "validation_loss": validation_loss(prepared.model, validation)}
 
 
 def peft_model() -> torch.nn.Module:
@@ -182,7 +189,7 @@ def run_trainer(budget: int, grouped: bool) -> dict:
 
     train, validation, tokenizer = rows()
     model = peft_model()
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded_rss = peak_mib()
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
                                   "labels": r["labels"]} for r in train])
     mean_tokens = statistics.mean(len(r["input_ids"]) for r in train)
@@ -194,9 +201,10 @@ def run_trainer(budget: int, grouped: bool) -> dict:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = _recording(Trainer)(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
         trainer.train()
+    trained_peak = peak_mib()
     real, seconds, steps_timed = timed(trainer.step_ends, trainer.step_tokens, budget)
     return {"tokens": real, "seconds": seconds, "steps": steps_timed, "loaded_rss_mib": loaded_rss,
-            "validation_loss": validation_loss(model, validation)}
+            "peak_rss_mib": trained_peak, "validation_loss": validation_loss(model, validation)}
 
 
 def run_trl(budget: int) -> dict:
@@ -205,7 +213,7 @@ def run_trl(budget: int) -> dict:
 
     train, validation, tokenizer = rows()
     model = peft_model()
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded_rss = peak_mib()
     dataset = Dataset.from_list([{"input_ids": r["input_ids"],
                                   "completion_mask": [int(label != -100) for label in r["labels"]]} for r in train])
     steps = WARMUP + math.ceil(1.3 * budget / (PACKED_BATCH * PACK_LENGTH)) + 2
@@ -216,22 +224,27 @@ def run_trl(budget: int) -> dict:
                                          processing_class=tokenizer)
         strategy = arguments.packing_strategy
         trainer.train()
+        trained_peak = peak_mib()
         apart = examples_kept_apart(model, trainer.data_collator, trainer.train_dataset)
     real, seconds, steps_timed = timed(trainer.step_ends, trainer.step_tokens, budget)
     return {"tokens": real, "seconds": seconds, "steps": steps_timed, "loaded_rss_mib": loaded_rss,
+            "peak_rss_mib": trained_peak,
             "validation_loss": validation_loss(model, validation), "packing_strategy": strategy,
             "examples_kept_apart": apart}
 
 
 def examples_kept_apart(model: torch.nn.Module, collator, packed_dataset) -> bool:
     """Whether the second example of a packed row computes the logits it computes alone (no attention to the
-    example packed before it), for the collator's own batch of the first packed row."""
+    example packed before it), for the collator's own batch of the first packed row holding several examples."""
     model.eval()
-    batch = collator([packed_dataset[0]])
-    positions = batch["position_ids"][0]
-    starts = [i for i in range(len(positions)) if positions[i] == 0]
-    if len(starts) < 2:
-        raise RuntimeError("the first packed row holds a single example; cannot test cross-example attention")
+    for index in range(min(200, len(packed_dataset))):
+        batch = collator([packed_dataset[index]])
+        positions = batch["position_ids"][0]
+        starts = [i for i in range(len(positions)) if positions[i] == 0]
+        if len(starts) >= 2:
+            break
+    else:
+        raise RuntimeError("no packed row of the first 200 holds two examples; cannot test cross-example attention")
     first, second = starts[1], (starts[2] if len(starts) > 2 else len(positions))
     inputs = {key: value for key, value in batch.items() if key not in ("labels", "completion_mask")}
     with torch.no_grad():
@@ -248,7 +261,6 @@ def worker(arm: str, budget: int, option: str) -> dict:
         result = run_trainer(budget, grouped=arm == "trainer-grouped")
     else:
         result = run_trl(budget)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
 

@@ -37,6 +37,7 @@ from deltatune.training.checkpoint import (
     write_checkpoint_dir,
     write_json_atomic,
 )
+from deltatune.training.device import return_freed_memory_to_os
 from deltatune.training.loop import Batches, TrainingLoop, autocast_context, resolve_device, to_device
 from deltatune.training import sharding
 from deltatune.training.preflight import check_free_space, check_metric, check_writable
@@ -163,6 +164,8 @@ def train(config: RunConfig, resume: bool = False, echo=print,
     return {} once training is done.
     """
     check_config(config)
+    if config.train.return_freed_memory:
+        return_freed_memory_to_os()
     distributed.start(config.train.device)
     try:
         return _train(config, resume, echo if distributed.is_main() else _silent, on_evaluation)

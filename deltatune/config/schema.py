@@ -163,6 +163,10 @@ class TrainConfig:
     # gradients; fsdp (FSDP2) shards every parameter, gradient and AdamW moment over the ranks, for models whose
     # training state does not fit one device. One process ignores it.
     distributed: str = field(default="ddp", metadata=one_of("ddp", "fsdp"))
+    # Linux: hand memory freed during a step (activations, qlora's dequantised weights) back to the OS instead of
+    # keeping it in the heap: a lower peak RSS (SmolLM2 SFT: -0.4 GB for lora, -0.5 GB for qlora); its cost in
+    # speed is measured in docs/benchmarks.md before it becomes the default.
+    return_freed_memory: bool = False
 
 
 @dataclass

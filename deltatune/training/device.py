@@ -54,3 +54,24 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(value, device) for value in batch)
     return batch
+
+
+def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation of `threshold_bytes` or more by its own mmap, unmapped again when freed
+    (`mallopt(M_MMAP_THRESHOLD)`, which also stops glibc from raising that threshold as it goes). By default glibc
+    raises it up to 32 MiB after the first large free, so the per-layer temporaries of a training step (qlora's
+    dequantised weights, activations) come from the heap and stay in the process's RSS after they are freed.
+    Measured on SmolLM2 LoRA SFT (benchmarks/qlora_memory.py): peak RSS 3.40 → 2.97 GB (lora), 3.13 → 2.62 GB
+    (qlora). Linux/glibc only; False where it does not apply. Process-wide: the runner calls it when
+    `train.return_freed_memory` is set, never on import."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))

@@ -100,9 +100,11 @@ def table() -> None:
     for key in LAYERS:
         summary = read_json(RUNS / f"insight-layers-{key}" / "summary.json")
         if summary:
-            blocks = summary.get("method_choices", {}).get("layers", LAYERS[key] or "all")
+            given = [override.split("=", 1)[1] for override in LAYERS[key] if override.startswith("method.layers=")]
+            blocks = summary.get("method_choices", {}).get("layers", given[0] if given else "all")
             print(f"| {key} | {blocks} | {summary['trainable_parameters']:,} | {summary['tokens_per_second']:.0f} | "
                   f"{summary['after']['validation']['accuracy']:.4f} | {summary['after']['test']['accuracy']:.4f} |")
+    tune_table()
     advised = read_json(RUNS / "insight-advise.json")
     if advised:
         print(f"\nadvisor: {advised['seconds']:.0f} s in all")
@@ -115,6 +117,28 @@ def table() -> None:
             print(f"| {candidate} | {row['predicted_seconds']:.0f} s | {wall:.0f} s "
                   f"({100 * (row['predicted_seconds'] / wall - 1):+.0f}%) | {row['peak_memory_bytes'] / 2**20:.0f} MiB | "
                   f"{rss:.0f} MiB ({100 * (row['peak_memory_bytes'] / 2**20 / rss - 1):+.0f}%) |")
+
+
+def tune_table() -> None:
+    """The study's best trial against the README LoRA recipe (runs/insight-lora), on validation and test."""
+    path = RUNS / "tune-insight-tune" / "trials.json"
+    if not path.exists():
+        return
+    trials = json.loads(path.read_text())
+    finished = [t for t in trials if t["state"] == "COMPLETE"]
+    pruned = sum(t["state"] == "PRUNED" for t in trials)
+    best = max(finished, key=lambda t: t["value"])
+    print(f"\n{len(trials)} trials: {len(finished)} complete, {pruned} pruned; best: trial {best['number']}")
+    print("| config | settings | validation accuracy | test accuracy |\n|---|---|---|---|")
+    recipe = read_json(RUNS / "insight-lora" / "summary.json")
+    if recipe:
+        print(f"| README recipe | epochs 3, batch 32, lr 1e-3, r 8, alpha 16 | "
+              f"{recipe['after']['validation']['accuracy']:.4f} | {recipe['after']['test']['accuracy']:.4f} |")
+    found = read_json(Path(best["run_dir"]) / "summary.json")
+    settings = ", ".join(f"{key.split('.')[-1]} {value:.3g}" if isinstance(value, float) else
+                         f"{key.split('.')[-1]} {value}" for key, value in best["params"].items())
+    print(f"| best trial ({best['number']}) | {settings} | {found['after']['validation']['accuracy']:.4f} | "
+          f"{found['after']['test']['accuracy']:.4f} |")
 
 
 def main(argv: list[str]) -> None:

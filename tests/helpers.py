@@ -5,6 +5,7 @@ the method-specific tests share."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -199,3 +200,27 @@ def assert_merge_round_trip(model: nn.Module, run: Run, atol: float = 1e-5, rest
 
 def has_no_adapters(model: nn.Module) -> bool:
     return not adapter_layers(model)
+
+
+def tiny_classification_run(root: Path, rows: int = 80, model: str = "tests.tiny_models:tiny_bert", **train: Any) -> None:
+    """A workspace for `deltatune train config.yaml` in `root`: data.jsonl of `rows` seeded word-bag reviews
+    (label 1 when positive words outnumber negative ones) and config.yaml training `model` in full on it;
+    `train` overrides the train section (defaults: 240 steps of 4 rows, accumulation 2, a checkpoint every 10)."""
+    import json
+
+    import yaml
+
+    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "actor", "scene"]
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(rows):
+        picks = torch.randint(0, len(words), (6,), generator=generator).tolist()
+        label = int(sum(j < 3 for j in picks) > sum(3 <= j < 6 for j in picks))
+        lines.append(json.dumps({"text": " ".join(words[j] for j in picks), "label": label}) + "\n")
+    (root / "data.jsonl").write_text("".join(lines))
+    settings = {"max_steps": 240, "batch_size": 4, "gradient_accumulation": 2, "lr": 1.0e-3, "eval_every": 20,
+                "save_every": 10, "log_every": 5, "num_threads": 1, "progress": False, "seed": 5, **train}
+    config = {"model": {"name": model, "task": "classification"},
+              "data": {"name": "data.jsonl", "max_length": 16, "split": {"validation": 0.2, "test": 0.2, "seed": 3}},
+              "method": {"name": "full"}, "train": settings, "output_dir": "runs"}
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deltatune import distributed
+from tests.helpers import tiny_classification_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,35 +103,10 @@ def test_every_rank_holds_the_same_parameters_after_training_steps(tmp_path):
     assert result["moved"] > 1e-3, "the training steps did not change the weights"
 
 
-CONFIG = """
-model: {name: 'tests.tiny_models:tiny_bert_without_dropout', task: classification}
-data: {name: data.jsonl, max_length: 16, split: {validation: 0.2, test: 0.2, seed: 3}}
-method: {name: full}
-train:
-  max_steps: 12
-  batch_size: 5
-  gradient_accumulation: 2
-  lr: 1.0e-3
-  eval_every: 4
-  save_every: 4
-  log_every: 1
-  num_threads: 1
-  progress: false
-  seed: 5
-output_dir: runs
-"""
-
-
 def _workspace(root: Path, rows: int = 40) -> None:
-    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "actor", "scene"]
-    generator = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(rows):
-        picks = torch.randint(0, len(words), (6,), generator=generator).tolist()
-        label = int(sum(j < 3 for j in picks) > sum(3 <= j < 6 for j in picks))
-        lines.append(json.dumps({"text": " ".join(words[j] for j in picks), "label": label}) + "\n")
-    (root / "data.jsonl").write_text("".join(lines))
-    (root / "config.yaml").write_text(CONFIG)
+    # 24 training rows of 40; no dropout, so runs that draw different random numbers compute the same function.
+    tiny_classification_run(root, rows, "tests.tiny_models:tiny_bert_without_dropout", max_steps=12, batch_size=5,
+                            eval_every=4, save_every=4, log_every=1)
 
 
 def _deltatune(workdir: Path, *arguments: str, wait: bool = True):

@@ -11,25 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import tiny_classification_run
+
 REPO = Path(__file__).resolve().parents[1]
 
-CONFIG = """
-model: {name: 'tests.tiny_models:tiny_bert', task: classification}
-data: {name: data.jsonl, max_length: 16, split: {validation: 0.2, test: 0.2, seed: 3}}
-method: {name: full}
-train:
-  max_steps: 240
-  batch_size: 4
-  gradient_accumulation: 2
-  lr: 1.0e-3
-  eval_every: 20
-  save_every: 10
-  log_every: 5
-  num_threads: 1
-  progress: false
-  seed: 5
-output_dir: runs
-"""
 
 
 def start(workdir: Path, *extra: str) -> subprocess.Popen:
@@ -43,15 +28,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "actor", "scene"]
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(80):
-        picks = torch.randint(0, len(words), (6,), generator=generator).tolist()
-        text = " ".join(words[j] for j in picks)
-        rows.append({"text": text, "label": int(sum(j < 3 for j in picks) > sum(3 <= j < 6 for j in picks))})
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "config.yaml").write_text(CONFIG)
+    tiny_classification_run(tmp_path)
 
     reference = start(tmp_path, "run_name=reference")
     out, err = reference.communicate(timeout=600)

@@ -24,7 +24,8 @@ WORKLOADS = {
 LAYOUTS = {"1-process": [], "2-ranks-ddp": ["--nproc", "2"]}
 # Full fine-tuning of SmolLM2 on 2 ranks, whole copies (ddp) against shards (fsdp): same losses, half the
 # parameter bytes per rank.
-SHARDED = ("examples/smollm2_chatterbot_sft.yaml", ["train.max_steps=10", "train.eval_every=10", "train.log_every=1"])
+SHARDED = ("examples/smollm2_chatterbot_sft.yaml",
+           ["method={name: full}", "train.max_steps=10", "train.eval_every=10", "train.log_every=1"])
 SHARDED_LAYOUTS = {"2-ranks-ddp": ["--nproc", "2"], "2-ranks-fsdp": ["--nproc", "2", "train.distributed=fsdp"]}
 
 

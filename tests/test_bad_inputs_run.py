@@ -222,7 +222,8 @@ RESUME_CASES = {
                                                       r"for 2 in all; resume with train\.max_steps=3 or more"),
     "changed lr": (["train.lr=0.1"], r"--resume continues runs/done as it was configured, but train\.lr changed "
                                      r"\(5e-05 -> 0\.1\); on resume only train\.max_steps, train\.epochs, "
-                                     r"train\.progress, train\.num_threads, train\.device may change"),
+                                     r"train\.progress, train\.num_threads, train\.device, train\.distributed "
+                                     r"may change"),
     "changed method": (["method.name=bitfit"], r"but method\.name changed \('full' -> 'bitfit'\)"),
 }
 

@@ -75,9 +75,18 @@ def start(device_name: str) -> None:
     dist.init_process_group("nccl" if on_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
 
 
-def stop() -> None:
-    """Leave the process group (at the end of a run), so the process exits cleanly."""
+def stop(succeeded: bool = True) -> None:
+    """Leave the process group (at the end of a run), so the process exits cleanly.
+
+    Why the barrier first: gloo's worker threads release a finished collective's tensors after the caller has
+    already moved on; when those tensors are Python-owned (all_gather_object's) and the interpreter is shutting
+    down by then, the release cannot take the GIL and the rank dies with SIGABRT ("terminate called without an
+    active exception") after a run that succeeded. Waiting in one more collective gives those threads the GIL.
+    A rank that failed skips it: its peers may be gone, and it would wait the whole collective timeout."""
     if dist.is_initialized():
+        if succeeded:
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
         dist.destroy_process_group()
 
 

@@ -167,10 +167,13 @@ def train(config: RunConfig, resume: bool = False, echo=print,
     if config.train.return_freed_memory:
         return_freed_memory_to_os()
     distributed.start(config.train.device)
+    succeeded = False
     try:
-        return _train(config, resume, echo if distributed.is_main() else _silent, on_evaluation)
+        summary = _train(config, resume, echo if distributed.is_main() else _silent, on_evaluation)
+        succeeded = True
+        return summary
     finally:
-        distributed.stop()
+        distributed.stop(succeeded)
 
 
 def _ranks_entry(model: nn.Module) -> dict[str, Any]:

@@ -150,9 +150,9 @@ def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(config: RunConfig, resume: bool = False, echo=print,
-          on_evaluation: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+          on_evaluation: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Fine-tune as `config` says; returns the summary also written to the run directory. `on_evaluation(step,
-    metrics)` runs after every validation (a search's pruner raises there to stop a poor trial).
+    total_steps, metrics)` runs after every validation (a search's pruner raises there to stop a poor trial).
 
     Everything checkable is checked before the run directory is written: ranges and choices of the config, what
     --resume may change, the device, the metric, the output directory and its free space, whether a resume has
@@ -190,7 +190,7 @@ def _silent(*_: Any, **__: Any) -> None:
 
 
 def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
-           on_evaluation: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
+           on_evaluation: Callable[[int, int, dict[str, float]], None] | None) -> dict[str, Any]:
     config = with_run_as_model(config)  # a finished run as model.name: its model, adapters folded in
     # Every rank checks; rank 0's name wins (an automatic name holds the time), and no rank writes before all
     # have checked, since the broadcast waits for all of them.

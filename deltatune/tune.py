@@ -1,9 +1,13 @@
 """`deltatune tune CONFIG --trials N`: hyperparameter search with optuna (Akiba et al. 2019).
 
 Every trial is a normal run directory (`<output_dir>/<run_name>-trial<k>`), trained by the one training loop with
-the config plus the trial's choices. The sampler is TPE (seeded by train.seed), the pruner optuna's median rule fed
-by every validation the loop makes (a trial whose score at a step is worse than the median of earlier trials at that
-step stops there). The study lives in SQLite (`<output_dir>/tune-<run_name>/study.db`), so a search that is killed
+the config plus the trial's choices. The sampler is TPE (seeded by train.seed); trial 0 is the config's own
+settings, so the search starts from the recipe the user has and its best is never a step back from it. The pruner
+is optuna's median rule fed by every validation the loop makes, reported at the trial's *progress* through its own
+schedule (percent of its steps), not at its step number: trials of 1 and 3 epochs decay their learning rate on
+different clocks, and a 3-epoch trial at step 160 (rate still high) is no peer of a 1-epoch trial at step 160
+(nearly done). A trial is judged only from halfway through its schedule, against earlier trials at the same
+progress, and never at its last evaluation (it has finished; stopping it then would only discard its result). The study lives in SQLite (`<output_dir>/tune-<run_name>/study.db`), so a search that is killed
 continues when the same command runs again: the trial that was cut off is marked failed, numbering goes on, and
 `--trials N` counts the finished (complete or pruned) trials wanted in all.
 
@@ -30,6 +34,9 @@ SHARED_SPACE: dict[str, dict[str, Any]] = {
     "train.epochs": {"type": "categorical", "choices": [1, 2, 3]},
     "train.batch_size": {"type": "categorical", "choices": [16, 32]},
 }
+# Pruning starts this far (percent) through a trial's schedule: earlier, the rate is still warm and scores say more
+# about the schedule than about the settings.
+JUDGE_FROM_PERCENT = 50
 SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "log"},
              "categorical": {"type", "choices"}}
 
@@ -102,8 +109,11 @@ def run_study(config_path: str | None, overrides: list[str], trials: int, space_
     study = optuna.create_study(study_name=base.run_name, storage=f"sqlite:///{study_dir / 'study.db'}",
                                 direction=direction, load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=base.train.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2,
+                                                                   n_warmup_steps=JUDGE_FROM_PERCENT))
     _fail_interrupted(study, echo)
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial(config_values(base, space), skip_if_exists=True)
 
     def run_trial(trial: optuna.Trial) -> float:
         params = {key: suggest(trial, key, spec) for key, spec in space.items()}
@@ -114,10 +124,16 @@ def run_study(config_path: str | None, overrides: list[str], trials: int, space_
         echo(f"trial {trial.number}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in params.items()))
 
-        def report(step: int, metrics: dict[str, float]) -> None:
-            trial.report(metrics[metric], step)
-            if trial.should_prune():
-                echo(f"trial {trial.number}: pruned at step {step} ({metric} {metrics[metric]:.4f})")
+        reported: set[int] = set()
+
+        def report(step: int, total_steps: int, metrics: dict[str, float]) -> None:
+            percent = math.floor(100 * step / total_steps)
+            if percent in reported:
+                return  # two evaluations in one percent of the schedule: the first one speaks for it
+            reported.add(percent)
+            trial.report(metrics[metric], percent)
+            if step < total_steps and trial.should_prune():
+                echo(f"trial {trial.number}: pruned at step {step} of {total_steps} ({metric} {metrics[metric]:.4f})")
                 raise optuna.TrialPruned()
 
         summary = train(config, echo=lambda *_: None, on_evaluation=report)
@@ -130,6 +146,21 @@ def run_study(config_path: str | None, overrides: list[str], trials: int, space_
     if done < trials:
         study.optimize(run_trial, n_trials=trials - done, timeout=timeout, catch=())
     return _write_results(study, study_dir, metric, echo)
+
+
+def config_values(config: Any, space: dict[str, dict]) -> dict[str, Any]:
+    """The config's own value of every searched key (`train.lr` → config.train.lr) that lies in the space: the
+    search's first trial. A value outside it (an lr below the range, an r not among the choices) is left to TPE."""
+    values = {}
+    for key, spec in space.items():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        inside = (value in spec["choices"] if spec["type"] == "categorical"
+                  else isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"])
+        if inside:
+            values[key] = value
+    return values
 
 
 def _finished(study: Any) -> int:
@@ -154,7 +185,7 @@ def _write_results(study: Any, study_dir: Path, metric: str, echo) -> dict[str, 
 
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
              "run_dir": t.user_attrs.get("run_dir"),
-             "last_step": max(t.intermediate_values) if t.intermediate_values else None}
+             "last_percent": max(t.intermediate_values) if t.intermediate_values else None}
             for t in study.get_trials(deepcopy=False)]
     (study_dir / "trials.json").write_text(json.dumps(rows, indent=1))
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -178,12 +209,13 @@ def study_page(study_dir: Path, rows: list[dict[str, Any]], metric: str, best: i
 
     keys = sorted({key for row in rows for key in row["params"]})
     trials = Section("Trials").table(
-        ["trial", "state", f"validation {metric}", *keys, "last step reported", "run"],
+        ["trial", "state", f"validation {metric}", *keys, "last report (% of its steps)", "run"],
         [(row["number"], row["state"] + (" (best)" if row["number"] == best else ""), row["value"],
-          *(row["params"].get(key) for key in keys), row["last_step"], row["run_dir"]) for row in rows])
+          *(row["params"].get(key) for key in keys), row["last_percent"], row["run_dir"]) for row in rows])
     plot = Section("Study").figure(figure, "validation score per trial").text(
-        "TPE sampler; pruned trials (dotted) stopped when their score at a step fell below the median of earlier "
-        "trials at that step. best.yaml holds the best trial's full config.", note=True)
+        "TPE sampler, trial 0 the config's own settings; pruned trials (dotted) stopped when their score, from "
+        "halfway through their schedule, fell below the median of earlier trials at the same progress (percent of "
+        "their steps). best.yaml holds the best trial's full config.", note=True)
     return render(f"Hyperparameter search: {study_dir}", [plot, trials])
 
 

@@ -26,8 +26,9 @@ def study_args(root: Path, name: str = "study") -> list[str]:
                                      "method.r": {"type": "categorical", "choices": [2, 4]}}))
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({"model": {"name": "tests.tiny_models:tiny_bert", "task": "classification"},
-                                      "data": {"name": str(data)}, "method": {"name": "lora"},
-                                      "train": {"max_steps": 4, "eval_every": 2, "num_threads": 1}}))
+                                      "data": {"name": str(data)}, "method": {"name": "lora", "r": 4},
+                                      "train": {"max_steps": 4, "eval_every": 2, "num_threads": 1,
+                                                "lr": 3e-3}}))
     return [str(config), f"output_dir={root / 'runs'}", f"run_name={name}", "--space", str(space)]
 
 
@@ -39,6 +40,7 @@ def test_a_study_runs_trials_as_runs_and_writes_the_best_config(tmp_path) -> Non
     assert main(["tune", *study_args(tmp_path), "--trials", "3"]) == 0
     trials = trials_of(tmp_path)
     assert [t["number"] for t in trials] == [0, 1, 2]
+    assert trials[0]["params"] == {"train.lr": 3e-3, "method.r": 4}  # the search starts from the config's own
     assert all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
     finished = [t for t in trials if t["state"] == "COMPLETE"]
     assert all((Path(t["run_dir"]) / "summary.json").is_file() for t in finished)
@@ -85,3 +87,40 @@ def test_search_space_mistakes(tmp_path, capsys) -> None:
     space.write_text(yaml.safe_dump({"method.r": {"type": "categorical", "values": [2]}}))
     assert_refused(["tune", *bad, "--trials", "1"], r"unknown fields \['values'\]", capsys, tmp_path)
     assert_refused(["tune", *args, "--trials", "0"], r"--trials must be at least 1", capsys, tmp_path)
+
+
+def test_pruning_judges_trials_by_progress_from_halfway_and_never_at_their_end(tmp_path, monkeypatch) -> None:
+    """Trials of different lengths are compared at the same percent of their own schedules; a trial is not judged
+    before halfway nor at its last evaluation. A fake training reports scores so the rule is tested alone: trial 0
+    (the config's lr, 8 steps) scores 0.9; long trials (lr < 1e-3, 8 steps, evaluated at each) 0.1, so they are pruned at
+    halfway; short ones (4 steps, evaluated at 25% and at their end only) 0.05, below every median, yet they must
+    finish: at 25% they are not judged yet, and at their end no longer."""
+    import deltatune.runner
+    from deltatune.config.loader import config_to_dict
+
+    stopped_at: dict[float, int] = {}
+
+    def fake_train(config, echo, on_evaluation):
+        lr = config.train.lr
+        steps, evaluated = (8, range(1, 9)) if lr < 1e-3 or lr == 3e-3 else (4, (1, 4))
+        score = 0.9 if lr == 3e-3 else 0.1 if steps == 8 else 0.05
+        run_dir = tmp_path / "runs" / config.run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+        for step in evaluated:
+            stopped_at[lr] = step
+            on_evaluation(step, steps, {"accuracy": score})
+        return {"run_dir": str(run_dir), "after": {"validation": {"accuracy": score}}}
+
+    monkeypatch.setattr(deltatune.runner, "train", fake_train)
+    assert main(["tune", *study_args(tmp_path), "--trials", "8"]) == 0
+    trials = trials_of(tmp_path)
+    assert trials[0]["state"] == "COMPLETE" and trials[0]["params"]["train.lr"] == 3e-3
+    long_trials = [t for t in trials[2:] if t["params"]["train.lr"] < 1e-3]  # after the two startup trials
+    short_trials = [t for t in trials[2:] if t["params"]["train.lr"] >= 1e-3]
+    assert long_trials and short_trials, "the seeded sampler should draw both kinds"
+    for trial in long_trials:
+        assert trial["state"] == "PRUNED" and trial["last_percent"] == 50
+        assert stopped_at[trial["params"]["train.lr"]] == 4  # step 4 of 8: halfway, not before
+    for trial in short_trials:
+        assert trial["state"] == "COMPLETE" and trial["last_percent"] == 100, trial

@@ -144,7 +144,7 @@ class TrainingLoop:
         # epochs of mini-batches for PPO. state.update counts those already taken.
         self.pending: list[list[Any]] | None = None
         # Called with (step, validation metrics) after every evaluation, once the best checkpoint is written.
-        self.on_evaluation: Callable[[int, dict[str, float]], None] | None = None
+        self.on_evaluation: Callable[[int, int, dict[str, float]], None] | None = None  # (step, of steps, metrics)
         ranks = distributed.world_size()
         if ranks > 1 and objective.rollout_size and (objective.rollout_size % ranks or cfg.batch_size % ranks):
             raise UserError(f"objective {objective.name!r} generates its own batches: with {ranks} ranks "
@@ -358,4 +358,5 @@ class TrainingLoop:
             if patience is not None and self.state.evaluations_without_improvement >= patience:
                 self.state.stopped_early = True
         if self.on_evaluation is not None:
-            self.on_evaluation(self.state.step, metrics)  # e.g. a hyperparameter search's pruner, which may stop it
+            # e.g. a hyperparameter search's pruner, which may stop the run here
+            self.on_evaluation(self.state.step, self.total_steps, metrics)

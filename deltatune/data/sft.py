@@ -8,7 +8,7 @@ assistant's reply including the end-of-turn token after it (so the model learns 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -132,6 +132,11 @@ class PromptCollator:
 
 
 def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
+    """`iter_packed` as a list."""
+    return list(iter_packed(examples, max_length))
+
+
+def iter_packed(examples: Iterable[Example], max_length: int) -> Iterator[Example]:
     """Greedily concatenate examples, in order, into sequences of at most max_length tokens.
 
     Each packed example gets position_ids restarting at 0 for every original example: transformers (>= 5, see
@@ -140,19 +145,17 @@ def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
     sub-example gets label -100: after the model's one-token shift, that label would be predicted from the previous
     example's last token, a cross-boundary loss the unpacked example never has.
     """
-    packed: list[Example] = []
     current: Example = {"input_ids": [], "labels": [], "position_ids": []}
     for example in examples:
         length = len(example["input_ids"])
         if current["input_ids"] and len(current["input_ids"]) + length > max_length:
-            packed.append(current)
+            yield current
             current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] += example["input_ids"]
         current["labels"] += [IGNORE_INDEX] + example["labels"][1:]
         current["position_ids"] += list(range(length))
     if current["input_ids"]:
-        packed.append(current)
-    return packed
+        yield current
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Iterator
 
 from deltatune.config.schema import DataConfig
 from deltatune.data.aliases import ALIASES
+from deltatune.data.reading import iter_lines
 from deltatune.errors import UserError, closest_names
 
 Row = dict[str, Any]
@@ -75,40 +75,18 @@ def _load_path(name: str, cfg: DataConfig) -> list[Row]:
 
 
 def read_text_file(path: Path, encoding: str = "auto") -> str:
-    """The whole file decoded as text.
-
-    "auto" reads UTF-8 and drops a byte-order mark (Excel and Notepad write one); there is no silent fallback to
-    another encoding, because latin-1 decodes any bytes and would turn a cp1252 or UTF-16 file into quiet garbage.
-    A decoding failure is a UserError naming the byte offset, the line and the setting that fixes it.
-    """
-    codec = "utf-8-sig" if encoding == "auto" else encoding
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read data file {path} ({exc.strerror}); check that it is readable") from None
-    try:
-        return raw.decode(codec)
-    except LookupError:
-        raise UserError(f"data.encoding '{encoding}' is not a text encoding Python knows; use auto, utf-8, latin-1 "
-                        "or cp1252") from None
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        shown = "UTF-8" if encoding == "auto" else encoding
-        fix = "set data.encoding to the file's real encoding"
-        if encoding == "auto":
-            utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))  # the byte-order marks UTF-16 files start with
-            fix = "set data.encoding=utf-16" if utf16 else "set data.encoding=latin-1 (or cp1252, the real encoding)"
-        raise UserError(f"{path} is not {shown} text: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}) "
-                        f"cannot be decoded; {fix}, or re-save the file as UTF-8") from None
+    """The whole file decoded as text (see `deltatune.data.reading` for the encoding rules and errors)."""
+    return "".join(iter_lines(path, encoding))
 
 
 def read_jsonl(path: Path, encoding: str = "auto") -> list[Row]:
     """One JSON object per line; blank lines are skipped."""
-    rows: list[Row] = []
-    # Split on line ends only: str.splitlines would also cut at U+2028 and friends, which JSON strings may contain.
-    # A raw "\r" cannot sit inside a JSON string, so old Mac line ends can safely become "\n".
-    text = read_text_file(path, encoding).replace("\r\n", "\n").replace("\r", "\n")
-    for number, line in enumerate(text.split("\n"), start=1):
+    return list(iter_jsonl(path, encoding))
+
+
+def iter_jsonl(path: Path, encoding: str = "auto") -> Iterator[Row]:
+    """`read_jsonl` a line at a time."""
+    for number, line in enumerate(iter_lines(path, encoding), start=1):
         if not line.strip():
             continue
         try:
@@ -121,17 +99,18 @@ def read_jsonl(path: Path, encoding: str = "auto") -> list[Row]:
         if not isinstance(record, dict):
             raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not an object; "
                             "write one {\"column\": value, ...} object per line")
-        rows.append(record)
-    return rows
+        yield record
 
 
 def read_csv(path: Path, delimiter: str = ",", encoding: str = "auto") -> list[Row]:
     """A CSV/TSV file with a header row. Cells stay strings; labels like "3" become integers later."""
-    text = read_text_file(path, encoding)
-    # newline="" hands line endings to the csv module, which must see the ones inside quoted cells
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows: list[Row] = []
-    with _field_size_limit(len(text) + 1):  # no cell is longer than the file, so long valid cells load
+    return list(iter_csv(path, delimiter, encoding))
+
+
+def iter_csv(path: Path, delimiter: str = ",", encoding: str = "auto") -> Iterator[Row]:
+    """`read_csv` a record at a time (the csv module sees the line ends, which matter inside quoted cells)."""
+    reader = csv.DictReader(iter_lines(path, encoding), delimiter=delimiter)
+    with _field_size_limit(path.stat().st_size + 1):  # no cell is longer than the file, so long valid cells load
         try:
             header = reader.fieldnames
             if not header:
@@ -145,10 +124,9 @@ def read_csv(path: Path, delimiter: str = ",", encoding: str = "auto") -> list[R
                 if None in record:
                     raise UserError(f"{path} line {number} has more cells than the header; quote cells that contain "
                                     f"'{delimiter}'")
-                rows.append(dict(record))
+                yield dict(record)
         except csv.Error as exc:
             raise UserError(f"{path} line {reader.line_num} is not valid CSV ({exc}); fix its quoting") from None
-    return rows
 
 
 @contextlib.contextmanager
@@ -168,14 +146,36 @@ def _field_size_limit(size: int) -> Iterator[None]:
 
 def read_parquet(path: Path) -> list[Row]:
     """A parquet table via pyarrow, as a list of row dicts."""
+    return list(iter_parquet(path))
+
+
+def iter_parquet(path: Path, batch_rows: int = 8192) -> Iterator[Row]:
+    """`read_parquet` a record batch at a time."""
     import pyarrow.parquet as pq  # heavy import, only when a parquet file is used
 
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+    def refused(exc: Exception) -> UserError:  # pyarrow raises several unrelated types for a damaged file
         reason = " ".join(str(exc).split())  # pyarrow's messages can span lines; the error must stay one line
-        raise UserError(f"cannot read parquet file {path} ({reason}); check that it is a valid parquet file") from None
-    return table.to_pylist()
+        return UserError(f"cannot read parquet file {path} ({reason}); check that it is a valid parquet file")
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        for batch in batches:
+            yield from batch.to_pylist()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise refused(exc) from None
+
+
+def iter_file_rows(cfg: DataConfig) -> Iterator[Row]:
+    """The rows of the data file `cfg.name` names (not an alias nor an image folder), one at a time."""
+    path = Path(cfg.name).expanduser()
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return iter_jsonl(path, cfg.encoding)
+    if suffix in (".csv", ".tsv"):
+        return iter_csv(path, delimiter="\t" if suffix == ".tsv" else ",", encoding=cfg.encoding)
+    return iter_parquet(path)
 
 
 def load_image_folder(folder: Path, image_column: str, label_column: str) -> list[Row]:

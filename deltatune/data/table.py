@@ -12,7 +12,7 @@ from typing import Any
 
 from deltatune.data.labels import EncodedLabels, encode_labels
 from deltatune.data.sources import column_values, text_values
-from deltatune.data.unlabelled import UNLABELLED, blank_rows
+from deltatune.data.unlabelled import UNLABELLED, is_blank
 from deltatune.errors import UserError
 
 Row = dict[str, Any]
@@ -27,6 +27,9 @@ class Table:
     source: str  # how error messages name the dataset, e.g. "dataset 'reviews.jsonl'"
     label_names: tuple[str, ...] | None = None  # names of integer labels 0..N-1, when the dataset alias knows them
     base_dir: Path | None = None  # the data file's folder: relative file paths in the rows start there
+    # Class ids of every row of the whole dataset, when `rows` is one chunk of it (the on-disk example cache encodes
+    # a file chunk by chunk; ids must not depend on which labels a chunk happens to hold).
+    encoded_labels: EncodedLabels | None = None
 
     def has(self, role: str) -> bool:
         """Whether this run reads `role` (optional roles are read only when data.columns names them)."""
@@ -54,11 +57,21 @@ class Table:
 
         `num_labels` (the model's head size, if fixed) widens the allowed integer range beyond the distinct labels.
         """
+        if self.encoded_labels is not None:
+            return self.encoded_labels
         column = self.columns[role]
-        blank = set(blank_rows(self.rows, column))  # unlabelled rows (only reach here when the objective reads them)
-        filled = [index for index in range(len(self.rows)) if index not in blank]
-        encoded = encode_labels(self.values(role, filled), column, num_labels, self.label_names)
-        ids = [UNLABELLED] * len(self.rows)
-        for index, label in zip(filled, encoded.ids):
-            ids[index] = label
-        return EncodedLabels(ids, encoded.num_labels, encoded.label_names)
+        return label_ids([row.get(column) for row in self.rows], column, num_labels, self.label_names)
+
+
+def label_ids(values: list[Any], column: str, num_labels: int | None,
+              label_names: tuple[str, ...] | None) -> EncodedLabels:
+    """Class ids of a label column's values, UNLABELLED where a cell is blank (rows without a label reach here only
+    when the objective reads them)."""
+    blank = {index for index, value in enumerate(values) if is_blank(value)}
+    encoded = encode_labels([value for index, value in enumerate(values) if index not in blank], column, num_labels,
+                            label_names)
+    ids = [UNLABELLED] * len(values)
+    filled = (index for index in range(len(values)) if index not in blank)
+    for index, label in zip(filled, encoded.ids):
+        ids[index] = label
+    return EncodedLabels(ids, encoded.num_labels, encoded.label_names)

@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from deltatune import distributed
 from deltatune.config.schema import DataConfig, ModelConfig
 from deltatune.data import ALIASES, DatasetBundle
 from deltatune.data.sources import load_rows, require_columns
 from deltatune.data.splits import check_splits, group_keys, make_splits
-from deltatune.data import unlabelled
+from deltatune.data import cached, unlabelled
 from deltatune.data.table import Table
 from deltatune.errors import UserError
 from deltatune.models import sources
@@ -105,6 +106,11 @@ def build_datasets(
     """
     definition = as_task(task)
     columns = definition.columns(cfg)  # a wrong role fails before any data is read
+    if cached.applies(cfg):
+        with distributed.main_first():  # under torchrun rank 0 writes the example store, the others then read it
+            bundle = cached.build_cached(cfg, definition, processor, splits, num_labels, reads_unlabelled)
+        if bundle is not None:
+            return bundle
     rows = load_rows(cfg)
     labelled_rows = len(rows)
     label_column = columns.get("label") if definition.labelled else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
 
 from torch import nn
 
@@ -64,6 +64,13 @@ class Task(ABC):
         `processor` is whatever `deltatune.models.load_processor` returned for the model (check that it fits);
         `num_labels` is the model's head size when fixed by the config.
         """
+
+    def pack_train(self, examples: Iterable[Any], data: DataConfig) -> Iterator[Any] | None:
+        """The train split's examples packed into fewer, longer ones as `data` asks (causal-LM packing), or None when
+        this task does not pack. `encode` packs in memory; the on-disk example cache (`deltatune.data.cached`)
+        encodes rows chunk by chunk unpacked and packs the whole train split through this hook afterwards, so both
+        paths give the same examples."""
+        return None
 
     def load_pretrained(self, directory: Path, num_labels: int | None, allow_pickle: bool = False) -> nn.Module:
         """The model saved in a transformers directory, with this task's head (override for another builder)."""

@@ -7,11 +7,11 @@ tokenizer's chat template when it has one. With `data.packing` the train split i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from deltatune.config.schema import DataConfig
 from deltatune.data import DatasetBundle
-from deltatune.data.sft import encode_sft, pack_examples, sft_collator
+from deltatune.data.sft import encode_sft, iter_packed, sft_collator
 from deltatune.data.splits import SPLIT_NAMES
 from deltatune.data.table import Table
 from deltatune.errors import UserError
@@ -37,7 +37,11 @@ class CausalLanguageModelling(Task):
         parts = {name: encode_sft(tokenizer, table.texts("prompt", splits[name]), table.texts("response", splits[name]),
                                   data.max_length)
                  for name in SPLIT_NAMES}
-        if data.packing:
-            parts["train"] = pack_examples(parts["train"], data.max_length)
+        packed = self.pack_train(parts["train"], data)
+        if packed is not None:
+            parts["train"] = list(packed)
         return DatasetBundle(parts["train"], parts["validation"], parts["test"], sft_collator(tokenizer), None, None,
                              splits, packed=bool(data.packing))
+
+    def pack_train(self, examples: Iterable[Any], data: DataConfig) -> Iterator[Any] | None:
+        return iter_packed(examples, data.max_length) if data.packing else None

@@ -26,6 +26,8 @@ class Batches:
         """Each example's padded length in tokens (None when the examples hold no token ids, e.g. images)."""
         if not self.examples or example_length(self.examples[0]) is None:
             return None
+        if hasattr(self.examples, "lengths"):  # examples on disk know their lengths without being read
+            return self.examples.lengths()
         return [example_length(example) or 0 for example in self.examples]
 
     def epoch(self, batch_size: int, seed: int, epoch: int, pool: list[int] | None = None,

@@ -105,7 +105,7 @@ class DataConfig:
     # keep the first N rows after shuffling (quick experiments)
     max_examples: int | None = field(default=None, metadata=at_least(1))
     packing: bool = False  # causal-LM SFT: pack several examples per sequence, attention kept within each
-    # A data file's encoded examples go to an on-disk store ($DELTATUNE_CACHE/data), read memory-mapped and reused by
+    # A data file's encoded examples go to an on-disk store ($DELTATUNE_CACHE/data), read per batch and reused by
     # later runs with the same file and settings, so datasets larger than memory train (deltatune.data.cached).
     cache: bool = True
     image_size: int | None = field(default=None, metadata=at_least(1))  # None: the model's own input size

@@ -1,6 +1,6 @@
 """Data files larger than memory: rows are read in chunks, encoded by the task chunk by chunk and written once to an
-on-disk example store (`deltatune.data.store`); runs read the store memory-mapped, and a later run with the same
-file and settings reuses it without reading the file's rows again.
+on-disk example store (`deltatune.data.store`); runs read examples from it as batches need them, and a later run
+with the same file and settings reuses it without reading the file's rows again.
 
 The store lives under `$DELTATUNE_CACHE/data/<key>` (default `~/.cache/deltatune`). The key hashes the data file's
 bytes, the data section of the config, the task and its label count, the tokenizer (its vocabulary, chat template and

@@ -212,7 +212,8 @@ def cache_key(cfg: DataConfig, task: Task, processor: Any, splits: dict[str, lis
               num_labels: int | None, reads_unlabelled: bool) -> str:
     """What every example of the store depends on, hashed (see the module text)."""
     digest = hashlib.sha256()
-    settings = {"data": dataclasses.asdict(cfg), "task": task.name, "num_labels": num_labels,
+    # the file is hashed by its bytes below, so the same file named by another path (relative, absolute) matches
+    settings = {"data": {**dataclasses.asdict(cfg), "name": None}, "task": task.name, "num_labels": num_labels,
                 "reads_unlabelled": reads_unlabelled, "processor": processor_fingerprint(processor),
                 "code": code_fingerprint(), "python": sys.version_info[:2]}
     digest.update(json.dumps(settings, sort_keys=True, default=repr).encode())

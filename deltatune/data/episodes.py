@@ -1,0 +1,91 @@
+"""N-way K-shot episodes for meta-learning: classes split into disjoint meta-train and meta-test pools, and episodes
+drawn from a pool as a support set (K examples of each of N classes) and a query set (Q more of each), with the N
+classes renumbered 0..N−1 in a random order per episode, so a meta-learned start cannot memorise which class sits
+at which output (Finn et al. 2017; Nichol et al. 2018 do the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from deltatune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Episode:
+    classes: tuple[int, ...]  # the original class of episode label 0, 1, ...
+    support: tuple[int, ...]  # example indices, `shots` per class, class by class
+    support_labels: tuple[int, ...]
+    query: tuple[int, ...]
+    query_labels: tuple[int, ...]
+
+
+def split_classes(classes: Sequence[int], meta_test: Sequence[int] | int, seed: int) -> tuple[list[int], list[int]]:
+    """(meta-train classes, meta-test classes): the meta-test ones as listed, or that many drawn with `seed`.
+    Listed classes must exist and not repeat; the two pools never share a class."""
+    known = sorted(set(classes))
+    if isinstance(meta_test, int):
+        if not 0 < meta_test < len(known):
+            raise UserError(f"meta-test takes {meta_test} of the {len(known)} classes; leave at least one class on "
+                            f"each side")
+        chosen = sorted(np.random.default_rng(seed).choice(known, size=meta_test, replace=False).tolist())
+    else:
+        chosen = sorted(meta_test)
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise UserError(f"meta-test classes {unknown} are not in the data (its classes: {known})")
+        if len(set(chosen)) != len(chosen):
+            raise UserError(f"meta-test classes {list(meta_test)} name a class twice")
+    train = [label for label in known if label not in chosen]
+    if not train:
+        raise UserError("every class is a meta-test class; leave some to meta-train on")
+    return train, chosen
+
+
+def check_disjoint(meta_train: Sequence[int], meta_test: Sequence[int]) -> None:
+    """Meta-test tasks that meta-training saw would measure memory, not fast adaptation."""
+    shared = sorted(set(meta_train) & set(meta_test))
+    if shared:
+        raise UserError(f"classes {shared} are both meta-train and meta-test classes; the two pools must be disjoint")
+
+
+def examples_by_class(labels: Sequence[int], pool: Sequence[int]) -> dict[int, list[int]]:
+    """The indices of each pool class's examples, in order."""
+    wanted = set(pool)
+    by_class: dict[int, list[int]] = {label: [] for label in pool}
+    for index, label in enumerate(labels):
+        if label in wanted:
+            by_class[label].append(index)
+    return by_class
+
+
+def check_episode_shape(by_class: dict[int, list[int]], ways: int, shots: int, queries: int, pool_name: str) -> None:
+    """Enough classes for N ways and enough examples in every class for K + Q."""
+    if ways < 2 or shots < 1 or queries < 1:
+        raise UserError(f"episodes need ways ≥ 2, shots ≥ 1 and queries ≥ 1 (got {ways}, {shots}, {queries})")
+    if len(by_class) < ways:
+        raise UserError(f"{ways}-way episodes need {ways} classes but the {pool_name} pool has {len(by_class)}; "
+                        f"lower the ways or move classes into it")
+    short = {label: len(indices) for label, indices in by_class.items() if len(indices) < shots + queries}
+    if short:
+        label, count = min(short.items(), key=lambda item: item[1])
+        raise UserError(f"class {label} of the {pool_name} pool has {count} examples, fewer than shots + queries = "
+                        f"{shots} + {queries}; lower the shots or queries, or leave that class out")
+
+
+def sample_episode(by_class: dict[int, list[int]], ways: int, shots: int, queries: int,
+                   generator: np.random.Generator) -> Episode:
+    """One episode: N classes of the pool in a random order (episode label = position), and for each, K support
+    and Q query examples drawn without replacement."""
+    classes = generator.choice(sorted(by_class), size=ways, replace=False).tolist()
+    support, support_labels, query, query_labels = [], [], [], []
+    for episode_label, label in enumerate(classes):
+        drawn = generator.choice(by_class[label], size=shots + queries, replace=False).tolist()
+        support += drawn[:shots]
+        support_labels += [episode_label] * shots
+        query += drawn[shots:]
+        query_labels += [episode_label] * queries
+    return Episode(tuple(classes), tuple(support), tuple(support_labels), tuple(query), tuple(query_labels))

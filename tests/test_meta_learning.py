@@ -1,0 +1,121 @@
+"""Meta-learning's pieces (issue 16): the first-order inner adaptation, Reptile's and first-order MAML's outer
+directions and the surrogate loss that hands them to the training loop, against values computed by hand on a
+one-weight linear model; and N-way K-shot episodes over disjoint class pools."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from deltatune.data.episodes import (
+    check_disjoint,
+    check_episode_shape,
+    examples_by_class,
+    sample_episode,
+    split_classes,
+)
+from deltatune.errors import UserError
+from deltatune.objectives.losses.meta_learning import (
+    adapt,
+    as_surrogate_loss,
+    first_order_maml_direction,
+    mean_direction,
+    reptile_direction,
+)
+
+
+def squared_error(parameters, batch):
+    """L(w) = (w·x − y)², one weight."""
+    x, y = batch
+    return (parameters["w"] * x - y) ** 2
+
+
+def test_inner_adaptation_and_reptile_step_by_hand():
+    start = {"w": torch.tensor(1.0)}
+    # dL/dw = 2x(wx − y). Support (x=2, y=6), α = 0.1:
+    #   w = 1:   2·2·(2 − 6)   = −16  → w = 1 + 1.6     = 2.6
+    #   w = 2.6: 2·2·(5.2 − 6) = −3.2 → w = 2.6 + 0.32  = 2.92
+    adapted = adapt(start, squared_error, [(2.0, 6.0), (2.0, 6.0)], inner_lr=0.1)
+    assert adapted["w"].item() == pytest.approx(2.92)
+    assert start["w"].item() == 1.0  # the meta-parameters are not touched
+    direction = reptile_direction(start, adapted)
+    assert direction["w"].item() == pytest.approx(1 - 2.92)
+    # an outer SGD step of ε = 0.5 along θ − φ: θ + ε(φ − θ) = 1 + 0.5·1.92 = 1.96
+    theta = nn.Parameter(torch.tensor(1.0))
+    as_surrogate_loss({"w": theta}, direction).backward()
+    torch.optim.SGD([theta], lr=0.5).step()
+    assert theta.item() == pytest.approx(1.96)
+
+
+def test_first_order_maml_direction_by_hand():
+    adapted = adapt({"w": torch.tensor(1.0)}, squared_error, [(2.0, 6.0), (2.0, 6.0)], inner_lr=0.1)  # 2.92
+    # query (x=1, y=2): dL/dw at 2.92 = 2·1·(2.92 − 2) = 1.84; the start's own gradient would be 2·(1 − 2) = −2
+    direction = first_order_maml_direction(adapted, squared_error, (1.0, 2.0))
+    assert direction["w"].item() == pytest.approx(1.84)
+    both = mean_direction([direction, {"w": torch.tensor(0.16)}])
+    assert both["w"].item() == pytest.approx(1.0)
+
+
+def test_adaptation_of_a_module_equals_plain_sgd_on_a_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    batches = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(3)]
+
+    def loss_of(parameters, batch):
+        inputs, labels = batch
+        return nn.functional.cross_entropy(functional_call(model, parameters, (inputs,)), labels)
+
+    start = dict(model.named_parameters())
+    adapted = adapt(start, loss_of, batches, inner_lr=0.3)
+    copied = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(copied.parameters(), lr=0.3)
+    for inputs, labels in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(copied(inputs), labels).backward()
+        optimizer.step()
+    for name, value in copied.named_parameters():
+        torch.testing.assert_close(adapted[name], value.detach(), rtol=0, atol=1e-6)
+    assert all(torch.equal(start[name], param) for name, param in model.named_parameters())
+    direction = reptile_direction(start, adapted)
+    as_surrogate_loss(start, direction).backward()
+    for name, param in model.named_parameters():  # the surrogate's gradient is the direction, exactly
+        torch.testing.assert_close(param.grad, direction[name], rtol=0, atol=0)
+
+
+def test_episodes_draw_ways_times_shots_from_their_pool_and_renumber_classes():
+    labels = [index % 10 for index in range(200)]  # 20 examples of each of 10 classes
+    train, test = split_classes(labels, 3, seed=0)
+    assert len(test) == 3 and sorted(train + test) == list(range(10))
+    by_class = examples_by_class(labels, train)
+    generator = np.random.default_rng(1)
+    seen_orders = set()
+    for _ in range(20):
+        episode = sample_episode(by_class, ways=5, shots=2, queries=3, generator=generator)
+        assert set(episode.classes) <= set(train) and len(set(episode.classes)) == 5
+        assert len(episode.support) == 10 and len(episode.query) == 15
+        assert not set(episode.support) & set(episode.query)
+        for index, episode_label in zip(episode.support + episode.query,
+                                        episode.support_labels + episode.query_labels):
+            assert labels[index] == episode.classes[episode_label]
+        seen_orders.add(episode.classes)
+    assert len(seen_orders) > 1
+
+
+def test_episode_mistakes_are_one_line_errors():
+    labels = [0] * 5 + [1] * 9 + [2] * 9
+    with pytest.raises(UserError, match=r"classes \[1\] are both meta-train and meta-test"):
+        check_disjoint([0, 1], [1, 2])
+    with pytest.raises(UserError, match=r"class 0 of the meta-train pool has 5 examples, fewer than shots \+ "
+                                        r"queries = 5 \+ 1"):
+        check_episode_shape(examples_by_class(labels, [0, 1]), ways=2, shots=5, queries=1, pool_name="meta-train")
+    with pytest.raises(UserError, match=r"3-way episodes need 3 classes but the meta-test pool has 2"):
+        check_episode_shape(examples_by_class(labels, [1, 2]), ways=3, shots=1, queries=1, pool_name="meta-test")
+    with pytest.raises(UserError, match=r"meta-test classes \[7\] are not in the data"):
+        split_classes(labels, [7], seed=0)
+    with pytest.raises(UserError, match=r"leave at least one class on each side"):
+        split_classes(labels, 3, seed=0)

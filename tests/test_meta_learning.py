@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from deltatune.data.episodes import (
+    Episode,
     check_disjoint,
     check_episode_shape,
     examples_by_class,
@@ -119,3 +120,43 @@ def test_episode_mistakes_are_one_line_errors():
         split_classes(labels, [7], seed=0)
     with pytest.raises(UserError, match=r"leave at least one class on each side"):
         split_classes(labels, 3, seed=0)
+
+
+def topic_rows(classes: int = 8, per_class: int = 14) -> list[dict]:
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+    return [{"text": f"{words[label]} {words[(label + k) % len(words)]} item {k}", "label": label}
+            for label in range(classes) for k in range(per_class)]
+
+
+def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    from deltatune.cli import main
+    from deltatune.objectives import meta_learning
+    from tests.bad_input import write_jsonl
+
+    write_jsonl(tmp_path / "topics.jsonl", topic_rows())
+    config = {"model": {"name": "tests.tiny_models:tiny_bert", "task": "classification", "num_labels": 8},
+              "data": {"name": "topics.jsonl", "max_length": 12, "split": {"validation": 0.3, "test": 0.1, "seed": 0}},
+              "method": {"name": "lora", "r": 2, "target_modules": ["query", "value"]},
+              "objective": {"name": "meta_learning", "algorithm": "fomaml", "ways": 3, "shots": 1, "queries": 1,
+                            "inner_steps": 2, "inner_lr": 0.1, "meta_test_classes": [6, 7], "validation_episodes": 3},
+              "train": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "lr": 1e-3, "num_threads": 1,
+                        "progress": False},
+              "output_dir": "runs", "run_name": "meta"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    drawn: list[Episode] = []
+    original = meta_learning.sample_episode
+    monkeypatch.setattr(meta_learning, "sample_episode", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "config.yaml"]) == 0
+    summary = json.loads((tmp_path / "runs" / "meta" / "summary.json").read_text())
+    assert 0 <= summary["after"]["validation"]["episode_accuracy"] <= 1
+    assert drawn and all(set(episode.classes) <= set(range(6)) for episode in drawn)  # never classes 6 or 7
+    from safetensors.torch import load_file
+
+    saved = tmp_path / "runs" / "meta" / "precomputed"  # the run records both pools
+    assert load_file(saved / "meta_test_classes.safetensors")["values"].tolist() == [6, 7]
+    assert load_file(saved / "meta_train_classes.safetensors")["values"].tolist() == list(range(6))

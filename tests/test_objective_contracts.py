@@ -50,6 +50,12 @@ def pair_rows() -> list[dict]:
              "rejected": "dull boring " * (1 + i % 3)} for i in range(48)]
 
 
+def topic_rows(classes: int = 6, per_class: int = 16) -> list[dict]:
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    return [{"text": f"{words[label]} {words[(label + k) % 8]} item {k}", "label": label}
+            for label in range(classes) for k in range(per_class)]
+
+
 def prompt_rows() -> list[dict]:
     return [{"prompt": f"Tell me about film {i}."} for i in range(60)]
 
@@ -87,6 +93,11 @@ CASES = {
         "objective.batches_per_round=8", "objective.confidence=0.5", "objective.patience=3",
         "objective.consistency_weight=0.5", "objective.p_cutoff=0.5", "objective.input_noise=0.2", "train.lr=1e-2"],
         steps=24, crash_at=10),
+    # 6 topics of 16 rows, 2 of them the meta-test pool; 2-way 2-shot episodes, 3 inner steps (Reptile).
+    "meta_learning": Case(TINY_BERT, topic_rows(), [
+        "model.task=classification", "data.split.validation=0.3", "objective.ways=2", "objective.shots=2",
+        "objective.queries=1", "objective.meta_test_count=2", "objective.inner_steps=3", "objective.inner_lr=0.5",
+        "objective.validation_episodes=6", "train.lr=1e-2"], steps=16, crash_at=5),
 }
 OBJECTIVES = sorted(available_objectives())
 

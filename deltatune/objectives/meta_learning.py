@@ -1,0 +1,184 @@
+"""Meta-learning a starting point for fast adaptation: Reptile or first-order MAML over N-way K-shot episodes, on the
+trainable parameters of whatever method the run applies (a head, LoRA, prompts, adapters, or every weight).
+
+The classes of the training data are split into a meta-train pool and a meta-test pool that never meet
+(`deltatune.data.episodes`); the split is saved with the run (`precomputed/`). Every optimizer step of the one
+training loop is one episode drawn by this objective from the meta-train pool's training rows: the trainable
+parameters θ are adapted by `inner_steps` plain SGD steps on the support set, and the loop's optimizer then moves θ
+along Reptile's direction θ − φ or first-order MAML's query gradient ∇L_Q(φ) (`objectives/losses/meta_learning.py`:
+the loss handed back is a surrogate whose gradient is that direction). Under torchrun every rank draws its own
+episode, so the all-reduced gradient is the mean direction of a meta-batch of one episode per rank. The loop's own
+micro-batch only paces the steps; its rows are not used. Episode label i is read from output unit i of the model's
+head, whatever class it stands for in that episode.
+
+Validation (and the "before" figures) is episode accuracy on `validation_episodes` fixed episodes drawn from the
+validation rows of the meta-train classes: unseen examples of seen classes, for choosing the best step. How well
+the start adapts to new classes is `deltatune meta-eval`'s question, asked on the meta-test pool only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from deltatune import distributed
+from deltatune.config.constraints import above, at_least, one_of
+from deltatune.config.schema import ObjectiveConfig
+from deltatune.data.episodes import (
+    Episode,
+    check_episode_shape,
+    examples_by_class,
+    sample_episode,
+    split_classes,
+)
+from deltatune.errors import UserError
+from deltatune.objectives import register_objective
+from deltatune.objectives.base import Objective
+from deltatune.objectives.losses.meta_learning import (
+    adapt,
+    as_surrogate_loss,
+    first_order_maml_direction,
+    reptile_direction,
+)
+
+
+@dataclass
+class MetaLearningConfig(ObjectiveConfig):
+    algorithm: str = field(default="reptile", metadata=one_of("reptile", "fomaml"))
+    ways: int = field(default=5, metadata=at_least(2))
+    shots: int = field(default=5, metadata=at_least(1))
+    queries: int = field(default=5, metadata=at_least(1))  # per class; fomaml's outer gradient is taken on them
+    inner_steps: int = field(default=5, metadata=at_least(1))
+    inner_lr: float = field(default=1e-2, metadata=above(0))
+    # The meta-test pool: these classes (as the data's class ids), or, when empty, `meta_test_count` of them drawn
+    # with `seed`.
+    meta_test_classes: list[int] = field(default_factory=list)
+    meta_test_count: int = field(default=5, metadata=at_least(1))
+    validation_episodes: int = field(default=20, metadata=at_least(1))
+    seed: int = 0
+
+
+@register_objective("meta_learning")
+class MetaLearning(Objective):
+    description = "Reptile / first-order MAML: a start that adapts to new classes from a few examples"
+    config_class = MetaLearningConfig
+    main_metric = "episode_accuracy"
+    greater_is_better = True
+    metrics = ("episode_accuracy", "loss")  # loss: the query cross-entropy after adaptation
+
+    def __init__(self, config: MetaLearningConfig | None = None) -> None:
+        super().__init__(config)
+        self.episodes_drawn = 0
+        self.train_examples: list[dict] = []
+        self.train_pool: dict[int, list[int]] = {}
+        self.validation_examples: list[dict] = []
+        self.validation_pool: dict[int, list[int]] = {}
+        self.batches_of: Callable[[list[dict]], dict[str, Any]] | None = None
+
+    def attach_task(self, task: Any) -> None:
+        if not task.labelled:
+            raise UserError(f"objective 'meta_learning' draws episodes of classes, and task {task.name!r} has none; "
+                            "use it with classification or image-classification")
+
+    def precompute(self, splits: dict[str, list[dict]], batches_of: Any, batch_size: int) -> dict[str, torch.Tensor]:
+        """Split the classes into the two pools, check that episodes fit them, and keep the rows to draw from."""
+        config = self.config
+        self.train_examples = splits.get("train", [])
+        labels = [int(example["labels"]) for example in self.train_examples]
+        meta_test = config.meta_test_classes or config.meta_test_count
+        meta_train, meta_test_classes = split_classes(labels, meta_test, config.seed)
+        self.train_pool = examples_by_class(labels, meta_train)
+        check_episode_shape(self.train_pool, config.ways, config.shots, config.queries, "meta-train")
+        self.validation_examples = splits.get("validation", [])
+        validation_labels = [int(example["labels"]) for example in self.validation_examples]
+        present = sorted(set(validation_labels) & set(meta_train))
+        self.validation_pool = examples_by_class(validation_labels, present)
+        if self.validation_examples:
+            check_episode_shape(self.validation_pool, config.ways, config.shots, config.queries,
+                                "validation rows of the meta-train")
+        self.batches_of = batches_of
+        return {"meta_train_classes": torch.tensor(meta_train), "meta_test_classes": torch.tensor(meta_test_classes)}
+
+    # ---- one episode ------------------------------------------------------------------------------------------
+    def episode_batches(self, examples: list[dict], episode: Episode) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The support and query sets as batches on the run's device, labelled with episode labels."""
+        assert self.batches_of is not None, "precompute() runs before the first step"
+        support = self.batches_of([examples[i] for i in episode.support])
+        query = self.batches_of([examples[i] for i in episode.query])
+        support["labels"] = torch.tensor(episode.support_labels, device=support["labels"].device)
+        query["labels"] = torch.tensor(episode.query_labels, device=query["labels"].device)
+        return support, query
+
+    def loss_of(self, model: nn.Module) -> Callable[[dict[str, torch.Tensor], dict[str, Any]], torch.Tensor]:
+        """loss(parameters, batch): cross-entropy of the model run with `parameters`, over the first `ways` outputs."""
+        ways = self.config.ways
+
+        def loss(parameters: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+            return F.cross_entropy(self._logits(model, parameters, batch)[:, :ways].float(), batch["labels"])
+
+        return loss
+
+    @staticmethod
+    def _logits(model: nn.Module, parameters: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        output = functional_call(model, parameters, args=(), kwargs=inputs)
+        return output if isinstance(output, torch.Tensor) else output.logits
+
+    def adapted(self, model: nn.Module, support: dict[str, Any]) -> tuple[dict, dict]:
+        """(θ, φ): the trainable parameters and their adaptation to the support set."""
+        start = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        return start, adapt(start, self.loss_of(model), [support] * self.config.inner_steps, self.config.inner_lr)
+
+    def query_scores(self, model: nn.Module, adapted: dict, query: dict[str, Any]) -> tuple[float, float]:
+        """(loss, accuracy) of the adapted parameters on the query set."""
+        with torch.no_grad():
+            logits = self._logits(model, adapted, query)[:, : self.config.ways].float()
+            loss = F.cross_entropy(logits, query["labels"])
+            return float(loss), float((logits.argmax(-1) == query["labels"]).float().mean())
+
+    def next_episode(self, pool: dict[int, list[int]], stream: int, number: int) -> Episode:
+        """Episode `number` of a seeded stream (0: training, a rank's own; 1: validation, the same every time)."""
+        generator = np.random.default_rng([self.config.seed, stream, number])
+        return sample_episode(pool, self.config.ways, self.config.shots, self.config.queries, generator)
+
+    # ---- the loop's hooks -------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        # number the episodes across ranks so every rank draws a different one and a resumed run draws the same
+        number = self.episodes_drawn * distributed.world_size() + distributed.rank()
+        self.episodes_drawn += 1
+        episode = self.next_episode(self.train_pool, 0, number)
+        support, query = self.episode_batches(self.train_examples, episode)
+        start, adapted = self.adapted(model, support)
+        if self.config.algorithm == "reptile":
+            direction = reptile_direction(start, adapted)
+        else:
+            direction = first_order_maml_direction(adapted, self.loss_of(model), query)
+        query_loss, query_accuracy = self.query_scores(model, adapted, query)
+        return as_surrogate_loss(start, direction), {"query_loss": query_loss, "query_accuracy": query_accuracy}
+
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Mean query accuracy and loss after adaptation over the fixed validation episodes."""
+        if not self.validation_pool:
+            return {}
+        losses, accuracies = [], []
+        with torch.enable_grad():
+            for number in range(self.config.validation_episodes):
+                episode = self.next_episode(self.validation_pool, 1, number)
+                support, query = self.episode_batches(self.validation_examples, episode)
+                _, adapted = self.adapted(model, support)
+                loss, accuracy = self.query_scores(model, adapted, query)
+                losses.append(loss)
+                accuracies.append(accuracy)
+        return {"episode_accuracy": float(np.mean(accuracies)), "loss": float(np.mean(losses))}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"episodes_drawn": torch.tensor(self.episodes_drawn)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.episodes_drawn = int(tensors["episodes_drawn"])

@@ -1,4 +1,5 @@
-"""`deltatune` command line: train, eval, generate, export, report, tune, advise, methods, objectives, tasks.
+"""`deltatune` command line: train, eval, generate, export, report, tune, advise, meta-train, meta-eval, methods,
+objectives, tasks.
 
 Bad input exits with code 2 and one line on stderr saying what to fix; `--debug` shows the traceback instead.
 That holds for the command line itself too: a usage mistake is one `error:` line, not argparse's usage block.
@@ -27,6 +28,23 @@ def _train(args: argparse.Namespace) -> None:
         launch(args.config, args.overrides, args.nproc, args.resume)
         return
     train(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _meta_train(args: argparse.Namespace) -> None:
+    from deltatune.config.loader import load_config
+    from deltatune.runner import train
+
+    config = load_config(args.config, args.overrides)
+    if config.objective.name != "meta_learning":
+        raise UserError(f"meta-train needs objective.name: meta_learning in {args.config} (with its ways, shots, "
+                        f"meta_test_classes, ...), not {config.objective.name!r}")
+    train(config, resume=args.resume)
+
+
+def _meta_eval(args: argparse.Namespace) -> None:
+    from deltatune.meta_eval import meta_evaluate
+
+    meta_evaluate(args.run_dir, args.episodes)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -141,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "gloo on CPU, NCCL with one GPU per process); train.batch_size stays the global batch")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(handler=_train)
+
+    meta_train = commands.add_parser("meta-train", help="meta-learn a start that adapts fast (objective "
+                                     "meta_learning: Reptile or first-order MAML over N-way K-shot episodes)")
+    meta_train.add_argument("config", help="YAML config file with objective.name: meta_learning")
+    meta_train.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as for train")
+    meta_train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    meta_train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    meta_train.set_defaults(handler=_meta_train)
+
+    meta_eval = commands.add_parser("meta-eval", help="episode accuracy on unseen classes: the meta-learned start "
+                                    "against the pretrained one, with 95%% confidence intervals")
+    meta_eval.add_argument("run_dir", help="a run directory of `deltatune meta-train`")
+    meta_eval.add_argument("--episodes", type=int, default=100, help="episodes to draw from the meta-test classes")
+    meta_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    meta_eval.set_defaults(handler=_meta_eval)
 
     evaluate = commands.add_parser("eval", help="report the test metrics of a finished run")
     evaluate.add_argument("run_dir", help="the run directory printed by `deltatune train`")

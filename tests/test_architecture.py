@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("adapter API", ("deltatune.adapters",)),
     ("runner", ("deltatune.resume", "deltatune.preparation", "deltatune.runner", "deltatune.runs")),
     ("commands", ("deltatune.export", "deltatune.generate", "deltatune.advise", "deltatune.tune", "deltatune.insight",
-                  "deltatune.launch")),
+                  "deltatune.launch", "deltatune.meta_eval")),
     ("command line and public API", ("deltatune.cli", "deltatune.__main__", "deltatune")),
 ]
 # Imports of a higher layer that are allowed, each with its reason.

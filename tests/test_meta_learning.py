@@ -142,7 +142,7 @@ def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_pat
               "data": {"name": "topics.jsonl", "max_length": 12, "split": {"validation": 0.3, "test": 0.1, "seed": 0}},
               "method": {"name": "lora", "r": 2, "target_modules": ["query", "value"]},
               "objective": {"name": "meta_learning", "algorithm": "fomaml", "ways": 3, "shots": 1, "queries": 1,
-                            "inner_steps": 2, "inner_lr": 0.1, "meta_test_classes": [6, 7], "validation_episodes": 3},
+                            "inner_steps": 2, "inner_lr": 0.1, "meta_test_classes": [5, 6, 7], "validation_episodes": 3},
               "train": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "lr": 1e-3, "num_threads": 1,
                         "progress": False},
               "output_dir": "runs", "run_name": "meta"}
@@ -151,12 +151,28 @@ def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_pat
     original = meta_learning.sample_episode
     monkeypatch.setattr(meta_learning, "sample_episode", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "config.yaml"]) == 0
+    assert main(["meta-train", "config.yaml"]) == 0
     summary = json.loads((tmp_path / "runs" / "meta" / "summary.json").read_text())
     assert 0 <= summary["after"]["validation"]["episode_accuracy"] <= 1
-    assert drawn and all(set(episode.classes) <= set(range(6)) for episode in drawn)  # never classes 6 or 7
+    assert drawn and all(set(episode.classes) <= set(range(5)) for episode in drawn)  # never classes 5-7
     from safetensors.torch import load_file
 
     saved = tmp_path / "runs" / "meta" / "precomputed"  # the run records both pools
-    assert load_file(saved / "meta_test_classes.safetensors")["values"].tolist() == [6, 7]
-    assert load_file(saved / "meta_train_classes.safetensors")["values"].tolist() == list(range(6))
+    assert load_file(saved / "meta_test_classes.safetensors")["values"].tolist() == [5, 6, 7]
+    assert load_file(saved / "meta_train_classes.safetensors")["values"].tolist() == list(range(5))
+
+    assert main(["meta-eval", "runs/meta", "--episodes", "6"]) == 0
+    result = json.loads((tmp_path / "runs" / "meta" / "meta_eval.json").read_text())
+    for start in ("meta-learned", "pretrained"):
+        assert 0 <= result[start]["mean"] <= 1 and result[start]["ci95"] >= 0
+    assert result["settings"]["meta_test_classes"] == [5, 6, 7]
+    assert all(set(episode.classes) <= {5, 6, 7} for episode in drawn[-6:])  # meta-eval draws meta-test classes only
+
+
+def test_meta_commands_refuse_other_runs(tmp_path, capsys):
+    from tests.bad_input import assert_refused
+    from tests.helpers import tiny_classification_run
+
+    tiny_classification_run(tmp_path, 40, max_steps=2)
+    assert_refused(["meta-train", str(tmp_path / "config.yaml")], r"meta-train needs objective.name: meta_learning",
+                   capsys, tmp_path)

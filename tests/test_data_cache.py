@@ -139,3 +139,9 @@ def test_the_block_reader_splits_lines_as_the_whole_file_does(tmp_path, monkeypa
     path.write_bytes('{"t": "ok"}\n{"t": "caf'.encode() + b"\xe9" + b'"}\n')
     with pytest.raises(UserError, match=r"byte 0xe9 at offset 22 \(line 2\).*data.encoding=latin-1"):
         read_jsonl(path)
+
+
+def test_a_split_of_fraction_zero_is_empty_both_ways(tmp_path, tokenizer):
+    data = DataConfig(name=str(reviews(tmp_path)), max_length=8, split=SplitConfig(validation=0.2, test=0.0))
+    stored, memory = both_ways(data, "classification", tokenizer)
+    assert len(stored.test) == 0 and memory.test == []

@@ -97,3 +97,15 @@ def test_layer_lr_decay_gives_each_depth_its_rate() -> None:
     assert rate[id(named["classifier.weight"])] == 1.0
     plain = make_optimizer(model, TrainConfig(lr=1.0))
     assert [group["weight_decay"] for group in plain.param_groups] == [0.01, 0.0]  # the old two groups, in order
+
+
+def test_sgd_optimizer_takes_plain_steps() -> None:
+    """train.optimizer=sgd: θ ← θ − lr·(g + decay·θ) with momentum 0, the groups and rates as AdamW's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model, TrainConfig(lr=0.5, optimizer="sgd", weight_decay=0.1))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.0
+    before = model.weight.detach().clone()
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    optimizer.step()
+    torch.testing.assert_close(model.weight.detach(), before - 0.5 * (1 + 0.1 * before))

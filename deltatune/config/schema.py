@@ -134,6 +134,9 @@ class TrainConfig:
     # Layer-wise learning-rate decay (Howard & Ruder 2018; ELECTRA, BEiT): block i of L trains at
     # lr · decay^(L − 1 − i), embeddings at lr · decay^L, the head and what follows the blocks at lr. None: off.
     layer_lr_decay: float | None = field(default=None, metadata=between(0, 1, low_open=True))
+    # sgd: plain SGD (with `momentum`), e.g. the outer step of Reptile, whose size is the learning rate itself
+    optimizer: str = field(default="adamw", metadata=one_of("adamw", "sgd"))
+    momentum: float = field(default=0.0, metadata=between(0, 1, high_open=True))  # sgd only
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=between(0, 1, high_open=True))
     adam_eps: float = field(default=1e-8, metadata=above(0))
     schedule: str = field(default="linear", metadata=one_of(*SCHEDULES))

@@ -104,6 +104,8 @@ def scored_half(tokenizer: Any, prompts: list[str], responses: list[str], max_le
                                                                                max_length)]
     if max_length < 2:
         raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 128 or 256)")
+    if not prompts:  # a split of fraction 0; fast tokenizers refuse an empty batch
+        return []
     encoded = tokenizer(prompts, responses, truncation=True, max_length=max_length)
     keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
     return [{key: list(encoded[key][i]) for key in keys} for i in range(len(prompts))]

@@ -40,6 +40,8 @@ def encode_classification(
     """
     if max_length < 2:
         raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 128 or 256)")
+    if not texts:  # a split of fraction 0; fast tokenizers refuse an empty batch
+        return []
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
     examples: list[Example] = []

@@ -12,7 +12,8 @@ micro-batch only paces the steps; its rows are not used. Episode label i is read
 head, whatever class it stands for in that episode.
 
 Validation (and the "before" figures) is episode accuracy on `validation_episodes` fixed episodes drawn from the
-validation rows of the meta-train classes: unseen examples of seen classes, for choosing the best step. How well
+validation rows of the meta-train classes (those with enough rows for an episode): unseen examples of seen classes,
+for choosing the best step. How well
 the start adapts to new classes is `deltatune meta-eval`'s question, asked on the meta-test pool only.
 """
 
@@ -64,6 +65,21 @@ class MetaLearningConfig(ObjectiveConfig):
     seed: int = 0
 
 
+def validation_pool(labels: list[int], meta_train: list[int], config: MetaLearningConfig) -> dict[int, list[int]]:
+    """The meta-train classes with enough validation rows for an episode's support and query sets; validation only
+    monitors training, so a class with too few rows is left out of it rather than refused. Empty without a
+    validation split; a UserError when rows exist but fewer than `ways` classes can fill an episode."""
+    if not labels:
+        return {}
+    pool = {label: rows for label, rows in examples_by_class(labels, meta_train).items()
+            if len(rows) >= config.shots + config.queries}
+    if len(pool) < config.ways:
+        raise UserError(f"only {len(pool)} meta-train classes have {config.shots} + {config.queries} validation rows "
+                        f"for {config.ways}-way episodes; raise data.split.validation or lower objective.shots or "
+                        "objective.queries")
+    return pool
+
+
 @register_objective("meta_learning")
 class MetaLearning(Objective):
     description = "Reptile / first-order MAML: a start that adapts to new classes from a few examples"
@@ -97,11 +113,7 @@ class MetaLearning(Objective):
         check_episode_shape(self.train_pool, config.ways, config.shots, config.queries, "meta-train")
         self.validation_examples = splits.get("validation", [])
         validation_labels = [int(example["labels"]) for example in self.validation_examples]
-        present = sorted(set(validation_labels) & set(meta_train))
-        self.validation_pool = examples_by_class(validation_labels, present)
-        if self.validation_examples:
-            check_episode_shape(self.validation_pool, config.ways, config.shots, config.queries,
-                                "validation rows of the meta-train")
+        self.validation_pool = validation_pool(validation_labels, meta_train, config)
         self.batches_of = batches_of
         return {"meta_train_classes": torch.tensor(meta_train), "meta_test_classes": torch.tensor(meta_test_classes)}
 

@@ -65,8 +65,10 @@ def evaluate(
     return metrics
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, extra: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters and `extra` ones (an objective's value head); biases and norm
+def make_optimizer(model: nn.Module, cfg: TrainConfig,
+                   extra: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """AdamW (or SGD, `train.optimizer`) over the model's trainable parameters and `extra` ones (an objective's
+    value head); biases and norm
     weights (1-D tensors) get no weight decay, as is standard for transformers; with `layer_lr_decay` each depth
     gets its own learning rate (`layer_lr_scales`)."""
     scales = layer_lr_scales(model, cfg.layer_lr_decay)
@@ -75,10 +77,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, extra: list[nn.Parameter]
     for name, param in named:
         if param.requires_grad:
             groups.setdefault((param.ndim >= 2, scales.get(name, 1.0)), []).append(param)
-    return torch.optim.AdamW(
-        [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
-         for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))],
-        lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    parameter_groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
+                        for (decays, scale), params in sorted(groups.items(),
+                                                              key=lambda item: (not item[0][0], -item[0][1]))]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(parameter_groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(parameter_groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
 
 
 def layer_lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:

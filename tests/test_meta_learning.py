@@ -12,22 +12,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from deltatune.data.episodes import (
-    Episode,
-    check_disjoint,
-    check_episode_shape,
-    examples_by_class,
-    sample_episode,
-    split_classes,
-)
+from deltatune.data.episodes import Episode, check_disjoint, check_episode_shape, examples_by_class
+from deltatune.data.episodes import sample_episode, split_classes
 from deltatune.errors import UserError
-from deltatune.objectives.losses.meta_learning import (
-    adapt,
-    as_surrogate_loss,
-    first_order_maml_direction,
-    mean_direction,
-    reptile_direction,
-)
+from deltatune.objectives.losses.meta_learning import adapt, as_surrogate_loss, first_order_maml_direction
+from deltatune.objectives.losses.meta_learning import mean_direction, reptile_direction
 
 
 def squared_error(parameters, batch):

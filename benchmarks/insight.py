@@ -134,11 +134,16 @@ def tune_table() -> None:
     if recipe:
         print(f"| README recipe | epochs 3, batch 32, lr 1e-3, r 8, alpha 16 | "
               f"{recipe['after']['validation']['accuracy']:.4f} | {recipe['after']['test']['accuracy']:.4f} |")
-    found = read_json(Path(best["run_dir"]) / "summary.json")
-    settings = ", ".join(f"{key.split('.')[-1]} {value:.3g}" if isinstance(value, float) else
-                         f"{key.split('.')[-1]} {value}" for key, value in best["params"].items())
-    print(f"| best trial ({best['number']}) | {settings} | {found['after']['validation']['accuracy']:.4f} | "
-          f"{found['after']['test']['accuracy']:.4f} |")
+    # trial 0 is the recipe's own settings (deltatune tune starts there); the best trial TPE chose is shown too
+    searched = [t for t in finished if t["number"] != 0]
+    rows = [("best trial", best)] + ([("best trial TPE chose", max(searched, key=lambda t: t["value"]))]
+                                     if searched and best["number"] == 0 else [])
+    for label, trial in rows:
+        found = read_json(Path(trial["run_dir"]) / "summary.json")
+        settings = ", ".join(f"{key.split('.')[-1]} {value:.3g}" if isinstance(value, float) else
+                             f"{key.split('.')[-1]} {value}" for key, value in trial["params"].items())
+        print(f"| {label} ({trial['number']}) | {settings} | {found['after']['validation']['accuracy']:.4f} | "
+              f"{found['after']['test']['accuracy']:.4f} |")
 
 
 def main(argv: list[str]) -> None:

@@ -6,8 +6,8 @@ settings, so the search starts from the recipe the user has and its best is neve
 is optuna's median rule fed by every validation the loop makes, reported at the trial's *progress* through its own
 schedule (percent of its steps), not at its step number: trials of 1 and 3 epochs decay their learning rate on
 different clocks, and a 3-epoch trial at step 160 (rate still high) is no peer of a 1-epoch trial at step 160
-(nearly done). A trial is judged only from halfway through its schedule, against earlier trials at the same
-progress, and never at its last evaluation (it has finished; stopping it then would only discard its result). The study lives in SQLite (`<output_dir>/tune-<run_name>/study.db`), so a search that is killed
+(nearly done). A trial is judged only from halfway to 90% through its schedule, against earlier trials at the
+same progress; never near or at its end (stopping it then would save little and discard its result). The study lives in SQLite (`<output_dir>/tune-<run_name>/study.db`), so a search that is killed
 continues when the same command runs again: the trial that was cut off is marked failed, numbering goes on, and
 `--trials N` counts the finished (complete or pruned) trials wanted in all.
 
@@ -34,9 +34,10 @@ SHARED_SPACE: dict[str, dict[str, Any]] = {
     "train.epochs": {"type": "categorical", "choices": [1, 2, 3]},
     "train.batch_size": {"type": "categorical", "choices": [16, 32]},
 }
-# Pruning starts this far (percent) through a trial's schedule: earlier, the rate is still warm and scores say more
-# about the schedule than about the settings.
-JUDGE_FROM_PERCENT = 50
+# Pruning judges a trial between these points (percent) of its schedule: earlier, the rate is still warm and scores
+# say more about the schedule than about the settings; later, stopping saves little and discards a near-finished
+# result (the last study pruned a trial 2 steps before its end).
+JUDGE_FROM_PERCENT, JUDGE_UNTIL_PERCENT = 50, 90
 SPEC_KEYS = {"float": {"type", "low", "high", "log"}, "int": {"type", "low", "high", "log"},
              "categorical": {"type", "choices"}}
 
@@ -132,7 +133,7 @@ def run_study(config_path: str | None, overrides: list[str], trials: int, space_
                 return  # two evaluations in one percent of the schedule: the first one speaks for it
             reported.add(percent)
             trial.report(metrics[metric], percent)
-            if step < total_steps and trial.should_prune():
+            if percent < JUDGE_UNTIL_PERCENT and trial.should_prune():
                 echo(f"trial {trial.number}: pruned at step {step} of {total_steps} ({metric} {metrics[metric]:.4f})")
                 raise optuna.TrialPruned()
 
@@ -213,8 +214,8 @@ def study_page(study_dir: Path, rows: list[dict[str, Any]], metric: str, best: i
         [(row["number"], row["state"] + (" (best)" if row["number"] == best else ""), row["value"],
           *(row["params"].get(key) for key in keys), row["last_percent"], row["run_dir"]) for row in rows])
     plot = Section("Study").figure(figure, "validation score per trial").text(
-        "TPE sampler, trial 0 the config's own settings; pruned trials (dotted) stopped when their score, from "
-        "halfway through their schedule, fell below the median of earlier trials at the same progress (percent of "
+        "TPE sampler, trial 0 the config's own settings; pruned trials (dotted) stopped when their score, between "
+        "50% and 90% of their schedule, fell below the median of earlier trials at the same progress (percent of "
         "their steps). best.yaml holds the best trial's full config.", note=True)
     return render(f"Hyperparameter search: {study_dir}", [plot, trials])
 

@@ -90,11 +90,11 @@ def test_search_space_mistakes(tmp_path, capsys) -> None:
 
 
 def test_pruning_judges_trials_by_progress_from_halfway_and_never_at_their_end(tmp_path, monkeypatch) -> None:
-    """Trials of different lengths are compared at the same percent of their own schedules; a trial is not judged
-    before halfway nor at its last evaluation. A fake training reports scores so the rule is tested alone: trial 0
-    (the config's lr, 8 steps) scores 0.9; long trials (lr < 1e-3, 8 steps, evaluated at each) 0.1, so they are pruned at
-    halfway; short ones (20 steps, evaluated at 25%, 95% and their end) 0.05, below every median, yet they must
-    finish: at 25% they are not judged yet, at 95% and at their end no longer."""
+    """Trials of different lengths are compared at the same percent of their own schedules; a trial is judged only
+    from halfway to 90% of its schedule. A fake training reports scores so the rule is tested alone: trial 0 (the
+    config's lr, 20 steps, evaluated at each) scores 0.9; long trials (lr < 1e-3, 8 steps, evaluated at each) 0.1,
+    so they are pruned at halfway; short ones (20 steps, evaluated at 25%, 95% and their end) 0.05, below every
+    median, yet they must finish: at 25% they are not judged yet, at 95% and at their end no longer."""
     import deltatune.runner
     from deltatune.config.loader import config_to_dict
 
@@ -102,7 +102,8 @@ def test_pruning_judges_trials_by_progress_from_halfway_and_never_at_their_end(t
 
     def fake_train(config, echo, on_evaluation):
         lr = config.train.lr
-        steps, evaluated = (8, range(1, 9)) if lr < 1e-3 or lr == 3e-3 else (20, (5, 19, 20))
+        steps, evaluated = ((20, range(1, 21)) if lr == 3e-3 else (8, range(1, 9)) if lr < 1e-3
+                            else (20, (5, 19, 20)))
         score = 0.9 if lr == 3e-3 else 0.1 if steps == 8 else 0.05
         run_dir = tmp_path / "runs" / config.run_name
         run_dir.mkdir(parents=True, exist_ok=True)

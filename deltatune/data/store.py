@@ -257,24 +257,24 @@ class _DiskArray:
             shape, _, dtype = read_header(file)
             self.start = file.tell()
         self.dtype, self.length = np.dtype(dtype), int(shape[0])
-        self.descriptor = os.open(path, os.O_RDONLY)
+        self.path = path
 
     def __len__(self) -> int:
         return self.length
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        # Opened per read, not held: a finaliser closing a held descriptor would run Python code at whatever moment
+        # the garbage collector picks, and a Ctrl-C arriving then would be swallowed with the finaliser's exception.
         size = self.dtype.itemsize
-        data = os.pread(self.descriptor, (stop - start) * size, self.start + start * size)
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(descriptor, (stop - start) * size, self.start + start * size)
+        finally:
+            os.close(descriptor)
         return np.frombuffer(data, dtype=self.dtype)
 
     def whole(self) -> np.ndarray:
         return self.read(0, self.length)
-
-    def __del__(self) -> None:
-        try:
-            os.close(self.descriptor)
-        except Exception:  # noqa: BLE001 - at interpreter exit modules may already be gone; the OS closes it then
-            pass
 
 
 class _WritableExample(dict):

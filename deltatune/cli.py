@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -252,6 +254,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _ctrl_c_interrupts() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt (exit 130, a resumable run) even when a library loaded earlier in this
+    process installed its own SIGINT handler or blocked the signal (the full test suite once swallowed a Ctrl-C in
+    a training run that way; the library was not traced). The command line owns its process; `deltatune.train`
+    called from Python leaves the caller's handlers alone."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # The embedded models and data are local; never let a library reach for a model hub.
@@ -260,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_arguments(argv)
         handler: Callable[[argparse.Namespace], None] = args.handler
+        _ctrl_c_interrupts()
         handler(args)
     except UserError as error:
         if debug:

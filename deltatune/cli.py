@@ -34,12 +34,12 @@ def _train(args: argparse.Namespace) -> None:
 
 def _meta_train(args: argparse.Namespace) -> None:
     from deltatune.config.loader import load_config
+    from deltatune.meta_eval import require_meta_learning
     from deltatune.runner import train
 
     config = load_config(args.config, args.overrides)
-    if config.objective.name != "meta_learning":
-        raise UserError(f"meta-train needs objective.name: meta_learning in {args.config} (with its ways, shots, "
-                        f"meta_test_classes, ...), not {config.objective.name!r}")
+    require_meta_learning(config, f"meta-train needs objective.name: meta_learning in {args.config} (with its ways, "
+                                  f"shots, meta_test_classes, ...), not {config.objective.name!r}")
     train(config, resume=args.resume)
 
 

@@ -32,9 +32,8 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     if episodes < 2:
         raise UserError(f"--episodes is {episodes}; use at least 2 (a confidence interval needs a spread)")
     saved = open_run(path)
-    if saved.config.objective.name != "meta_learning":
-        raise UserError(f"{path} was trained with objective {saved.config.objective.name!r}; meta-eval reads runs "
-                        "of objective meta_learning (deltatune meta-train)")
+    require_meta_learning(saved.config, f"{path} was trained with objective {saved.config.objective.name!r}; "
+                                        "meta-eval reads runs of a meta-learning objective (deltatune meta-train)")
     run = saved.load(with_data=True)
     objective = run.objective
     assert isinstance(objective, MetaLearning)
@@ -63,6 +62,17 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
         echo(f"{name:>12}: episode accuracy {result[name]['mean']:.4f} ± {result[name]['ci95']:.4f} (95% CI, "
              f"{episodes} episodes of {config.ways}-way {config.shots}-shot on classes {meta_test})")
     return result
+
+
+def require_meta_learning(config: Any, message: str) -> None:
+    """A UserError with `message` unless the config's objective is meta-learning (checked by its class, so a
+    registered variant of it counts too)."""
+    from deltatune.objectives import get_objective
+    from deltatune.objectives.meta_learning import MetaLearning
+    from deltatune.preparation import run_task
+
+    if not issubclass(get_objective(config.objective.name, run_task(config)), MetaLearning):
+        raise UserError(message)
 
 
 def _interval(values: list[float]) -> dict[str, Any]:

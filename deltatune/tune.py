@@ -107,9 +107,10 @@ def run_study(config_path: str | None, overrides: list[str], trials: int, space_
     study_dir = Path(base.output_dir) / f"tune-{base.run_name}"
     study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=base.run_name, storage=f"sqlite:///{study_dir / 'study.db'}",
-                                direction=direction, load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    study = optuna.create_study(study_name=base.run_name, storage=storage, direction=direction, load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=_sampler_seed(base.train.seed, storage,
+                                                                                      base.run_name)),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2,
                                                                    n_warmup_steps=JUDGE_FROM_PERCENT))
     _fail_interrupted(study, echo)
@@ -169,6 +170,19 @@ def _finished(study: Any) -> int:
 
     return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                for t in study.get_trials(deepcopy=False))
+
+
+def _sampler_seed(seed: int, storage: str, study_name: str) -> int:
+    """The sampler's seed for this session of the study: train.seed plus the trials already in it. A resumed study
+    must not replay the random start-up draws of the first session (a fresh RandomState(seed) would suggest trial 1's
+    values again as the first trial after the resume); offsetting by the trial count keeps it reproducible."""
+    import optuna
+
+    try:
+        existing = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # a new study
+        return seed
+    return seed + len(existing.get_trials(deepcopy=False))
 
 
 def _fail_interrupted(study: Any, echo) -> None:

@@ -73,6 +73,8 @@ def test_a_killed_study_resumes_and_continues_numbering(tmp_path) -> None:
     assert states[0] == "COMPLETE" and states[1] == "FAIL"  # the trial cut off by the kill
     assert sum(state in ("COMPLETE", "PRUNED") for state in states.values()) == 3
     assert sorted(states) == list(range(len(states)))  # numbering went on after the killed trial
+    params = {t["number"]: t["params"] for t in trials}
+    assert params[2] != params[1]  # the resumed sampler does not replay the first session's random draws
 
 
 def test_search_space_mistakes(tmp_path, capsys) -> None:

@@ -96,9 +96,28 @@ def load_run(run_dir: str, with_data: bool = False) -> Any:
     return load_finished_run(run_dir, with_data=with_data)
 
 
+def load(path: str) -> Any:
+    """A trained dual encoder, from its run directory or its `deltatune export` directory, as a
+    `deltatune.models.dual_encoder.ImageTextEncoder`: `encode_image(images)` and `encode_text(texts)` return
+    unit-length embeddings whose dot products score image–text matches. Other runs load with `load_run`."""
+    from pathlib import Path
+
+    from deltatune.models.dual_encoder import CONFIG_FILE, DualEncoder, ImageTextEncoder
+
+    if (Path(path) / CONFIG_FILE).is_file():
+        from deltatune.tasks.image_text import load_dual_encoder
+
+        model, processor = load_dual_encoder(path)
+        return ImageTextEncoder(model, processor)
+    run = load_run(path)
+    if not isinstance(run.model, DualEncoder):
+        raise UserError(f"{path} is a run of a single model, not a dual encoder; load it with deltatune.load_run")
+    return ImageTextEncoder(run.model, run.processor, run.config.data.image_size, run.config.data.max_length)
+
+
 __all__ = [
     "DataConfig", "Method", "MethodConfig", "ModelConfig", "ObjectiveConfig", "RunConfig", "SplitConfig",
-    "TrainConfig", "UserError", "apply", "available_methods", "evaluate_run", "load_config", "load_run",
+    "TrainConfig", "UserError", "apply", "available_methods", "evaluate_run", "load", "load_config", "load_run",
     "objective_config", "parse_config", "register_method", "train",
     "add_weighted_adapter", "delete_adapter", "disabled", "load_adapter", "merge", "save_adapter", "set_adapter",
     "unmerge",

@@ -136,7 +136,7 @@ def probe(config_path: str, overrides: list[str]) -> dict[str, Any]:
     config = load_config(config_path, overrides)
     prepared = prepare(config)
     setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
-                    prepared.num_labels, prepared.processor)
+                    prepared.num_labels, prepared.processor, prepared.data.label_names)
     calibrate(prepared)
     data, train_config = prepared.data, prepared.config.train
     training = Batches(data.train, data.collate, train_config.group_by_length)

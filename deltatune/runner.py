@@ -202,7 +202,7 @@ def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
     check_metric(config.train.metric, get_objective(config.objective.name, run_task(config)))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
     setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
-                    prepared.num_labels, prepared.processor)
+                    prepared.num_labels, prepared.processor, prepared.data.label_names)
     with distributed.main_first():  # rank 0 fills the objective's cache, the others read it
         precomputed = _precompute(prepared)
     calibrate(prepared)

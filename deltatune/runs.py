@@ -123,7 +123,7 @@ def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
     """Rebuild a finished run's model from its directory and report its metrics on the saved splits."""
     run = load_run(path, with_data=True)
     setup_objective(run.config, run.objective, run.model, run.method, run.device, run.data.num_labels,
-                    run.processor)
+                    run.processor, run.data.label_names)
     metrics = metrics_on_splits(run.model, run.objective, run.data, run.config.train, run.device)
     echo(format_metrics("eval", metrics))
     return metrics
@@ -131,11 +131,12 @@ def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
 
 # ---- the extra models an objective declares ------------------------------------------------------------------
 def setup_objective(config: RunConfig, objective: Objective, policy_model: nn.Module, method: Method,
-                    device: torch.device, num_labels: int | None = None, processor: Any = None) -> None:
+                    device: torch.device, num_labels: int | None = None, processor: Any = None,
+                    label_names: list[str] | None = None) -> None:
     """Load every model `objective` declares (`Objective.models`), frozen and in eval mode on `device`, and hand
     them by role to its `setup` (after giving it the policy's `processor`). Loading never touches the run's random
     streams. `num_labels` sizes a frozen copy of a labelled base."""
-    objective.processor = processor
+    objective.processor, objective.label_names = processor, label_names
     models = {}
     with torch.random.fork_rng(devices=[]):
         for role, spec in type(objective).models.items():

@@ -21,7 +21,8 @@ from tests.tiny_models import tiny_bert, tiny_cnn, tiny_llama
 
 Batch = dict[str, torch.Tensor]
 Run = Callable[[], torch.Tensor]  # computes the model's output on a fixed batch
-KINDS = ("bert", "llama", "cnn")  # the tiny models every method is tried on
+KINDS = ("bert", "llama", "cnn", "dual")  # the tiny models every method is tried on (dual: a dual encoder)
+MODEL_KIND = {"cnn": "cnn", "dual": "dual-encoder"}  # what each kind is to `Method.model_kinds` (else transformer)
 
 
 # ---- models and inputs ----------------------------------------------------------------------------------------
@@ -81,11 +82,23 @@ def last_position(output: Any) -> torch.Tensor:
     return output.logits[:, -1]
 
 
+def tiny_dual_encoder(projection_dim: int | None = 8) -> nn.Module:
+    """A dual encoder of tiny_cnn (images) and tiny_bert (text), as `model.name: dual-encoder` assembles it."""
+    from deltatune.config.schema import ModelConfig
+    from deltatune.tasks.image_text import ImageText
+
+    return ImageText().assemble_model(ModelConfig(name="dual-encoder", image="tests.tiny_models:tiny_cnn",
+                                                  text="tests.tiny_models:tiny_bert", projection_dim=projection_dim))
+
+
 def tiny_case(kind: str, method: str | None = None) -> TinyCase:
-    """Tiny model `kind` ("bert", "llama" or "cnn"), seeded with 0, with a batch, an output picker and labels; skips
+    """Tiny model `kind` ("bert", "llama", "cnn" or "dual"), seeded with 0, with a batch, an output picker and labels; skips
     the test when method `method` does not work on that kind of model."""
-    if method is not None and ("cnn" if kind == "cnn" else "transformer") not in get_method(method).model_kinds:
+    if method is not None and MODEL_KIND.get(kind, "transformer") not in get_method(method).model_kinds:
         pytest.skip(f"{method} does not support {kind} models")
+    if kind == "dual":  # images and their captions; the logits are image-by-caption, the diagonal the match
+        batch = {**image_batch(8), **token_batch(8, 12)}
+        return TinyCase(seeded(tiny_dual_encoder), batch, output_logits, torch.arange(8))
     if kind == "bert":
         return TinyCase(seeded(tiny_bert, num_labels=3), token_batch(8, 12), output_logits, class_labels(8, 3))
     if kind == "llama":

@@ -49,7 +49,7 @@ ALLOWED_UPWARD = {
     ("deltatune.methods.adapters.adapter_fusion", "deltatune.training.run_dir"),
 }
 RUN_DIR_READER = {"deltatune.training.run_dir", "deltatune.training.checkpoint"}
-METHOD_FAMILIES = ("lora", "adapters", "virtual_tokens", "selective")
+METHOD_FAMILIES = ("lora", "adapters", "virtual_tokens", "selective", "composite")
 ENTRY_POINTS = {"deltatune.__main__"}  # importing it runs the command line
 
 

@@ -82,7 +82,7 @@ def test_only_trainable_parameters_get_gradients(name, kind):
     assert trainable <= saved and saved - trainable <= {n for n, _ in model.named_buffers()}
 
 
-@pytest.mark.parametrize("kind", ["bert", "cnn"])
+@pytest.mark.parametrize("kind", ["bert", "cnn", "dual"])
 @pytest.mark.parametrize("name", METHODS)
 def test_save_load_round_trip_and_loss_falls(name, kind, tmp_path):
     from safetensors.torch import load_file, save_file
@@ -123,7 +123,8 @@ def untouched():
 
 def refused_on_untouched(untouched, name: str, options: dict) -> str:
     """The one-line UserError `deltatune.apply` raises for `options` on a tiny model, which stays as it was."""
-    kind = "llama" if "transformer" in get_method(name).model_kinds else "cnn"
+    kinds = get_method(name).model_kinds
+    kind = "llama" if "transformer" in kinds else "cnn" if "cnn" in kinds else "dual"
     model, tensors, trainable = untouched(kind)
     with pytest.raises(UserError) as error:
         deltatune.apply(model, {"name": name, **options})

@@ -69,8 +69,8 @@ def llama_dir(tmp_path: Path) -> Path:
 # --- module surface -------------------------------------------------------------------------------------------
 
 def test_public_surface() -> None:
-    assert list(available_tasks()) == ["causal-lm", "classification", "image-classification", "preference",
-                                       "prompts", "reward-pairs"]
+    assert list(available_tasks()) == ["causal-lm", "classification", "image-classification", "image-text",
+                                       "preference", "prompts", "reward-pairs"]
     assert set(ALIASES) == {"minilm-l6", "smollm2-135m", "efficientnet-lite0"}
     assert ImageProcessor(224, (0.5,), (0.5,)).channels == 3
 
@@ -148,7 +148,7 @@ def test_import_path_needs_explicit_task() -> None:
 
 def test_bad_task() -> None:
     with pytest.raises(UserError, match=r"unknown model.task 'clasification' \(did you mean 'classification'\?\); "
-                       r"valid: causal-lm, classification, image-classification, preference, prompts, reward-pairs \(or 'auto'"):
+                       r"valid: causal-lm, classification, image-classification, image-text, preference, prompts, reward-pairs \(or 'auto'"):
         resolve_task(cfg("minilm-l6", task="clasification"))
     with pytest.raises(UserError, match="unknown model.task"):
         task("regression")

@@ -119,7 +119,7 @@ def test_the_objective_section_parses_into_the_objectives_own_dataclass() -> Non
     ({"name": "toy_teacher", "weight": 2}, r"^objective\.weight .*2"),
     ({"name": "toy_teacher", "weight": "much"}, r"^objective\.weight must be a number"),
     ({"beta": 0.1}, r"^objective\.beta needs a named objective: objective\.name is 'auto'"),
-    ({"name": "dop"}, r"^unknown objective\.name 'dop' \(did you mean 'dpo'\?\); valid: classification, distill, dpo, "
+    ({"name": "dop"}, r"^unknown objective\.name 'dop' \(did you mean 'dpo'\?\); valid: classification, contrastive, distill, dpo, "
                       r"meta_learning, ppo, reward, self_training, sft, toy_teacher$"),
 ])
 def test_bad_objective_options_are_one_line_errors(raw, message) -> None:

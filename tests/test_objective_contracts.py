@@ -56,6 +56,13 @@ def topic_rows(classes: int = 6, per_class: int = 16) -> list[dict]:
             for label in range(classes) for k in range(per_class)]
 
 
+def band_rows(count: int = 48) -> list[dict]:
+    """16x16 images with a bright band at the top, middle or bottom (the label) over seeded noise."""
+    noise = torch.randint(0, 60, (count, 16, 16), generator=torch.Generator().manual_seed(0))
+    return [{"image": (noise[i] + 180 * (torch.arange(16)[:, None] // 6 == i % 3)).clamp(max=255).tolist(),
+             "label": ["top", "middle", "bottom"][i % 3]} for i in range(count)]
+
+
 def prompt_rows() -> list[dict]:
     return [{"prompt": f"Tell me about film {i}."} for i in range(60)]
 
@@ -98,6 +105,12 @@ CASES = {
         "model.task=classification", "data.split.validation=0.3", "objective.ways=2", "objective.shots=2",
         "objective.queries=1", "objective.meta_test_count=2", "objective.inner_steps=3", "objective.inner_lr=0.5",
         "objective.validation_episodes=6", "train.lr=1e-2"], steps=16, crash_at=5),
+    # A dual encoder of the tiny CNN and the tiny BERT; captions made from the labels with two templates, drawn at
+    # random per row and step, which the resumed run must draw again the same.
+    "contrastive": Case("dual-encoder", band_rows(), [
+        "model.image=tests.tiny_models:tiny_cnn", "model.text=tests.tiny_models:tiny_bert", "model.projection_dim=8",
+        "data.columns={label: label}", "objective.templates=['a {label} band', 'the {label} picture']",
+        "train.lr=3e-3"], steps=16, crash_at=5),
 }
 OBJECTIVES = sorted(available_objectives())
 

@@ -75,6 +75,7 @@ def test_the_built_in_tasks_are_registered_with_their_roles_and_defaults() -> No
     assert roles == {"causal-lm": {"prompt": "prompt", "response": "response"},
                      "classification": {"text": "text", "text_pair": None, "label": "label"},
                      "image-classification": {"image": "image", "label": "label"},
+                     "image-text": {"image": "image", "caption": None, "label": None},
                      "preference": pairs, "prompts": {"prompt": "prompt"}, "reward-pairs": pairs}
     assert [name for name, task in available_tasks().items() if task.can_generate] == ["causal-lm", "preference",
                                                                                       "prompts"]

@@ -142,8 +142,23 @@ def _build(cls: type, raw: Any, path: str) -> Any:
 def _build_method(raw: Any, path: str) -> MethodConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping with at least `name:`, got {raw!r}")
-    method = get_method(str(raw.get("name", MethodConfig.name)))
+    name = raw.get("name", _method_chosen_by_keys(raw) or MethodConfig.name)
+    method = get_method(str(name))
     return _build(method.config_class, raw, path)
+
+
+def _method_chosen_by_keys(raw: dict[str, Any]) -> str | None:
+    """The method a section without `name` means by its keys alone: one whose config declares `chosen_by_keys` and
+    has every key given (`method: {image: ..., text: ...}` is the `towers` method)."""
+    from deltatune.methods import available_methods
+
+    if not raw:
+        return None
+    for name, method in available_methods().items():
+        config = method.config_class
+        if getattr(config, "chosen_by_keys", False) and set(raw) <= {f.name for f in dataclasses.fields(config)}:
+            return name
+    return None
 
 
 def _build_objective(raw: Any, path: str) -> ObjectiveConfig:

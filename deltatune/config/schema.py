@@ -54,7 +54,8 @@ class ModelConfig:
     """Which network to fine-tune and for what task.
 
     `name` is an alias (`minilm-l6`, `smollm2-135m`, `efficientnet-lite0`), a local transformers directory, a
-    `.gguf` file, or `package.module:function` returning an `nn.Module`.
+    `.gguf` file, `package.module:function` returning an `nn.Module`, or `dual-encoder` (an image and a text tower
+    trained together, `image` and `text` naming them).
     """
 
     name: str = "minilm-l6"
@@ -64,6 +65,11 @@ class ModelConfig:
     # Pickle-only weights (pytorch_model.bin) are refused unless this is true; they are then read weights-only.
     allow_pickle: bool = False
     student: StudentConfig = field(default_factory=StudentConfig)  # keep a subset of the blocks (distillation)
+    # name: dual-encoder only (task image-text): the image and text towers (any image-classification and text model
+    # name), each projected to `projection_dim` (null: no projections; the towers' feature sizes must then agree).
+    image: str | None = None
+    text: str | None = None
+    projection_dim: int | None = field(default=256, metadata=at_least(1))
 
 
 @dataclass

@@ -126,7 +126,11 @@ class Method:
 
 
 def model_kind(model: nn.Module) -> str:
-    """"transformer" for models with a transformers config (or attention modules), else "cnn"."""
+    """"transformer" for models with a transformers config (or attention modules), else "cnn"; a model class may say
+    what it is itself (`model_kind = "dual-encoder"`)."""
+    declared = getattr(type(model), "model_kind", None)
+    if isinstance(declared, str):
+        return declared
     if getattr(model, "config", None) is not None and hasattr(model.config, "model_type"):
         return "transformer"
     has_convolutions = any(isinstance(module, nn.Conv2d) for module in model.modules())

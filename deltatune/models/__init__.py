@@ -6,6 +6,8 @@
   `smollm2-135m` (Llama from a GGUF, causal-lm or classification), `efficientnet-lite0` (CNN, image-classification);
 * a local transformers directory (with config.json), loaded with the Auto class of the task;
 * a `.gguf` file, dequantised to fp32 once and cached on disk (see `deltatune.models.gguf_cache`);
+* `dual-encoder`: an image tower (`model.image`) and a text tower (`model.text`), each any name of the forms here,
+  projected into one space (`deltatune.models.dual_encoder`); assembled by the task it serves (`image-text`);
 * an import path `package.module:function`; the function returns an `nn.Module` and is called with
   `num_labels=N` when its signature accepts it. Its processor comes from the function `<function>_processor`
   in the same module (zero arguments, returning a tokenizer or an `ImageProcessor`) when that exists, else None.
@@ -60,6 +62,10 @@ def load_processor(cfg: ModelConfig, task: ModelHead | None) -> Any:
     from deltatune.models import gguf_cache, hf, image
 
     source = sources.parse_source(cfg.name)
+    if source.kind == sources.DUAL_ENCODER:
+        if task is None:
+            raise UserError("model.name dual-encoder is assembled by its task; name the task (image-text)")
+        return task.assemble_processor(cfg)
     if source.kind == sources.EFFICIENTNET:
         return image.efficientnet_processor()
     if source.kind == sources.GGUF:
@@ -84,6 +90,12 @@ def load_model(cfg: ModelConfig, task: ModelHead, num_labels: int | None,
     num_labels = num_labels if num_labels is not None else cfg.num_labels
     _check_num_labels(task, num_labels)
     source = sources.parse_source(cfg.name)
+    if source.kind == sources.DUAL_ENCODER:  # two towers, each loaded as below by the task that pairs them
+        return task.assemble_model(cfg).to(device="cpu").float()
+    if cfg.image is not None or cfg.text is not None:
+        key = "model.image" if cfg.image is not None else "model.text"
+        raise UserError(f"{key} names a tower of a dual encoder, but model.name is {cfg.name!r}; set "
+                        f"model.name=dual-encoder or remove {key}")
     sources.check_supported(source, task.name, task.auto_class)
     model = _load_converting(source, task, num_labels, converting) if not wants_student(cfg.student) else None
     model = task.adapt_model(model if model is not None else _load(source, task, num_labels, cfg.allow_pickle))

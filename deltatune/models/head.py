@@ -14,7 +14,7 @@ from torch import nn
 
 class ModelHead(Protocol):
     """The task's name, its transformers Auto class (or None), whether it ends in a new head of `num_labels`
-    outputs, and its three loading hooks."""
+    outputs, and its loading hooks."""
 
     name: str
     auto_class: str | None
@@ -31,4 +31,12 @@ class ModelHead(Protocol):
 
     def directory_processor(self, directory: Path) -> Any:
         """What a transformers directory's inputs need for the task (a tokenizer, an image processor)."""
+        ...
+
+    def assemble_model(self, cfg: Any) -> nn.Module:
+        """A model built from other models (model.name dual-encoder: two towers) for this task."""
+        ...
+
+    def assemble_processor(self, cfg: Any) -> Any:
+        """The processor of an assembled model."""
         ...

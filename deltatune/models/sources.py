@@ -32,6 +32,8 @@ TRANSFORMERS = "transformers"  # a directory with config.json (Auto classes)
 GGUF = "gguf"  # a llama.cpp file, dequantised to fp32 and cached
 EFFICIENTNET = "efficientnet"  # the efficientnet-lite .pth state dict
 IMPORT = "import"  # package.module:function returning an nn.Module
+DUAL_ENCODER = "dual-encoder"  # two towers named by model.image and model.text, assembled by their task
+DUAL_ENCODER_TASK = "image-text"
 
 # `package.module:function`; a path never contains ':' followed by a bare identifier, except drive letters,
 # which the existence check catches first.
@@ -100,6 +102,8 @@ def parse_source(name: str) -> Source:
     if name in ALIASES:
         alias = ALIASES[name]
         return Source(name, alias.kind, alias.path(), alias)
+    if name == DUAL_ENCODER:
+        return Source(name, DUAL_ENCODER)
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _path_source(name, path)
@@ -170,7 +174,7 @@ def supported_heads(source: Source) -> tuple[str, ...] | None:
         return source.alias.heads
     if source.kind == GGUF:
         return GGUF_HEADS
-    return None
+    return None  # a dual encoder: its task assembles it (Task.assemble_model) or refuses it
 
 
 def check_supported(source: Source, task: str, head: str | None) -> None:
@@ -187,6 +191,8 @@ def declared_task(source: Source) -> str | None:
         return source.alias.task
     if source.kind == GGUF:
         return GGUF_TASK
+    if source.kind == DUAL_ENCODER:
+        return DUAL_ENCODER_TASK
     return None
 
 

@@ -75,6 +75,7 @@ class Objective:
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
     models: ClassVar[dict[str, ModelRole]] = {}
     processor: Any = None  # the policy's tokenizer (or image processor), set by the runner before `setup`
+    label_names: list[str] | None = None  # the data's class names (when it has them), set with `processor`
     # Where the objective may keep what it computes once and later runs can reuse (a distillation teacher's
     # logits): `<output_dir>/cache/`, set by the runner before `precompute`; None outside training.
     cache_dir: Path | None = None

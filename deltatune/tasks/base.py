@@ -85,6 +85,16 @@ class Task(ABC):
         """Fix-ups every loaded model gets for this task (whatever its source); returns the model to train."""
         return model
 
+    def assemble_model(self, cfg: Any) -> nn.Module:
+        """The model `model.name: dual-encoder` stands for, built from the models `cfg` (a ModelConfig) names; only a
+        task whose examples pair images with texts assembles one."""
+        raise UserError(f"model.name dual-encoder pairs an image and a text tower for task image-text, not for task "
+                        f"{self.name!r}; set model.task=image-text or name a single model")
+
+    def assemble_processor(self, cfg: Any) -> Any:
+        """The processor of `assemble_model`'s model."""
+        return self.assemble_model(cfg)  # refused the same way
+
     def directory_processor(self, directory: Path) -> Any:
         """What a transformers directory's inputs need for this task: by default its tokenizer."""
         from deltatune.models.hf import load_tokenizer

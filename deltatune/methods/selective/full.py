@@ -22,6 +22,7 @@ class FullFineTuning(Method):
     description = "every parameter trains"
     search_space = {"train.lr": {"type": "float", "low": 1e-5, "high": 3e-4, "log": True}}
     config_class = FullConfig
+    model_kinds = frozenset({"transformer", "cnn", "dual-encoder"})  # every weight trains, whatever the model
 
     def apply(self, model: nn.Module, family: Family) -> None:
         set_trainable(model, lambda name: True)

@@ -4,7 +4,8 @@ pretrained start, on the same episodes with the same adaptation.
 Episodes are N-way K-shot draws (the run's ways, shots and queries) from the meta-test pool the run saved, over its
 rows in every split (meta-training never drew from those classes). Each start is adapted to an episode's support
 set by the run's inner steps and inner learning rate (`objective.inner_steps`, `inner_lr`), then scored on the query set; the
-result is the mean query accuracy over E episodes with a 95% confidence interval (1.96 standard errors), written to
+result is the mean query accuracy over E episodes with a 95% confidence interval (1.96 standard errors), and the same
+for the per-episode difference (the starts share their episodes, so this paired interval is the sharper one), written to
 `RUN_DIR/meta_eval.json`. The pretrained start is the run's model before training: the same seeded head and method
 initialisation the meta-training started from.
 """
@@ -55,12 +56,16 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
             _, adapted = objective.adapted(model, support)
             accuracies[name].append(objective.query_scores(model, adapted, query)[1])
     result = {name: _interval(values) for name, values in accuracies.items()}
+    # Both starts adapt on the very same episodes, so the per-episode difference is the sharper test of the gain.
+    result["difference"] = _interval([meta - plain for meta, plain in zip(*accuracies.values())])
     result["settings"] = {"episodes": episodes, "ways": config.ways, "shots": config.shots, "queries": config.queries,
                           "inner_steps": config.inner_steps, "inner_lr": config.inner_lr, "meta_test_classes": meta_test}
     (saved.run_dir.path / "meta_eval.json").write_text(json.dumps(result, indent=1))
     for name in starts:
         echo(f"{name:>12}: episode accuracy {result[name]['mean']:.4f} ± {result[name]['ci95']:.4f} (95% CI, "
              f"{episodes} episodes of {config.ways}-way {config.shots}-shot on classes {meta_test})")
+    echo(f"  difference: {result['difference']['mean']:+.4f} ± {result['difference']['ci95']:.4f} (95% CI of the "
+         f"per-episode gain, meta-learned − pretrained, on the same episodes)")
     return result
 
 

@@ -155,6 +155,8 @@ def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_pat
     for start in ("meta-learned", "pretrained"):
         assert 0 <= result[start]["mean"] <= 1 and result[start]["ci95"] >= 0
     assert result["settings"]["meta_test_classes"] == [5, 6, 7]
+    gain = result["meta-learned"]["mean"] - result["pretrained"]["mean"]
+    assert abs(result["difference"]["mean"] - gain) < 1e-9 and result["difference"]["ci95"] >= 0  # paired episodes
     assert all(set(episode.classes) <= {5, 6, 7} for episode in drawn[-6:])  # meta-eval draws meta-test classes only
 
 

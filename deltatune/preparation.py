@@ -105,6 +105,34 @@ def build_model(config: RunConfig, task: Task, num_labels: int | None) -> tuple[
     return model, method
 
 
+def start_from_run(model: nn.Module, method: Method, config: RunConfig) -> None:
+    """`model.init_from`: load a finished run's trained weights into the freshly built model, whose model and method
+    must be the run's (the saved weights are that method's state on that model). Called when a training run starts,
+    not when a finished run is loaded: its own saved weights hold everything its method trains."""
+    from deltatune.config.loader import config_to_dict
+    from deltatune.resume import read_saved_config
+    from deltatune.training.run_dir import RunDir
+    from deltatune.training.state import load_weights
+
+    path = config.model.init_from
+    run_dir = RunDir(str(path))
+    run_dir.check_is_run()
+    run_dir.check_finished()
+    saved = read_saved_config(run_dir)
+    if saved.model.name != config.model.name:
+        raise UserError(f"model.init_from {path} trained model {saved.model.name!r}, not {config.model.name!r}; set "
+                        f"model.name={saved.model.name} (to fold that run into a new base instead: model.name={path})")
+    if config_to_dict(saved.method) != config_to_dict(config.method):
+        raise UserError(f"model.init_from {path} was trained with another method section ({saved.method.name}); "
+                        f"copy its method: section, whose weights these are, into this config")
+    weights, _ = run_dir.read_final_weights()
+    try:
+        load_weights(model, method, dict(weights))
+    except ValueError as error:
+        raise UserError(f"model.init_from {path} does not fit this model ({error}); a head trained for another "
+                        f"number of classes needs model.num_labels set to the run's") from None
+
+
 
 def split_metrics(prepared: Prepared) -> dict[str, dict[str, float]]:
     """Validation and test metrics of the prepared model as it is now."""

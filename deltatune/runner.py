@@ -30,6 +30,7 @@ from deltatune.preparation import (  # re-exported: the runner is where callers 
     run_task,
     split_metrics,
     start_seeded,
+    start_from_run,
 )
 from deltatune.training.checkpoint import (
     read_json,
@@ -201,6 +202,8 @@ def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
     resolve_device(config.train.device)
     check_metric(config.train.metric, get_objective(config.objective.name, run_task(config)))
     prepared = prepare(config, run_dir.read_splits() if resume else None)
+    if config.model.init_from is not None and not resume:  # a resumed run's checkpoint holds these weights already
+        start_from_run(prepared.model, prepared.method, config)
     setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
                     prepared.num_labels, prepared.processor, prepared.data.label_names)
     with distributed.main_first():  # rank 0 fills the objective's cache, the others read it

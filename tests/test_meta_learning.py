@@ -167,3 +167,24 @@ def test_meta_commands_refuse_other_runs(tmp_path, capsys):
     tiny_classification_run(tmp_path, 40, max_steps=2)
     assert_refused(["meta-train", str(tmp_path / "config.yaml")], r"meta-train needs objective.name: meta_learning",
                    capsys, tmp_path)
+
+
+def test_init_from_starts_training_from_a_finished_runs_weights(tmp_path, monkeypatch, capsys):
+    import json
+
+    from deltatune.cli import main
+    from tests.bad_input import assert_refused
+    from tests.helpers import tiny_classification_run
+
+    tiny_classification_run(tmp_path, 60, max_steps=6, eval_every=6, save_every=6)
+    monkeypatch.chdir(tmp_path)
+    lora = ["method={name: lora, r: 4}", "train.lr=1e-2"]
+    assert main(["train", "config.yaml", "run_name=first", *lora]) == 0
+    assert main(["train", "config.yaml", "run_name=second", "model.init_from=runs/first", *lora]) == 0
+    first = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())
+    second = json.loads((tmp_path / "runs" / "second" / "summary.json").read_text())
+    assert second["before"] == first["after"]  # the second run starts exactly where the first one ended
+    assert_refused(["train", "config.yaml", "run_name=third", "model.init_from=runs/first"],
+                   "was trained with another method section", capsys, tmp_path)
+    assert_refused(["train", "config.yaml", "run_name=fourth", "model.init_from=runs/first", "model.num_labels=3",
+                    *lora], r"does not fit this model .*model\.num_labels", capsys, tmp_path)

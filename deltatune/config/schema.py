@@ -65,6 +65,9 @@ class ModelConfig:
     # Pickle-only weights (pytorch_model.bin) are refused unless this is true; they are then read weights-only.
     allow_pickle: bool = False
     student: StudentConfig = field(default_factory=StudentConfig)  # keep a subset of the blocks (distillation)
+    # A finished run of the same model and method (a meta-learned start, an earlier stage): its trained weights
+    # (adapters, head, whatever the method saved) replace the method's fresh initialisation before training.
+    init_from: str | None = None
     # name: dual-encoder only (task image-text): the image and text towers (any image-classification and text model
     # name), each projected to `projection_dim` (null: no projections; the towers' feature sizes must then agree).
     image: str | None = None

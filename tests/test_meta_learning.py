@@ -188,3 +188,16 @@ def test_init_from_starts_training_from_a_finished_runs_weights(tmp_path, monkey
                    "was trained with another method section", capsys, tmp_path)
     assert_refused(["train", "config.yaml", "run_name=fourth", "model.init_from=runs/first", "model.num_labels=3",
                     *lora], r"does not fit this model .*model\.num_labels", capsys, tmp_path)
+
+
+def test_meta_test_classes_may_be_named():
+    from deltatune.config.loader import objective_config
+    from deltatune.objectives.meta_learning import MetaLearning
+
+    config = objective_config({"name": "meta_learning", "meta_test_classes": ["gossip", 1]})
+    assert config.meta_test_classes == ["gossip", 1]
+    objective = MetaLearning(config)
+    objective.label_names = ["AI", "food", "gossip"]
+    assert [objective.class_id(value) for value in config.meta_test_classes] == [2, 1]
+    with pytest.raises(UserError, match="names class 'sports', which the data does not have; its classes are AI, food"):
+        objective.class_id("sports")

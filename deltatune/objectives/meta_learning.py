@@ -57,9 +57,9 @@ class MetaLearningConfig(ObjectiveConfig):
     queries: int = field(default=5, metadata=at_least(1))  # per class; fomaml's outer gradient is taken on them
     inner_steps: int = field(default=5, metadata=at_least(1))
     inner_lr: float = field(default=1e-2, metadata=above(0))
-    # The meta-test pool: these classes (as the data's class ids), or, when empty, `meta_test_count` of them drawn
-    # with `seed`.
-    meta_test_classes: list[int] = field(default_factory=list)
+    # The meta-test pool: these classes (class ids, or the data's class names), or, when empty, `meta_test_count` of
+    # them drawn with `seed`.
+    meta_test_classes: list[int | str] = field(default_factory=list)
     meta_test_count: int = field(default=5, metadata=at_least(1))
     validation_episodes: int = field(default=20, metadata=at_least(1))
     seed: int = 0
@@ -107,7 +107,7 @@ class MetaLearning(Objective):
         config = self.config
         self.train_examples = splits.get("train", [])
         labels = [int(example["labels"]) for example in self.train_examples]
-        meta_test = config.meta_test_classes or config.meta_test_count
+        meta_test = [self.class_id(value) for value in config.meta_test_classes] or config.meta_test_count
         meta_train, meta_test_classes = split_classes(labels, meta_test, config.seed)
         self.train_pool = examples_by_class(labels, meta_train)
         check_episode_shape(self.train_pool, config.ways, config.shots, config.queries, "meta-train")
@@ -116,6 +116,17 @@ class MetaLearning(Objective):
         self.validation_pool = validation_pool(validation_labels, meta_train, config)
         self.batches_of = batches_of
         return {"meta_train_classes": torch.tensor(meta_train), "meta_test_classes": torch.tensor(meta_test_classes)}
+
+    def class_id(self, value: int | str) -> int:
+        """A meta-test class as its id: ids pass through, names are looked up in the data's class names."""
+        if isinstance(value, int):
+            return value
+        names = list(self.label_names or [])
+        if value not in names:
+            listed = ", ".join(names) if names else "none (the labels are integers; give class ids)"
+            raise UserError(f"objective.meta_test_classes names class {value!r}, which the data does not have; its "
+                            f"classes are {listed}")
+        return names.index(value)
 
     # ---- one episode ------------------------------------------------------------------------------------------
     def episode_batches(self, examples: list[dict], episode: Episode) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -34,6 +34,7 @@ from deltatune.preparation import build_model, format_metrics, metrics_on_splits
 from deltatune.resume import read_saved_config
 from deltatune.tasks import get_task
 from deltatune.tasks.base import Task
+from deltatune.training.device import to_device
 from deltatune.training.checkpoint import fsync_dir
 from deltatune.training.loop import Batches, resolve_device
 from deltatune.training.run_dir import RunDir
@@ -124,6 +125,9 @@ def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
     run = load_run(path, with_data=True)
     setup_objective(run.config, run.objective, run.model, run.method, run.device, run.data.num_labels,
                     run.processor, run.data.label_names)
+    data = run.data
+    run.objective.attach_examples({"train": data.train, "validation": data.validation, "test": data.test},
+                                  lambda examples: to_device(data.collate(examples), run.device))
     metrics = metrics_on_splits(run.model, run.objective, run.data, run.config.train, run.device)
     echo(format_metrics("eval", metrics))
     return metrics

@@ -117,7 +117,7 @@ def topic_rows(classes: int = 8, per_class: int = 14) -> list[dict]:
             for label in range(classes) for k in range(per_class)]
 
 
-def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_path, monkeypatch):
+def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_path, monkeypatch, capsys):
     import json
 
     import yaml
@@ -150,6 +150,9 @@ def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_pat
     assert load_file(saved / "meta_test_classes.safetensors")["values"].tolist() == [5, 6, 7]
     assert load_file(saved / "meta_train_classes.safetensors")["values"].tolist() == list(range(5))
 
+    capsys.readouterr()
+    assert main(["eval", "runs/meta"]) == 0  # the saved run's own validation episodes, as at the end of training
+    assert f"episode_accuracy={summary['after']['validation']['episode_accuracy']:.4f}" in capsys.readouterr().out
     assert main(["meta-eval", "runs/meta", "--episodes", "6"]) == 0
     result = json.loads((tmp_path / "runs" / "meta" / "meta_eval.json").read_text())
     for start in ("meta-learned", "pretrained"):

@@ -172,6 +172,11 @@ class Objective:
         what it returns (tensors by split) is saved with the run. Nothing by default."""
         return {}
 
+    def attach_examples(self, splits: dict[str, list[dict]], batches_of: Callable[[list[dict]], dict[str, Any]]) -> None:
+        """Called before a finished run is evaluated (`deltatune eval`), with its examples by split and the collating
+        function, for an objective whose evaluation draws its own batches from them (meta-learning's episodes);
+        training hands them to `precompute` instead. Nothing by default."""
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar to minimise for one micro-batch, and cheap statistics to log with it."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")

@@ -96,6 +96,7 @@ class MetaLearning(Objective):
         self.validation_examples: list[dict] = []
         self.validation_pool: dict[int, list[int]] = {}
         self.batches_of: Callable[[list[dict]], dict[str, Any]] | None = None
+        self.pools: dict[str, list[int]] = {}
 
     def attach_task(self, task: Any) -> None:
         if not task.labelled:
@@ -103,6 +104,11 @@ class MetaLearning(Objective):
                             "use it with classification or image-classification")
 
     def precompute(self, splits: dict[str, list[dict]], batches_of: Any, batch_size: int) -> dict[str, torch.Tensor]:
+        """The pools, saved with the run (`precomputed/meta_{train,test}_classes.safetensors`)."""
+        self.attach_examples(splits, batches_of)
+        return {name: torch.tensor(classes) for name, classes in self.pools.items()}
+
+    def attach_examples(self, splits: dict[str, list[dict]], batches_of: Any) -> None:
         """Split the classes into the two pools, check that episodes fit them, and keep the rows to draw from."""
         config = self.config
         self.train_examples = splits.get("train", [])
@@ -115,7 +121,7 @@ class MetaLearning(Objective):
         validation_labels = [int(example["labels"]) for example in self.validation_examples]
         self.validation_pool = validation_pool(validation_labels, meta_train, config)
         self.batches_of = batches_of
-        return {"meta_train_classes": torch.tensor(meta_train), "meta_test_classes": torch.tensor(meta_test_classes)}
+        self.pools = {"meta_train_classes": meta_train, "meta_test_classes": meta_test_classes}
 
     def class_id(self, value: int | str) -> int:
         """A meta-test class as its id: ids pass through, names are looked up in the data's class names."""

@@ -143,3 +143,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert_refused(["train", str(config), "run_name=d"], r"model\.image names a tower", capsys, tmp_path)
     config = write_config(tmp_path, data, method={"image": {"name": "lora", "bogus": 1}})
     assert_refused(["train", str(config), "run_name=e"], r"unknown key 'bogus' in method\.image", capsys, tmp_path)
+
+
+def test_an_image_folder_of_classes_trains_with_captions_from_its_folder_names(tmp_path) -> None:
+    for label, shape in enumerate(["top", "middle", "bottom"]):
+        (tmp_path / "folder" / shape).mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(bar_image(label, 100 * label + i)).save(tmp_path / "folder" / shape / f"{i}.png")
+    config = write_config(tmp_path, tmp_path / "folder", objective={"name": "contrastive", "templates": ["a {label} band"]})
+    assert main(["train", str(config), "run_name=folder"]) == 0
+    after = json.loads((tmp_path / "runs" / "folder" / "summary.json").read_text())["after"]["test"]
+    assert after["zero_shot_accuracy"] > 0.9  # captions such as "a middle band", from the subfolder names

@@ -25,7 +25,6 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     """Mean episode accuracy (and its 95% interval) of the meta-learned and the pretrained start."""
     from safetensors.torch import load_file
 
-    from deltatune.data.episodes import check_episode_shape, examples_by_class
     from deltatune.objectives.meta_learning import MetaLearning
     from deltatune.preparation import build_model
     from deltatune.runs import open_run
@@ -38,19 +37,21 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     run = saved.load(with_data=True)
     objective = run.objective
     assert isinstance(objective, MetaLearning)
-    meta_test = load_file(saved.run_dir.path / "precomputed" / "meta_test_classes.safetensors")["values"].tolist()
     data = run.data
+    objective.label_names = data.label_names
+    objective.attach_examples({"train": data.train, "validation": data.validation, "test": data.test},
+                              lambda chosen: to_device(data.collate(chosen), run.device))
+    kind = "tasks" if objective.task_names is not None else "classes"
+    meta_test = load_file(saved.run_dir.path / "precomputed" / f"meta_test_{kind}.safetensors")["values"].tolist()
     examples = [*data.train, *data.validation, *data.test]
-    pool = examples_by_class([int(example["labels"]) for example in examples], meta_test)
+    pools = objective.meta_test_pools(examples, meta_test)
     config = objective.config
-    check_episode_shape(pool, config.ways, config.shots, config.queries, "meta-test")
-    objective.batches_of = lambda chosen: to_device(data.collate(chosen), run.device)
     num_labels = run.config.model.num_labels or data.num_labels
     pretrained = build_model(run.config, run.task, num_labels)[0].to(run.device).eval()
     starts = {"meta-learned": run.model.eval(), "pretrained": pretrained}
     accuracies: dict[str, list[float]] = {name: [] for name in starts}
     for number in range(episodes):
-        episode = objective.next_episode(pool, 2, number)
+        episode = objective.next_episode(pools, 2, number)
         support, query = objective.episode_batches(examples, episode)
         for name, model in starts.items():
             _, adapted = objective.adapted(model, support)
@@ -59,11 +60,11 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     # Both starts adapt on the very same episodes, so the per-episode difference is the sharper test of the gain.
     result["difference"] = _interval([meta - plain for meta, plain in zip(*accuracies.values())])
     result["settings"] = {"episodes": episodes, "ways": config.ways, "shots": config.shots, "queries": config.queries,
-                          "inner_steps": config.inner_steps, "inner_lr": config.inner_lr, "meta_test_classes": meta_test}
+                          "inner_steps": config.inner_steps, "inner_lr": config.inner_lr, f"meta_test_{kind}": meta_test}
     (saved.run_dir.path / "meta_eval.json").write_text(json.dumps(result, indent=1))
     for name in starts:
         echo(f"{name:>12}: episode accuracy {result[name]['mean']:.4f} ± {result[name]['ci95']:.4f} (95% CI, "
-             f"{episodes} episodes of {config.ways}-way {config.shots}-shot on classes {meta_test})")
+             f"{episodes} episodes of {config.ways}-way {config.shots}-shot on {kind} {_named(meta_test, objective)})")
     echo(f"  difference: {result['difference']['mean']:+.4f} ± {result['difference']['ci95']:.4f} (95% CI of the "
          f"per-episode gain, meta-learned − pretrained, on the same episodes)")
     return result
@@ -84,3 +85,9 @@ def _interval(values: list[float]) -> dict[str, Any]:
     mean = sum(values) / len(values)
     spread = math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
     return {"mean": mean, "ci95": 1.96 * spread / math.sqrt(len(values))}
+
+
+def _named(ids: list[int], objective: Any) -> list[Any]:
+    """Meta-test tasks or classes by name where the data names them, else by id."""
+    names = objective.task_names if objective.task_names is not None else objective.label_names
+    return [names[i] for i in ids] if names else ids

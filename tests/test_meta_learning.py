@@ -204,3 +204,54 @@ def test_meta_test_classes_may_be_named():
     assert [objective.class_id(value) for value in config.meta_test_classes] == [2, 1]
     with pytest.raises(UserError, match="names class 'sports', which the data does not have; its classes are AI, food"):
         objective.class_id("sports")
+
+
+def test_pools_by_task_keep_the_classes_and_tasks_that_can_fill_an_episode():
+    from deltatune.data.episodes import pools_by_task
+
+    tasks = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    labels = [5, 5, 6, 6, 5, 5, 6, 7, 7, 8, 8]
+    # 2-way episodes of 1 shot + 1 query: task 1 has only one class with 2 rows, so it cannot make one
+    assert pools_by_task(tasks, labels, [0, 1, 2], 2, 1, 1) == {0: {5: [0, 1], 6: [2, 3]}, 2: {7: [7, 8], 8: [9, 10]}}
+    assert pools_by_task(tasks, labels, [0], 2, 1, 1) == {0: {5: [0, 1], 6: [2, 3]}}
+
+
+def test_with_a_task_column_episodes_stay_inside_one_task_and_meta_test_tasks_are_held_out(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    from deltatune.cli import main
+    from deltatune.objectives.meta_learning import MetaLearning
+    from tests.bad_input import write_jsonl
+
+    domains = ["books", "dvd", "kitchen", "music"]
+    rows = [{"text": f"{domain} {level} item {k}", "label": level, "domain": domain}
+            for domain in domains for level in ("low", "mid", "high") for k in range(10)]
+    write_jsonl(tmp_path / "reviews.jsonl", rows)
+    config = {"model": {"name": "tests.tiny_models:tiny_bert", "task": "classification"},
+              "data": {"name": "reviews.jsonl", "columns": {"task": "domain"}, "max_length": 12,
+                       "split": {"validation": 0.4, "test": 0.0, "seed": 0}},
+              "method": {"name": "lora", "r": 2},
+              "objective": {"name": "meta_learning", "ways": 2, "shots": 1, "queries": 1, "inner_steps": 2,
+                            "inner_lr": 0.1, "meta_test_tasks": ["music"], "validation_episodes": 2},
+              "train": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "lr": 1e-3, "num_threads": 1,
+                        "progress": False},
+              "output_dir": "runs", "run_name": "meta"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    seen: list[set[str]] = []
+    original = MetaLearning.episode_batches
+
+    def spy(self, examples, episode):
+        seen.append({examples[i]["task"] for i in (*episode.support, *episode.query)})
+        return original(self, examples, episode)
+
+    monkeypatch.setattr(MetaLearning, "episode_batches", spy)
+    monkeypatch.chdir(tmp_path)
+    assert main(["meta-train", "config.yaml"]) == 0
+    assert seen and all(len(tasks) == 1 and tasks != {"music"} for tasks in seen)  # one task each, never music
+    seen.clear()
+    assert main(["meta-eval", "runs/meta", "--episodes", "4"]) == 0
+    assert seen and all(tasks == {"music"} for tasks in seen)
+    result = json.loads((tmp_path / "runs" / "meta" / "meta_eval.json").read_text())
+    assert result["settings"]["meta_test_tasks"] == [3]

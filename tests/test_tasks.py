@@ -73,8 +73,8 @@ def test_the_built_in_tasks_are_registered_with_their_roles_and_defaults() -> No
     roles = {name: task.roles for name, task in available_tasks().items()}
     pairs = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": None}
     assert roles == {"causal-lm": {"prompt": "prompt", "response": "response"},
-                     "classification": {"text": "text", "text_pair": None, "label": "label"},
-                     "image-classification": {"image": "image", "label": "label"},
+                     "classification": {"text": "text", "text_pair": None, "label": "label", "task": None},
+                     "image-classification": {"image": "image", "label": "label", "task": None},
                      "image-text": {"image": "image", "caption": None, "label": None},
                      "preference": pairs, "prompts": {"prompt": "prompt"}, "reward-pairs": pairs}
     assert [name for name, task in available_tasks().items() if task.can_generate] == ["causal-lm", "preference",
@@ -158,7 +158,7 @@ def test_columns_rename_what_the_task_reads(tmp_path) -> None:
 def test_unknown_role_names_the_tasks_roles_before_reading_data() -> None:
     cfg = DataConfig(name="no/such/file.jsonl", columns={"txt": "review"})
     with pytest.raises(UserError, match=r"^data.columns has role 'txt' \(did you mean 'text'\?\), which task "
-                       r"'classification' does not read; its roles are text, text_pair, label$"):
+                       r"'classification' does not read; its roles are text, text_pair, label, task$"):
         build_datasets(cfg, "classification", None)
     with pytest.raises(UserError, match=r"role 'text'.*task 'causal-lm'.*its roles are prompt, response"):
         build_datasets(DataConfig(columns={"text": "review"}), "causal-lm", None)

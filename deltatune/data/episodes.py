@@ -23,26 +23,45 @@ class Episode:
     query_labels: tuple[int, ...]
 
 
-def split_classes(classes: Sequence[int], meta_test: Sequence[int] | int, seed: int) -> tuple[list[int], list[int]]:
+def split_classes(classes: Sequence[int], meta_test: Sequence[int] | int, seed: int,
+                  kind: str = "class") -> tuple[list[int], list[int]]:
     """(meta-train classes, meta-test classes): the meta-test ones as listed, or that many drawn with `seed`.
-    Listed classes must exist and not repeat; the two pools never share a class."""
+    Listed classes must exist and not repeat; the two pools never share a class. `kind` names what is split in the
+    messages ("task" when the pools are tasks)."""
+    kinds = "classes" if kind == "class" else f"{kind}s"
     known = sorted(set(classes))
     if isinstance(meta_test, int):
         if not 0 < meta_test < len(known):
-            raise UserError(f"meta-test takes {meta_test} of the {len(known)} classes; leave at least one class on "
+            raise UserError(f"meta-test takes {meta_test} of the {len(known)} {kinds}; leave at least one {kind} on "
                             f"each side")
         chosen = sorted(np.random.default_rng(seed).choice(known, size=meta_test, replace=False).tolist())
     else:
         chosen = sorted(meta_test)
         unknown = sorted(set(chosen) - set(known))
         if unknown:
-            raise UserError(f"meta-test classes {unknown} are not in the data (its classes: {known})")
+            raise UserError(f"meta-test {kinds} {unknown} are not in the data (its {kinds}: {known})")
         if len(set(chosen)) != len(chosen):
-            raise UserError(f"meta-test classes {list(meta_test)} name a class twice")
+            raise UserError(f"meta-test {kinds} {list(meta_test)} name a {kind} twice")
     train = [label for label in known if label not in chosen]
     if not train:
-        raise UserError("every class is a meta-test class; leave some to meta-train on")
+        raise UserError(f"every {kind} is a meta-test {kind}; leave some to meta-train on")
     return train, chosen
+
+
+def pools_by_task(tasks: Sequence[int], labels: Sequence[int], chosen: Sequence[int], ways: int, shots: int,
+                  queries: int) -> dict[int, dict[int, list[int]]]:
+    """For each chosen task, the indices of its rows by class, keeping the classes with at least `shots + queries`
+    rows; a task left with fewer than `ways` such classes cannot make an episode and is dropped."""
+    rows: dict[int, dict[int, list[int]]] = {task: {} for task in chosen}
+    for index, (task, label) in enumerate(zip(tasks, labels)):
+        if task in rows:
+            rows[task].setdefault(label, []).append(index)
+    pools = {}
+    for task, by_class in rows.items():
+        usable = {label: indices for label, indices in sorted(by_class.items()) if len(indices) >= shots + queries}
+        if len(usable) >= ways:
+            pools[task] = usable
+    return pools
 
 
 def check_disjoint(meta_train: Sequence[int], meta_test: Sequence[int]) -> None:

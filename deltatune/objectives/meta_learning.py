@@ -35,6 +35,7 @@ from deltatune.data.episodes import (
     Episode,
     check_episode_shape,
     examples_by_class,
+    pools_by_task,
     sample_episode,
     split_classes,
 )
@@ -61,6 +62,9 @@ class MetaLearningConfig(ObjectiveConfig):
     # them drawn with `seed`.
     meta_test_classes: list[int | str] = field(default_factory=list)
     meta_test_count: int = field(default=5, metadata=at_least(1))
+    # With a task column (data.columns.task) an episode is N classes of one task and the pools are tasks: these
+    # meta-test tasks (the column's values), or, when empty, `meta_test_count` of them.
+    meta_test_tasks: list[int | str] = field(default_factory=list)
     validation_episodes: int = field(default=20, metadata=at_least(1))
     seed: int = 0
 
@@ -92,9 +96,11 @@ class MetaLearning(Objective):
         super().__init__(config)
         self.episodes_drawn = 0
         self.train_examples: list[dict] = []
-        self.train_pool: dict[int, list[int]] = {}
+        # Episode pools: task -> class -> row indices; one task (key 0) when episodes come from the classes alone.
+        self.train_pools: dict[int, dict[int, list[int]]] = {}
+        self.task_names: list[str] | None = None  # the tasks (sorted `task` values) when rows carry a task column
         self.validation_examples: list[dict] = []
-        self.validation_pool: dict[int, list[int]] = {}
+        self.validation_pools: dict[int, dict[int, list[int]]] = {}
         self.batches_of: Callable[[list[dict]], dict[str, Any]] | None = None
         self.pools: dict[str, list[int]] = {}
 
@@ -109,19 +115,79 @@ class MetaLearning(Objective):
         return {name: torch.tensor(classes) for name, classes in self.pools.items()}
 
     def attach_examples(self, splits: dict[str, list[dict]], batches_of: Any) -> None:
-        """Split the classes into the two pools, check that episodes fit them, and keep the rows to draw from."""
-        config = self.config
+        """Split the classes (or, when rows carry a task, the tasks) into the two pools, check that episodes fit
+        them, and keep the rows to draw from."""
         self.train_examples = splits.get("train", [])
+        self.validation_examples = splits.get("validation", [])
+        self.batches_of = batches_of
+        if any("task" in example for examples in splits.values() for example in examples[:1]):
+            self._pools_of_tasks(splits)
+            return
+        config = self.config
+        if config.meta_test_tasks:
+            raise UserError("objective.meta_test_tasks needs rows with a task: set data.columns.task to the column "
+                            "naming each row's task, or list meta-test classes in objective.meta_test_classes")
         labels = [int(example["labels"]) for example in self.train_examples]
         meta_test = [self.class_id(value) for value in config.meta_test_classes] or config.meta_test_count
         meta_train, meta_test_classes = split_classes(labels, meta_test, config.seed)
-        self.train_pool = examples_by_class(labels, meta_train)
-        check_episode_shape(self.train_pool, config.ways, config.shots, config.queries, "meta-train")
-        self.validation_examples = splits.get("validation", [])
+        self.train_pools = {0: examples_by_class(labels, meta_train)}
+        check_episode_shape(self.train_pools[0], config.ways, config.shots, config.queries, "meta-train")
         validation_labels = [int(example["labels"]) for example in self.validation_examples]
-        self.validation_pool = validation_pool(validation_labels, meta_train, config)
-        self.batches_of = batches_of
+        pool = validation_pool(validation_labels, meta_train, config)
+        self.validation_pools = {0: pool} if pool else {}
         self.pools = {"meta_train_classes": meta_train, "meta_test_classes": meta_test_classes}
+
+    def _pools_of_tasks(self, splits: dict[str, list[dict]]) -> None:
+        """Tasks as the unit of meta-training: an episode is N classes of one task (its rows' labels), the meta-test
+        pool is whole tasks meta-training never draws from (`meta_test_tasks` or `meta_test_count` of them)."""
+        config = self.config
+        if config.meta_test_classes:
+            raise UserError("rows carry a task (data.columns.task), so the meta-test pool is tasks: list them in "
+                            "objective.meta_test_tasks instead of objective.meta_test_classes")
+        self.task_names = sorted({str(example["task"]) for examples in splits.values() for example in examples})
+        meta_test = [self.task_id(value) for value in config.meta_test_tasks] or config.meta_test_count
+        meta_train, meta_test_tasks = split_classes(self.task_ids(self.train_examples), meta_test, config.seed, "task")
+        self.train_pools = self.task_pools(self.train_examples, meta_train)
+        if not self.train_pools:
+            raise UserError(f"no meta-train task has {config.ways} classes with {config.shots} + {config.queries} "
+                            "training rows each; lower objective.ways, shots or queries")
+        self.validation_pools = self.task_pools(self.validation_examples, meta_train)
+        if self.validation_examples and not self.validation_pools:
+            raise UserError(f"no meta-train task has {config.ways} classes with {config.shots} + {config.queries} "
+                            "validation rows each for validation episodes; raise data.split.validation or lower "
+                            "objective.shots or objective.queries")
+        self.pools = {"meta_train_tasks": meta_train, "meta_test_tasks": meta_test_tasks}
+
+    def task_ids(self, examples: list[dict]) -> list[int]:
+        assert self.task_names is not None
+        index = {name: number for number, name in enumerate(self.task_names)}
+        return [index[str(example["task"])] for example in examples]
+
+    def task_pools(self, examples: list[dict], tasks: list[int]) -> dict[int, dict[int, list[int]]]:
+        """The listed tasks' rows of `examples` by class, for tasks that can fill an episode."""
+        labels = [int(example["labels"]) for example in examples]
+        config = self.config
+        return pools_by_task(self.task_ids(examples), labels, tasks, config.ways, config.shots, config.queries)
+
+    def task_id(self, name: int | str) -> int:
+        assert self.task_names is not None
+        if str(name) not in self.task_names:
+            raise UserError(f"objective.meta_test_tasks names task {name!r}, which the data does not have; its tasks "
+                            f"are {', '.join(self.task_names)}")
+        return self.task_names.index(str(name))
+
+    def meta_test_pools(self, examples: list[dict], meta_test: list[int]) -> dict[int, dict[int, list[int]]]:
+        """Episode pools of the meta-test classes (or tasks) over `examples` (meta-eval draws from every split)."""
+        config = self.config
+        if self.task_names is None:
+            pool = examples_by_class([int(example["labels"]) for example in examples], meta_test)
+            check_episode_shape(pool, config.ways, config.shots, config.queries, "meta-test")
+            return {0: pool}
+        pools = self.task_pools(examples, meta_test)
+        if not pools:
+            raise UserError(f"no meta-test task has {config.ways} classes with {config.shots} + {config.queries} rows "
+                            "each; lower objective.ways, shots or queries")
+        return pools
 
     def class_id(self, value: int | str) -> int:
         """A meta-test class as its id: ids pass through, names are looked up in the data's class names."""
@@ -171,9 +237,14 @@ class MetaLearning(Objective):
             loss = F.cross_entropy(logits, query["labels"])
             return float(loss), float((logits.argmax(-1) == query["labels"]).float().mean())
 
-    def next_episode(self, pool: dict[int, list[int]], stream: int, number: int) -> Episode:
-        """Episode `number` of a seeded stream (0: training, a rank's own; 1: validation, the same every time)."""
+    def next_episode(self, pools: dict[int, dict[int, list[int]]], stream: int, number: int) -> Episode:
+        """Episode `number` of a seeded stream (0: training, a rank's own; 1: validation, the same every time;
+        2: meta-eval): with tasks, one task drawn first, then N of its classes."""
         generator = np.random.default_rng([self.config.seed, stream, number])
+        if self.task_names is not None:
+            pool = pools[sorted(pools)[int(generator.integers(len(pools)))]]
+        else:
+            (pool,) = pools.values()
         return sample_episode(pool, self.config.ways, self.config.shots, self.config.queries, generator)
 
     # ---- the loop's hooks -------------------------------------------------------------------------------------
@@ -181,7 +252,7 @@ class MetaLearning(Objective):
         # number the episodes across ranks so every rank draws a different one and a resumed run draws the same
         number = self.episodes_drawn * distributed.world_size() + distributed.rank()
         self.episodes_drawn += 1
-        episode = self.next_episode(self.train_pool, 0, number)
+        episode = self.next_episode(self.train_pools, 0, number)
         support, query = self.episode_batches(self.train_examples, episode)
         start, adapted = self.adapted(model, support)
         if self.config.algorithm == "reptile":
@@ -193,12 +264,12 @@ class MetaLearning(Objective):
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Mean query accuracy and loss after adaptation over the fixed validation episodes."""
-        if not self.validation_pool:
+        if not self.validation_pools:
             return {}
         losses, accuracies = [], []
         with torch.enable_grad():
             for number in range(self.config.validation_episodes):
-                episode = self.next_episode(self.validation_pool, 1, number)
+                episode = self.next_episode(self.validation_pools, 1, number)
                 support, query = self.episode_batches(self.validation_examples, episode)
                 _, adapted = self.adapted(model, support)
                 loss, accuracy = self.query_scores(model, adapted, query)

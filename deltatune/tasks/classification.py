@@ -24,7 +24,7 @@ from deltatune.tasks.base import Task
 @register_task("classification")
 class Classification(Task):
     description = "text (pair) classification with a new sequence-classification head"
-    roles = {"text": "text", "text_pair": None, "label": "label"}
+    roles = {"text": "text", "text_pair": None, "label": "label", "task": None}  # task: meta-learning's episodes
     default_objective = "classification"
     auto_class = "AutoModelForSequenceClassification"
     labelled = True
@@ -44,6 +44,7 @@ class Classification(Task):
             pairs = table.texts("text_pair", indices) if table.has("text_pair") else None
             parts[name] = encode_classification(tokenizer, table.texts("text", indices), pairs,
                                                 [labels.ids[i] for i in indices], data.max_length)
+            mark_tasks(parts[name], table, indices)
         collate = ClassificationCollator(pad_token_id(tokenizer),
                                          getattr(tokenizer, "padding_side", "right") or "right")
         return DatasetBundle(parts["train"], parts["validation"], parts["test"], collate, labels.num_labels,
@@ -68,3 +69,11 @@ def pad_with_eos(model: nn.Module) -> nn.Module:
     if eos is not None:
         config.pad_token_id = eos
     return model
+
+
+def mark_tasks(examples: list[dict], table: Table, indices: list[int]) -> None:
+    """With data.columns.task, each example keeps its row's task (as text): meta-learning draws an episode's
+    classes from one task and holds whole tasks out for meta-testing."""
+    if table.has("task") and indices:
+        for example, task in zip(examples, table.filled_texts("task", indices)):
+            example["task"] = task

@@ -21,6 +21,7 @@ from deltatune.data.table import Table
 from deltatune.errors import UserError
 from deltatune.tasks import register_task
 from deltatune.tasks.base import Task
+from deltatune.tasks.classification import mark_tasks
 
 _PROCESSOR_FIELDS = ("image_size", "mean", "std", "channels")
 
@@ -28,7 +29,7 @@ _PROCESSOR_FIELDS = ("image_size", "mean", "std", "channels")
 @register_task("image-classification")
 class ImageClassification(Task):
     description = "image classification with a new head"
-    roles = {"image": "image", "label": "label"}
+    roles = {"image": "image", "label": "label", "task": None}  # task: meta-learning's episodes
     default_objective = "classification"
     auto_class = "AutoModelForImageClassification"
     labelled = True
@@ -43,6 +44,8 @@ class ImageClassification(Task):
         parts = {name: encode_images(table.values("image", splits[name]), [labels.ids[i] for i in splits[name]],
                                      table.base_dir)
                  for name in SPLIT_NAMES}
+        for name in SPLIT_NAMES:
+            mark_tasks(parts[name], table, splits[name])
         return DatasetBundle(parts["train"], parts["validation"], parts["test"],
                              image_collator(processor, data.image_size), labels.num_labels, labels.label_names, splits)
 

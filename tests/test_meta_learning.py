@@ -255,3 +255,26 @@ def test_with_a_task_column_episodes_stay_inside_one_task_and_meta_test_tasks_ar
     assert seen and all(tasks == {"music"} for tasks in seen)
     result = json.loads((tmp_path / "runs" / "meta" / "meta_eval.json").read_text())
     assert result["settings"]["meta_test_tasks"] == [3]
+
+
+@pytest.mark.parametrize("objective, message", [
+    ({"shots": 20}, r"class \d+ of the meta-train pool has \d+ examples, fewer than shots \+ queries = 20 \+ 1"),
+    ({"meta_test_classes": [5, 5]}, r"meta-test classes \[5, 5\] name a class twice"),
+    ({"meta_test_classes": [5, 9]}, r"meta-test classes \[9\] are not in the data"),
+    ({"meta_test_tasks": ["music"]}, r"objective\.meta_test_tasks needs rows with a task"),
+])
+def test_meta_train_refuses_episodes_the_data_cannot_fill(tmp_path, capsys, objective, message):
+    import yaml
+
+    from tests.bad_input import assert_refused, write_jsonl
+
+    write_jsonl(tmp_path / "topics.jsonl", topic_rows())
+    config = {"model": {"name": "tests.tiny_models:tiny_bert", "task": "classification"},
+              "data": {"name": str(tmp_path / "topics.jsonl"), "max_length": 12, "split": {"validation": 0.2, "test": 0.0}},
+              "method": {"name": "lora", "r": 2},
+              "objective": {"name": "meta_learning", "ways": 2, "shots": 1, "queries": 1, "meta_test_count": 2,
+                            **objective},
+              "train": {"max_steps": 2, "num_threads": 1, "progress": False},
+              "output_dir": str(tmp_path / "runs"), "run_name": "meta"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert_refused(["meta-train", str(tmp_path / "config.yaml")], message, capsys, tmp_path)

@@ -25,6 +25,7 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     """Mean episode accuracy (and its 95% interval) of the meta-learned and the pretrained start."""
     from safetensors.torch import load_file
 
+    from deltatune.data.episodes import check_disjoint
     from deltatune.objectives.meta_learning import MetaLearning
     from deltatune.preparation import build_model
     from deltatune.runs import open_run
@@ -42,16 +43,19 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     objective.attach_examples({"train": data.train, "validation": data.validation, "test": data.test},
                               lambda chosen: to_device(data.collate(chosen), run.device))
     kind = "tasks" if objective.task_names is not None else "classes"
-    meta_test = load_file(saved.run_dir.path / "precomputed" / f"meta_test_{kind}.safetensors")["values"].tolist()
+    pools = {side: load_file(saved.run_dir.path / "precomputed" / f"meta_{side}_{kind}.safetensors")["values"].tolist()
+             for side in ("train", "test")}
+    check_disjoint(pools["train"], pools["test"])  # a run directory whose saved pools were edited to overlap
+    meta_test = pools["test"]
     examples = [*data.train, *data.validation, *data.test]
-    pools = objective.meta_test_pools(examples, meta_test)
+    episode_pools = objective.meta_test_pools(examples, meta_test)
     config = objective.config
     num_labels = run.config.model.num_labels or data.num_labels
     pretrained = build_model(run.config, run.task, num_labels)[0].to(run.device).eval()
     starts = {"meta-learned": run.model.eval(), "pretrained": pretrained}
     accuracies: dict[str, list[float]] = {name: [] for name in starts}
     for number in range(episodes):
-        episode = objective.next_episode(pools, 2, number)
+        episode = objective.next_episode(episode_pools, 2, number)
         support, query = objective.episode_batches(examples, episode)
         for name, model in starts.items():
             _, adapted = objective.adapted(model, support)

@@ -161,6 +161,13 @@ def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_pat
     gain = result["meta-learned"]["mean"] - result["pretrained"]["mean"]
     assert abs(result["difference"]["mean"] - gain) < 1e-9 and result["difference"]["ci95"] >= 0  # paired episodes
     assert all(set(episode.classes) <= {5, 6, 7} for episode in drawn[-6:])  # meta-eval draws meta-test classes only
+    from safetensors.torch import save_file
+
+    from tests.bad_input import assert_refused
+
+    save_file({"values": torch.tensor([0, 1, 2, 3, 4, 5])}, saved / "meta_train_classes.safetensors")
+    assert_refused(["meta-eval", "runs/meta"], r"classes \[5\] are both meta-train and meta-test classes", capsys,
+                   tmp_path / "runs" / "meta" / "weights")
 
 
 def test_meta_commands_refuse_other_runs(tmp_path, capsys):

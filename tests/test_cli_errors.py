@@ -76,4 +76,4 @@ def test_tasks_lists_every_registered_task_with_its_roles(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(available_tasks())
     classification = next(line for line in lines if line.startswith("classification "))
-    assert "data roles: text, [text_pair], label; objective: classification" in classification
+    assert "data roles: text, [text_pair], label, [task]; objective: classification" in classification

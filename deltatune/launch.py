@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import uuid
 from pathlib import Path
 
 from deltatune.errors import UserError
+
+_AGENT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # what torchrun's agent takes over
 
 
 def launch(config_path: str, overrides: list[str], processes: int, resume: bool) -> None:
@@ -60,6 +63,9 @@ def _torchrun(processes: int, arguments: list[str]) -> dict[int, int]:
     elastic_logger = logging.getLogger("torch.distributed.elastic")
     level = elastic_logger.level
     elastic_logger.setLevel(logging.CRITICAL)  # the ranks' own lines and ours say it; torchrun's report repeats
+    # torchrun's agent installs its own SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers in this process and leaves them there;
+    # put the caller's back afterwards, so a later Ctrl-C in the same process is a KeyboardInterrupt again.
+    saved = {number: signal.getsignal(number) for number in _AGENT_SIGNALS}
     try:
         elastic_launch(launch_config, command)(*command_arguments)
     except ChildFailedError as error:
@@ -69,6 +75,9 @@ def _torchrun(processes: int, arguments: list[str]) -> dict[int, int]:
         return {rank: failure.exitcode for rank, failure in ordered}
     finally:
         elastic_logger.setLevel(level)
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in saved.items():
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
     return {}
 
 

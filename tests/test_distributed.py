@@ -222,3 +222,18 @@ def test_an_fsdp_run_resumes_exactly_and_on_one_process(tmp_path):
         resumed = _weights(tmp_path / "runs" / name)
         for key in straight:
             torch.testing.assert_close(resumed[key], straight[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
+
+
+def test_an_in_process_launch_gives_the_signal_handlers_back(tmp_path, monkeypatch):
+    """torchrun's agent takes over SIGINT and SIGTERM in the launching process; `--nproc` puts the caller's back, so
+    Ctrl-C in a long-lived process that launched a run (a notebook, a test session) is a KeyboardInterrupt again."""
+    import signal
+
+    from deltatune.cli import main
+
+    _workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    assert main(["train", "config.yaml", "run_name=in-process", "train.max_steps=2", "--nproc", "2"]) == 0
+    assert {number: signal.getsignal(number) for number in before} == before

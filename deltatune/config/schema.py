@@ -179,8 +179,8 @@ class TrainConfig:
     # training state does not fit one device. One process ignores it.
     distributed: str = field(default="ddp", metadata=one_of("ddp", "fsdp"))
     # Linux: hand memory freed during a step (activations, qlora's dequantised weights) back to the OS instead of
-    # keeping it in the heap: a lower peak RSS (SmolLM2 SFT: -0.4 GB for lora, -0.5 GB for qlora); its cost in
-    # speed is measured in docs/benchmarks.md before it becomes the default.
+    # keeping it in the heap: a lower peak RSS (SmolLM2 SFT: -0.4 to -0.56 GB) at 0.61x the speed (page faults on
+    # every fresh mapping; docs/benchmarks.md), so off unless memory is the limit.
     return_freed_memory: bool = False
 
 

@@ -134,9 +134,9 @@ def tune_table() -> None:
     if recipe:
         print(f"| README recipe | epochs 3, batch 32, lr 1e-3, r 8, alpha 16 | "
               f"{recipe['after']['validation']['accuracy']:.4f} | {recipe['after']['test']['accuracy']:.4f} |")
-    # trial 0 is the recipe's own settings (deltatune tune starts there); the best trial TPE chose is shown too
+    # trial 0 is the recipe's own settings (deltatune tune starts there); the best searched trial is shown too
     searched = [t for t in finished if t["number"] != 0]
-    rows = [("best trial", best)] + ([("best trial TPE chose", max(searched, key=lambda t: t["value"]))]
+    rows = [("best trial", best)] + ([("best searched trial", max(searched, key=lambda t: t["value"]))]
                                      if searched and best["number"] == 0 else [])
     for label, trial in rows:
         found = read_json(Path(trial["run_dir"]) / "summary.json")

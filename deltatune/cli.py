@@ -255,10 +255,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _ctrl_c_interrupts() -> None:
-    """Make Ctrl-C raise KeyboardInterrupt (exit 130, a resumable run) even when a library loaded earlier in this
-    process installed its own SIGINT handler or blocked the signal (the full test suite once swallowed a Ctrl-C in
-    a training run that way; the library was not traced). The command line owns its process; `deltatune.train`
-    called from Python leaves the caller's handlers alone."""
+    """Make Ctrl-C raise KeyboardInterrupt (exit 130, a resumable run) even when something earlier in this process
+    installed its own SIGINT handler or blocked the signal (the full test suite twice swallowed a Ctrl-C in a
+    training run; a later run logging every test's SIGINT disposition found none changing it, so the cause is not
+    known). The command line owns its process; `deltatune.train` called from Python leaves the caller's handlers
+    alone."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

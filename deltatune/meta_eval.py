@@ -40,7 +40,7 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     assert isinstance(objective, MetaLearning)
     data = run.data
     objective.label_names = data.label_names
-    objective.attach_examples({"train": data.train, "validation": data.validation, "test": data.test},
+    objective.attach_examples(data.by_split(),
                               lambda chosen: to_device(data.collate(chosen), run.device))
     kind = "tasks" if objective.task_names is not None else "classes"
     pools = {side: load_file(saved.run_dir.path / "precomputed" / f"meta_{side}_{kind}.safetensors")["values"].tolist()

@@ -88,8 +88,7 @@ def _precompute(prepared: Prepared) -> dict[str, dict[str, torch.Tensor]]:
     it keeps for later runs (a teacher's logits) goes under `<output_dir>/cache/`."""
     data = prepared.data
     prepared.objective.cache_dir = Path(prepared.config.output_dir) / "cache"
-    splits = {name: examples for name, examples in
-              (("train", data.train), ("validation", data.validation), ("test", data.test)) if examples}
+    splits = data.by_split()
 
     def batches_of(examples: list[dict]) -> dict[str, Any]:
         return to_device(data.collate(examples), prepared.device)

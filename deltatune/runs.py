@@ -126,7 +126,7 @@ def evaluate_run(path: str | Path, echo=print) -> dict[str, dict[str, float]]:
     setup_objective(run.config, run.objective, run.model, run.method, run.device, run.data.num_labels,
                     run.processor, run.data.label_names)
     data = run.data
-    run.objective.attach_examples({"train": data.train, "validation": data.validation, "test": data.test},
+    run.objective.attach_examples(data.by_split(),
                                   lambda examples: to_device(data.collate(examples), run.device))
     metrics = metrics_on_splits(run.model, run.objective, run.data, run.config.train, run.device)
     echo(format_metrics("eval", metrics))

@@ -45,3 +45,8 @@ class DatasetBundle:
     label_names: list[str] | None
     splits: dict[str, list[int]]
     packed: bool = field(default=False)
+
+    def by_split(self) -> dict[str, list[dict]]:
+        """The examples of each non-empty split, by split name."""
+        parts = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {name: examples for name, examples in parts.items() if len(examples)}

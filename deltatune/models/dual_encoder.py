@@ -14,6 +14,7 @@ the task registry and lives with the `image-text` task; this module is the netwo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -147,8 +148,7 @@ class DualProcessor:
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.text.save_pretrained(directory / TEXT_DIRECTORY)
-        fields = {key: getattr(self.image, key) for key in ("image_size", "mean", "std", "channels")}
-        (directory / "image_processor.json").write_text(json.dumps(fields))
+        (directory / "image_processor.json").write_text(json.dumps(dataclasses.asdict(self.image)))
 
 
 class ImageTextEncoder:

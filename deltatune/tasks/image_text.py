@@ -41,13 +41,12 @@ class ImageTextCollator:
     carry them."""
 
     images: ImageCollator
-    pad_id: int
+    texts: ClassificationCollator  # pads input_ids / attention_mask; its labels are the images' labels again
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         out = self.images(batch)
         if "input_ids" in batch[0]:
-            texts = ClassificationCollator(self.pad_id)(
-                [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"], "labels": 0} for e in batch])
+            texts = self.texts(batch)
             out["input_ids"], out["attention_mask"] = texts["input_ids"], texts["attention_mask"]
         return out
 
@@ -81,7 +80,8 @@ class ImageText(Task):
                 for example, token_ids, mask in zip(examples, tokens["input_ids"], tokens["attention_mask"]):
                     example["input_ids"], example["attention_mask"] = list(token_ids), list(mask)
             parts[name] = examples
-        collate = ImageTextCollator(image_collator(processor.image, data.image_size), pad_token_id(processor.text))
+        collate = ImageTextCollator(image_collator(processor.image, data.image_size),
+                                    ClassificationCollator(pad_token_id(processor.text)))
         return DatasetBundle(parts["train"], parts["validation"], parts["test"], collate,
                              labels.num_labels if labels else None, labels.label_names if labels else None, splits)
 

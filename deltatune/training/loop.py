@@ -68,9 +68,8 @@ def evaluate(
 def make_optimizer(model: nn.Module, cfg: TrainConfig,
                    extra: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """AdamW (or SGD, `train.optimizer`) over the model's trainable parameters and `extra` ones (an objective's
-    value head); biases and norm
-    weights (1-D tensors) get no weight decay, as is standard for transformers; with `layer_lr_decay` each depth
-    gets its own learning rate (`layer_lr_scales`)."""
+    value head); biases and norm weights (1-D tensors) get no weight decay, as is standard for transformers; with
+    `layer_lr_decay` each depth gets its own learning rate (`layer_lr_scales`)."""
     scales = layer_lr_scales(model, cfg.layer_lr_decay)
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     named = [*model.named_parameters(), *(("", param) for param in extra or [])]

@@ -19,19 +19,22 @@ from deltatune.objectives.losses.linear_cross_entropy import linear_cross_entrop
 from tests.tiny_models import tiny_llama
 
 
-@pytest.mark.parametrize("with_bias, reduction", [(True, "mean"), (False, "sum")])
-def test_value_and_gradients_equal_the_plain_loss(with_bias, reduction) -> None:
+@pytest.mark.parametrize("with_bias, reduction, frozen_layer", [(True, "mean", False), (False, "sum", False),
+                                                                 (True, "mean", True), (False, "sum", True)])
+def test_value_and_gradients_equal_the_plain_loss(with_bias, reduction, frozen_layer) -> None:
+    """A frozen output layer takes the other path (∂h computed in forward, scaled in backward)."""
     torch.manual_seed(0)
     hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(50, dtype=torch.float64, requires_grad=True) if with_bias else None
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=not frozen_layer)
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=not frozen_layer) if with_bias else None
     targets = torch.randint(0, 50, (3, 7))
     targets[0, :4] = -100  # prompt positions
     ours = linear_cross_entropy(hidden, weight, bias, targets, chunk_size=4, reduction=reduction)
-    ours_grads = torch.autograd.grad(ours, [t for t in (hidden, weight, bias) if t is not None])
+    wanted = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    ours_grads = torch.autograd.grad(ours * 1.7, wanted)  # an upstream gradient other than 1
     plain = F.cross_entropy(F.linear(hidden, weight, bias).reshape(-1, 50), targets.reshape(-1), ignore_index=-100,
                             reduction=reduction)
-    plain_grads = torch.autograd.grad(plain, [t for t in (hidden, weight, bias) if t is not None])
+    plain_grads = torch.autograd.grad(plain * 1.7, wanted)
     assert float(ours.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
     for mine, theirs in zip(ours_grads, plain_grads):
         assert torch.allclose(mine, theirs, atol=1e-6)

@@ -37,15 +37,17 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 
 
 def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """`next_token_loss` without the full logits: the model returns its final hidden states (and the logits of the
-    last position only, `logits_to_keep=1`), and the loss goes through the output layer chunk by chunk."""
+    """`next_token_loss` without the full logits: the model returns its final hidden states and no logits (it is
+    asked to keep the logits of an empty index list), and the loss goes through the output layer chunk by chunk."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
         raise UserError("objective.chunked_loss needs a transformers causal LM whose output layer is a plain Linear "
                         "(leave lm_head out of method.target_modules), or set objective.chunked_loss=false")
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     try:
-        output = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        # An empty index tensor, not 1: keeping even one position reads the whole (vocabulary × d) output layer.
+        none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+        output = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=none)
     except TypeError as error:
         raise UserError(f"objective.chunked_loss: this model's forward takes no logits_to_keep ({error}); set "
                         f"objective.chunked_loss=false") from None

@@ -10,6 +10,8 @@ have a target) is computed in chunks of `chunk_size` rows:
 
 so peak memory is one chunk's logits, in forward and backward alike, at the price of computing them twice (the
 idea of Liger-Kernel's fused linear cross-entropy and of Wijmans et al. 2024, "Cut Your Losses", in plain PyTorch).
+When the output layer is frozen (W and b need no gradient) ∂h is computed in the forward pass from the chunk's
+logits while they exist, and backward only scales its rows: the logits are computed once, not twice.
 Rows whose target is `ignore_index` are dropped before the output layer, so prompt tokens cost nothing there.
 """
 
@@ -22,19 +24,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 chunk_size: int) -> torch.Tensor:
+        # A frozen output layer (LoRA and every method that leaves lm_head alone) lets the backward pass be done
+        # here: ∂ℓ_i/∂h_i = (p_i − onehot(y_i)) W needs nothing from later layers, and the upstream gradient of a
+        # per-row loss only scales row i, so backward is a row scaling of this N × d tensor instead of a second
+        # pass through the 49k-wide output layer (one of three vocabulary-sized matmuls saved).
+        early = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         log_normalisers = torch.empty_like(losses)
+        grad_hidden = torch.empty_like(hidden) if early else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _logits(hidden[rows], weight, bias)
             log_normalisers[rows] = torch.logsumexp(logits, dim=-1)
             losses[rows] = log_normalisers[rows] - logits.gather(1, targets[rows, None]).squeeze(1)
-        ctx.save_for_backward(hidden, weight, bias, targets, log_normalisers)
-        ctx.chunk_size = chunk_size
+            if early:
+                grad_hidden[rows] = (_grad_logits(logits, log_normalisers[rows], targets[rows]) @ weight.float()
+                                     ).to(hidden.dtype)
+        if early:
+            ctx.save_for_backward(grad_hidden)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, log_normalisers)
+        ctx.chunk_size, ctx.early = chunk_size, early
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
+        if ctx.early:
+            (grad_hidden,) = ctx.saved_tensors
+            return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None
         hidden, weight, bias, targets, log_normalisers = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -43,8 +60,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             logits = _logits(hidden[rows], weight, bias)
-            grad_logits = torch.exp(logits - log_normalisers[rows, None])  # softmax
-            grad_logits[torch.arange(len(grad_logits), device=logits.device), targets[rows]] -= 1.0
+            grad_logits = _grad_logits(logits, log_normalisers[rows], targets[rows])
             grad_logits *= grad_losses[rows, None].float()
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
@@ -54,6 +70,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_bias += grad_logits.sum(dim=0)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def _grad_logits(logits: torch.Tensor, log_normalisers: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """∂ℓ/∂z = softmax(z) − onehot(y), computed in place of the logits (which are not needed afterwards)."""
+    grad_logits = logits.sub_(log_normalisers[:, None]).exp_()
+    grad_logits[torch.arange(len(grad_logits), device=logits.device), targets] -= 1.0
+    return grad_logits
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

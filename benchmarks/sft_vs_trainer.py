@@ -21,7 +21,9 @@ scores the same 128 validation rows (mean cross-entropy of the response tokens):
 a different training. Peak RSS is the worker process's until the end of training (the model load included, the validation pass
 not). MFU counts 4N FLOPs per real
 token (N = 134.5M: forward plus the input-gradient backward of the frozen base) over the fp32 matmul peak measured
-in the same run.
+in the same run. The deltatune worker then profiles 3 more steps: the share of its step spent in matrix products
+gives the matmul-only bound (its tok/s with every other operator removed), printed against the reference arm — the
+ceiling any elementwise or attention work could lift it to.
 """
 
 from __future__ import annotations
@@ -139,9 +141,30 @@ def run_deltatune(budget: int, overrides: list[str]) -> dict:
             break
     real, seconds, steps = timed(ends[1:], tokens[1:], budget)
     trained_peak = peak_mib()
+    matmul_share = matmul_time_share(loop, 3)
     _, validation, _ = rows()
     return {"tokens": real, "seconds": seconds, "steps": steps, "loaded_rss_mib": loaded_rss,
-            "peak_rss_mib": trained_peak, "validation_loss": validation_loss(prepared.model, validation)}
+            "peak_rss_mib": trained_peak, "validation_loss": validation_loss(prepared.model, validation),
+            "matmul_share": matmul_share}
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_time_share(loop, steps: int) -> float:
+    """The share of `steps` further training steps' operator time spent in matrix products (torch.profiler, self
+    time). A step can go no faster than its matmuls: tok/s ÷ this share bounds what removing every other operator
+    (attention, norms, activations, dropout, optimizer) could reach. The profiler's per-operator overhead inflates
+    the many small operators, so the bound errs high."""
+    from torch.profiler import ProfilerActivity, profile
+
+    groups = iter(loop.epoch_groups())
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _, group in zip(range(steps), groups):
+            loop.optimizer_step(group)
+    events = profiled.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    return sum(event.self_cpu_time_total for event in events if event.key in MATMULS) / total
 
 
 def peft_model() -> torch.nn.Module:
@@ -307,6 +330,12 @@ def table(results: dict[str, list[dict]], peaks: list[float], reference: str) ->
         print(f"| {arm} | {statistics.median(speeds):.0f} ({', '.join(f'{s:.0f}' for s in speeds)}) | {mfu:.0%} | "
               f"{rss:.0f} | {loss:.4f} | {statistics.median(ratios):.2f}x{spread} | "
               f"{rss / statistics.median(r['peak_rss_mib'] for r in base):.2f}x |")
+    shares = [run["matmul_share"] for run in results.get("deltatune", [])]
+    if shares and reference in results:
+        bound = statistics.median(run["tokens_per_s"] / run["matmul_share"] for run in results["deltatune"])
+        print(f"\ndeltatune's matmul-only bound: {statistics.median(shares):.0%} of its step time is matrix products; "
+              f"with every other operator removed it would run {bound:.0f} tok/s = "
+              f"{bound / statistics.median(r['tokens_per_s'] for r in base):.2f}x {reference}")
     for run in results.get("trl-packed", [])[:1]:
         print(f"\nTRL packing strategy: {run['packing_strategy']}; packed examples kept apart on this machine: "
               f"{run['examples_kept_apart']}")

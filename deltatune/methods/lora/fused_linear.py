@@ -57,10 +57,11 @@ def random_words(count: int, device: torch.device) -> Tensor:
     """`count` int64 values with all 64 bits uniformly random, derived from torch's default generator of `device`,
     so `torch.manual_seed` reproduces them and a checkpoint's RNG state resumes them.
 
-    On CPU torch has only a Mersenne Twister (~4.7 ns per 64 bits, the largest non-matmul cost of a LoRA step);
-    there one 64-bit draw of torch's generator seeds numpy's SFC64 (a small chaotic counter generator that passes
-    BigCrush and PractRand), which makes the bits at ~0.5 ns per 64. Elsewhere torch's own generator draws them
-    (`random_(-2⁶³, None)`: all 64 bits; plain `random_()` leaves the top one 0).
+    On CPU torch has only a Mersenne Twister (~3.3 ns per 64 bits on the benchmark machine; drawing masks is a
+    large non-matmul share of a LoRA step); there one 64-bit draw of torch's generator seeds numpy's SFC64 (a small
+    chaotic counter generator that passes BigCrush and PractRand), which makes the bits at ~1.7 ns per 64.
+    Elsewhere torch's own generator draws them (`random_(-2⁶³, None)`: all 64 bits; plain `random_()` leaves the top
+    one 0).
     """
     if device.type != "cpu":
         return torch.empty(count, dtype=torch.int64, device=device).random_(-(1 << 63), None)

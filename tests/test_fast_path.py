@@ -124,3 +124,22 @@ def test_return_freed_memory_gives_freed_blocks_back_to_the_os():
 
     assert kept_mib("0") > 4.0  # glibc's default keeps the freed 8 MiB block in the heap
     assert kept_mib("1") < 2.0  # unmapped when freed
+
+
+def test_the_chunked_loss_is_on_by_default_where_the_model_allows_it() -> None:
+    """chunked_loss None (the default) takes the chunked path on a transformers causal LM and the plain one when a
+    method has wrapped the output layer; true there is a one-line error."""
+    from deltatune.errors import UserError
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    batch = {"input_ids": torch.randint(0, 100, (2, 6)), "labels": torch.randint(0, 100, (2, 6))}
+    default = SupervisedFineTuning(SupervisedFineTuningConfig(name="sft"))
+    assert default._chunked(model)
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # as LoRA on lm_head would leave it
+    assert not default._chunked(model)
+    loss, _ = default.loss(model, batch)
+    assert torch.isfinite(loss)
+    insisting = SupervisedFineTuning(SupervisedFineTuningConfig(name="sft", chunked_loss=True))
+    with pytest.raises(UserError, match="plain Linear"):
+        insisting.loss(model, batch)

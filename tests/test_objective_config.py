@@ -144,7 +144,7 @@ def test_deltatune_objectives_lists_every_objective_with_its_options_and_models(
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert set(lines) == set(OBJECTIVES.all())
     assert "options: none" in lines["classification"] and "lower is better" in lines["sft"]
-    assert "chunked_loss=False" in lines["sft"]
+    assert "chunked_loss=None" in lines["sft"]
     toy = lines["toy_teacher"]
     assert "weight=0.5" in toy and "higher is better" in toy
     assert "reference (objective.reference_model, default base)" in toy

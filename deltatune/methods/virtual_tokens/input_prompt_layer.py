@@ -65,7 +65,7 @@ class InputPromptLayer(VirtualTokenLayer):
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[:2] == (batch, length):
             kwargs["labels"] = insert_constant(labels, index, count, IGNORE_INDEX)  # no loss on virtual tokens
-        elif index == 0 and labels is None and not kwargs.get("logits_to_keep") and _keeps_logits(type(model)):
+        elif index == 0 and labels is None and _keeps_every_logit(kwargs) and _keeps_logits(type(model)):
             # Logits for the real (last `length`) positions only: the LM head skips the n virtual ones, and backward
             # skips the zero-filled (batch, length + n, vocabulary) gradient that slicing them off would cost. Not
             # when the model computes the loss itself: its labels cover every position.
@@ -79,6 +79,13 @@ class InputPromptLayer(VirtualTokenLayer):
         count = encoder.num_virtual_tokens
         index = min(encoder.insert_at, prompted.shape[1] - count)
         return drop_virtual_positions(output, prompted.shape[1], index, count)
+
+
+def _keeps_every_logit(kwargs: dict[str, Any]) -> bool:
+    """Whether the caller left logits_to_keep at "all" (None or 0); an index tensor, possibly empty (the chunked SFT
+    loss asks for none), is the caller's choice and stays."""
+    keep = kwargs.get("logits_to_keep")
+    return keep is None or (isinstance(keep, int) and keep == 0)
 
 
 @functools.cache

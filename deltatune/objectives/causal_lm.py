@@ -6,6 +6,7 @@ mean over response tokens t of -log p(x_t | x_<t). Validation reports the token-
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -66,10 +67,12 @@ def output_layer(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear else None
 
 
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (transformers causal LMs since 4.50)."""
+@functools.cache
+def accepts_logits_to_keep(model_class: type) -> bool:
+    """Whether the model class's forward takes `logits_to_keep` (transformers causal LMs since 4.50); cached per
+    class, as the default chunked loss asks on every step."""
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -102,7 +105,7 @@ class SupervisedFineTuning(Objective):
         if self.config.chunked_loss is not None:
             return self.config.chunked_loss
         inner = getattr(model, "module", model)  # DDP's wrapper passes keyword arguments through to its module
-        return output_layer(inner) is not None and accepts_logits_to_keep(inner)
+        return output_layer(inner) is not None and accepts_logits_to_keep(type(inner))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -6,6 +6,8 @@ transformers is imported inside the functions so that importing deltatune stays 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -98,3 +100,13 @@ def load_tokenizer(directory: Path, **kwargs: Any) -> Any:
         # Padded positions are masked out, so reusing EOS is harmless and the usual choice for decoders.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@functools.cache
+def takes_logits_to_keep(model_class: type) -> bool:
+    """Whether the model class's forward computes logits only for the positions asked (`logits_to_keep`,
+    transformers causal LMs since 4.50); cached per class, as callers ask on every forward."""
+    try:
+        return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -6,8 +6,6 @@ mean over response tokens t of -log p(x_t | x_<t). Validation reports the token-
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -19,6 +17,7 @@ from torch import nn
 from deltatune.config.constraints import at_least
 from deltatune.config.schema import ObjectiveConfig
 from deltatune.errors import UserError
+from deltatune.models.hf import takes_logits_to_keep
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
 
@@ -67,16 +66,6 @@ def output_layer(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear else None
 
 
-@functools.cache
-def accepts_logits_to_keep(model_class: type) -> bool:
-    """Whether the model class's forward takes `logits_to_keep` (transformers causal LMs since 4.50); cached per
-    class, as the default chunked loss asks on every step."""
-    try:
-        return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @dataclass
 class SupervisedFineTuningConfig(ObjectiveConfig):
     # Compute the training loss through the output layer in chunks of response positions, never holding the
@@ -104,8 +93,7 @@ class SupervisedFineTuning(Objective):
     def _chunked(self, model: nn.Module) -> bool:
         if self.config.chunked_loss is not None:
             return self.config.chunked_loss
-        inner = getattr(model, "module", model)  # DDP's wrapper passes keyword arguments through to its module
-        return output_layer(inner) is not None and accepts_logits_to_keep(type(inner))
+        return output_layer(model) is not None and takes_logits_to_keep(type(model))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:

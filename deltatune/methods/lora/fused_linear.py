@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -65,8 +66,6 @@ def random_words(count: int, device: torch.device) -> Tensor:
     """
     if device.type != "cpu":
         return torch.empty(count, dtype=torch.int64, device=device).random_(-(1 << 63), None)
-    import numpy
-
     seed = int(torch.empty((), dtype=torch.int64).random_(-(1 << 63), None)) & ((1 << 64) - 1)
     bits = numpy.random.SFC64(seed).random_raw(count)  # uint64
     return torch.from_numpy(bits.view(numpy.int64))

@@ -11,8 +11,6 @@ is asked for the real positions' logits only (`logits_to_keep`), so the head nev
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any
 
 import torch
@@ -26,6 +24,7 @@ from deltatune.methods.virtual_tokens.virtual_token_layer import (
     drop_virtual_positions,
     insert_constant,
 )
+from deltatune.models.hf import takes_logits_to_keep
 
 
 class InputPromptLayer(VirtualTokenLayer):
@@ -65,7 +64,8 @@ class InputPromptLayer(VirtualTokenLayer):
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[:2] == (batch, length):
             kwargs["labels"] = insert_constant(labels, index, count, IGNORE_INDEX)  # no loss on virtual tokens
-        elif index == 0 and labels is None and _keeps_every_logit(kwargs) and _keeps_logits(type(model)):
+        elif index == 0 and labels is None and _keeps_every_logit(kwargs) \
+                and takes_logits_to_keep(type(model)):
             # Logits for the real (last `length`) positions only: the LM head skips the n virtual ones, and backward
             # skips the zero-filled (batch, length + n, vocabulary) gradient that slicing them off would cost. Not
             # when the model computes the loss itself: its labels cover every position.
@@ -86,10 +86,3 @@ def _keeps_every_logit(kwargs: dict[str, Any]) -> bool:
     loss asks for none), is the caller's choice and stays."""
     keep = kwargs.get("logits_to_keep")
     return keep is None or (isinstance(keep, int) and keep == 0)
-
-
-@functools.cache
-def _keeps_logits(model_class: type) -> bool:
-    """Whether the model class computes logits for its last positions only on request (transformers' causal LMs,
-    `logits_to_keep`); cached per class, as it is asked on every forward."""
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -46,7 +46,7 @@ def _meta_train(args: argparse.Namespace) -> None:
 def _meta_eval(args: argparse.Namespace) -> None:
     from deltatune.meta_eval import meta_evaluate
 
-    meta_evaluate(args.run_dir, args.episodes)
+    meta_evaluate(args.run_dir, args.episodes, args.queries)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "against the pretrained one, with 95%% confidence intervals")
     meta_eval.add_argument("run_dir", help="a run directory of `deltatune meta-train`")
     meta_eval.add_argument("--episodes", type=int, default=100, help="episodes to draw from the meta-test classes")
+    meta_eval.add_argument("--queries", default=None,
+                           help="query examples per class in each episode: a number (at most: a class with fewer "
+                                "gives all it has beyond the shots) or 'all'; default: the run's objective.queries")
     meta_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     meta_eval.set_defaults(handler=_meta_eval)
 

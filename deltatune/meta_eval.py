@@ -21,8 +21,11 @@ from deltatune.errors import UserError
 from deltatune.training.device import to_device
 
 
-def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str, dict[str, float]]:
-    """Mean episode accuracy (and its 95% interval) of the meta-learned and the pretrained start."""
+def meta_evaluate(path: str | Path, episodes: int = 100, queries: int | str | None = None,
+                  echo=print) -> dict[str, dict[str, float]]:
+    """Mean episode accuracy (and its 95% interval) of the meta-learned and the pretrained start. `queries`: the
+    query examples per class (at most: a class with fewer gives all it has beyond the shots), or "all"; None keeps
+    the run's `objective.queries`."""
     from safetensors.torch import load_file
 
     from deltatune.data.episodes import check_disjoint
@@ -32,6 +35,7 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
 
     if episodes < 2:
         raise UserError(f"--episodes is {episodes}; use at least 2 (a confidence interval needs a spread)")
+    queries = parsed_queries(queries)
     saved = open_run(path)
     require_meta_learning(saved.config, f"{path} was trained with objective {saved.config.objective.name!r}; "
                                         "meta-eval reads runs of a meta-learning objective (deltatune meta-train)")
@@ -50,12 +54,13 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     examples = [*data.train, *data.validation, *data.test]
     episode_pools = objective.meta_test_pools(examples, meta_test)
     config = objective.config
+    per_class = query_count(queries, episode_pools, config.queries)
     num_labels = run.config.model.num_labels or data.num_labels
     pretrained = build_model(run.config, run.task, num_labels)[0].to(run.device).eval()
     starts = {"meta-learned": run.model.eval(), "pretrained": pretrained}
     accuracies: dict[str, list[float]] = {name: [] for name in starts}
     for number in range(episodes):
-        episode = objective.next_episode(episode_pools, 2, number)
+        episode = objective.next_episode(episode_pools, 2, number, per_class)
         support, query = objective.episode_batches(examples, episode)
         for name, model in starts.items():
             _, adapted = objective.adapted(model, support)
@@ -63,15 +68,37 @@ def meta_evaluate(path: str | Path, episodes: int = 100, echo=print) -> dict[str
     result = {name: _interval(values) for name, values in accuracies.items()}
     # Both starts adapt on the very same episodes, so the per-episode difference is the sharper test of the gain.
     result["difference"] = _interval([meta - plain for meta, plain in zip(*accuracies.values())])
-    result["settings"] = {"episodes": episodes, "ways": config.ways, "shots": config.shots, "queries": config.queries,
+    queries_said = config.queries if queries is None else queries
+    result["settings"] = {"episodes": episodes, "ways": config.ways, "shots": config.shots, "queries": queries_said,
                           "inner_steps": config.inner_steps, "inner_lr": config.inner_lr, f"meta_test_{kind}": meta_test}
     (saved.run_dir.path / "meta_eval.json").write_text(json.dumps(result, indent=1))
     for name in starts:
         echo(f"{name:>12}: episode accuracy {result[name]['mean']:.4f} ± {result[name]['ci95']:.4f} (95% CI, "
-             f"{episodes} episodes of {config.ways}-way {config.shots}-shot on {kind} {_named(meta_test, objective)})")
+             f"{episodes} episodes of {config.ways}-way {config.shots}-shot, {queries_said} queries a class, on "
+             f"{kind} {_named(meta_test, objective)})")
     echo(f"  difference: {result['difference']['mean']:+.4f} ± {result['difference']['ci95']:.4f} (95% CI of the "
          f"per-episode gain, meta-learned − pretrained, on the same episodes)")
     return result
+
+
+def parsed_queries(queries: int | str | None) -> int | str | None:
+    """`--queries` as None (the run's own), a positive number, or "all"; anything else is a UserError."""
+    if queries is None or queries == "all":
+        return queries
+    if isinstance(queries, str) and queries.isdigit():
+        queries = int(queries)
+    if not isinstance(queries, int) or isinstance(queries, bool) or queries < 1:
+        raise UserError(f"--queries is {queries!r}; give a number of query examples per class (≥ 1) or 'all'")
+    return queries
+
+
+def query_count(queries: int | str | None, pools: dict[int, dict[int, list[int]]], run_queries: int) -> int:
+    """Queries per class to draw: the run's own, the number given, or for "all" as many as the largest class has."""
+    if queries is None:
+        return run_queries
+    if queries == "all":
+        return max(len(rows) for pool in pools.values() for rows in pool.values())
+    return int(queries)
 
 
 def require_meta_learning(config: Any, message: str) -> None:

@@ -96,6 +96,20 @@ def test_episodes_draw_ways_times_shots_from_their_pool_and_renumber_classes():
     assert len(seen_orders) > 1
 
 
+def test_wider_query_sets_take_what_each_class_has_beyond_its_shots():
+    labels = [0] * 4 + [1] * 9 + [2] * 20
+    by_class = examples_by_class(labels, [0, 1, 2])
+    same = sample_episode(by_class, ways=3, shots=2, queries=2, generator=np.random.default_rng(5))
+    assert same == sample_episode(by_class, ways=3, shots=2, queries=2, generator=np.random.default_rng(5))
+    assert len(same.query) == 6  # every class has the run's K + Q: exactly Q each
+    wide = sample_episode(by_class, ways=3, shots=2, queries=10, generator=np.random.default_rng(5))
+    per_class = {label: wide.query_labels.count(wide.classes.index(label)) for label in (0, 1, 2)}
+    assert per_class == {0: 2, 1: 7, 2: 10}  # all beyond the 2 shots where a class has fewer than 2 + 10
+    assert len(wide.support) == 6 and not set(wide.support) & set(wide.query)
+    for index, episode_label in zip(wide.query, wide.query_labels):
+        assert labels[index] == wide.classes[episode_label]
+
+
 def test_episode_mistakes_are_one_line_errors():
     labels = [0] * 5 + [1] * 9 + [2] * 9
     with pytest.raises(UserError, match=r"classes \[1\] are both meta-train and meta-test"):
@@ -161,9 +175,15 @@ def test_a_meta_learning_run_draws_episodes_from_meta_train_classes_only(tmp_pat
     gain = result["meta-learned"]["mean"] - result["pretrained"]["mean"]
     assert abs(result["difference"]["mean"] - gain) < 1e-9 and result["difference"]["ci95"] >= 0  # paired episodes
     assert all(set(episode.classes) <= {5, 6, 7} for episode in drawn[-6:])  # meta-eval draws meta-test classes only
-    from safetensors.torch import save_file
-
+    assert main(["meta-eval", "runs/meta", "--episodes", "3", "--queries", "all"]) == 0
+    assert json.loads((tmp_path / "runs" / "meta" / "meta_eval.json").read_text())["settings"]["queries"] == "all"
+    # every meta-test class has 14 rows, so "all" leaves 13 queries beside each 1-shot support
+    assert all(len(episode.query) == 3 * 13 for episode in drawn[-3:])
     from tests.bad_input import assert_refused
+
+    assert_refused(["meta-eval", "runs/meta", "--queries", "some"], r"--queries is 'some'; give a number of query "
+                   r"examples per class", capsys, tmp_path / "runs" / "meta" / "weights")
+    from safetensors.torch import save_file
 
     save_file({"values": torch.tensor([0, 1, 2, 3, 4, 5])}, saved / "meta_train_classes.safetensors")
     assert_refused(["meta-eval", "runs/meta"], r"classes \[5\] are both meta-train and meta-test classes", capsys,

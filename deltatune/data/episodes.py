@@ -98,13 +98,16 @@ def check_episode_shape(by_class: dict[int, list[int]], ways: int, shots: int, q
 def sample_episode(by_class: dict[int, list[int]], ways: int, shots: int, queries: int,
                    generator: np.random.Generator) -> Episode:
     """One episode: N classes of the pool in a random order (episode label = position), and for each, K support
-    and Q query examples drawn without replacement."""
+    and Q query examples drawn without replacement. A class with fewer than K + Q examples gives every one it has
+    beyond its K as queries: pools are checked for the run's own Q, so only a wider evaluation (meta-eval
+    `--queries`) meets one, and its episodes then score each class on all it has."""
     classes = generator.choice(sorted(by_class), size=ways, replace=False).tolist()
     support, support_labels, query, query_labels = [], [], [], []
     for episode_label, label in enumerate(classes):
-        drawn = generator.choice(by_class[label], size=shots + queries, replace=False).tolist()
+        rows = by_class[label]
+        drawn = generator.choice(rows, size=min(len(rows), shots + queries), replace=False).tolist()
         support += drawn[:shots]
         support_labels += [episode_label] * shots
         query += drawn[shots:]
-        query_labels += [episode_label] * queries
+        query_labels += [episode_label] * (len(drawn) - shots)
     return Episode(tuple(classes), tuple(support), tuple(support_labels), tuple(query), tuple(query_labels))

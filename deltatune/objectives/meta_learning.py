@@ -237,15 +237,18 @@ class MetaLearning(Objective):
             loss = F.cross_entropy(logits, query["labels"])
             return float(loss), float((logits.argmax(-1) == query["labels"]).float().mean())
 
-    def next_episode(self, pools: dict[int, dict[int, list[int]]], stream: int, number: int) -> Episode:
+    def next_episode(self, pools: dict[int, dict[int, list[int]]], stream: int, number: int,
+                     queries: int | None = None) -> Episode:
         """Episode `number` of a seeded stream (0: training, a rank's own; 1: validation, the same every time;
-        2: meta-eval): with tasks, one task drawn first, then N of its classes."""
+        2: meta-eval): with tasks, one task drawn first, then N of its classes; `queries` per class (at most) in
+        place of the run's `objective.queries`."""
         generator = np.random.default_rng([self.config.seed, stream, number])
         if self.task_names is not None:
             pool = pools[sorted(pools)[int(generator.integers(len(pools)))]]
         else:
             (pool,) = pools.values()
-        return sample_episode(pool, self.config.ways, self.config.shots, self.config.queries, generator)
+        per_class = self.config.queries if queries is None else queries
+        return sample_episode(pool, self.config.ways, self.config.shots, per_class, generator)
 
     # ---- the loop's hooks -------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -4,6 +4,7 @@ SmolLM2 SFT run. Run alone on the machine (timings); every step skips what alrea
     python benchmarks/insight.py reports    # deltatune report (+ forgetting) on full, LoRA, Houlsby, prompt, SmolLM2
     python benchmarks/insight.py layers     # LoRA on auto-selected 25% of blocks vs all blocks vs the last 25%
     python benchmarks/insight.py tune       # a 12-trial optuna study of the LoRA recipe, its best trial's test score
+    python benchmarks/insight.py tune-narrow  # a second 12-trial study in the space the first one points to
     python benchmarks/insight.py advise     # the advisor's predictions vs the real runs of three methods
     python benchmarks/insight.py table      # every figure above, as markdown
 
@@ -60,9 +61,16 @@ def layers() -> None:
         run_training(LORA, f"insight-layers-{key}", overrides)
 
 
-def tune() -> None:
-    deltatune("tune", LORA, "run_name=insight-tune", "--trials", "12")
-    best = json.loads((RUNS / "tune-insight-tune" / "trials.json").read_text())
+# study name -> the arguments of its `deltatune tune`: the default space, then the narrower one the first points to
+STUDIES = {
+    "insight-tune": [],
+    "insight-tune-narrow": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "5400"],
+}
+
+
+def tune(study: str = "insight-tune") -> None:
+    deltatune("tune", LORA, f"run_name={study}", "--trials", "12", *STUDIES[study])
+    best = json.loads((RUNS / f"tune-{study}" / "trials.json").read_text())
     finished = [t for t in best if t["state"] == "COMPLETE"]
     chosen = max(finished, key=lambda t: t["value"])
     print(f"best trial {chosen['number']}: {chosen['params']}; run {chosen['run_dir']}")
@@ -104,7 +112,8 @@ def table() -> None:
             blocks = summary.get("method_choices", {}).get("layers", given[0] if given else "all")
             print(f"| {key} | {blocks} | {summary['trainable_parameters']:,} | {summary['tokens_per_second']:.0f} | "
                   f"{summary['after']['validation']['accuracy']:.4f} | {summary['after']['test']['accuracy']:.4f} |")
-    tune_table()
+    for study in STUDIES:
+        tune_table(study)
     advised = read_json(RUNS / "insight-advise.json")
     if advised:
         print(f"\nadvisor: {advised['seconds']:.0f} s in all")
@@ -119,11 +128,12 @@ def table() -> None:
                   f"{rss:.0f} MiB ({100 * (row['peak_memory_bytes'] / 2**20 / rss - 1):+.0f}%) |")
 
 
-def tune_table() -> None:
+def tune_table(study: str) -> None:
     """The study's best trial against the README LoRA recipe (runs/insight-lora), on validation and test."""
-    path = RUNS / "tune-insight-tune" / "trials.json"
+    path = RUNS / f"tune-{study}" / "trials.json"
     if not path.exists():
         return
+    print(f"\nstudy {study}:")
     trials = json.loads(path.read_text())
     finished = [t for t in trials if t["state"] == "COMPLETE"]
     pruned = sum(t["state"] == "PRUNED" for t in trials)
@@ -147,7 +157,8 @@ def tune_table() -> None:
 
 
 def main(argv: list[str]) -> None:
-    actions = {"reports": reports, "layers": layers, "tune": tune, "advise": advise, "table": table}
+    actions = {"reports": reports, "layers": layers, "tune": tune, "tune-narrow": lambda: tune("insight-tune-narrow"),
+               "advise": advise, "table": table}
     if len(argv) != 1 or argv[0] not in actions:
         sys.exit(f"usage: python benchmarks/insight.py {'|'.join(actions)}")
     actions[argv[0]]()

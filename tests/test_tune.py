@@ -91,39 +91,56 @@ def test_search_space_mistakes(tmp_path, capsys) -> None:
     assert_refused(["tune", *args, "--trials", "0"], r"--trials must be at least 1", capsys, tmp_path)
 
 
-def test_pruning_judges_trials_by_progress_from_halfway_and_never_at_their_end(tmp_path, monkeypatch) -> None:
-    """Trials of different lengths are compared at the same percent of their own schedules; a trial is judged only
-    from halfway to 90% of its schedule. A fake training reports scores so the rule is tested alone: trial 0 (the
-    config's lr, 20 steps, evaluated at each) scores 0.9; long trials (lr < 1e-3, 8 steps, evaluated at each) 0.1,
-    so they are pruned at halfway; short ones (20 steps, evaluated at 25%, 95% and their end) 0.05, below every
-    median, yet they must finish: at 25% they are not judged yet, at 95% and at their end no longer."""
+def test_pruning_judges_trials_by_progress_from_halfway_against_three_finished_ones(tmp_path, monkeypatch) -> None:
+    """Trials of different lengths are compared at the same percent of their own schedules, only from halfway to
+    90% of it, and only against the median of at least three finished trials that reported at that percent. A fake
+    training reports scores so the rule is tested alone: trial 0 (the config's lr, 20 steps, evaluated at each)
+    scores 0.9; short trials (lr ≥ 1e-3, 20 steps, evaluated at 25%, 95% and their end) 0.05, below every median,
+    yet they must finish: at 25% they are not judged yet, at 95% and at their end no longer; long trials (lr < 1e-3,
+    8 steps, evaluated at each) 0.1 − 100·lr: each one is pruned at halfway if three finished trials scored there
+    and their median is higher, and finishes while fewer than three had."""
+    import statistics
+
     import deltatune.runner
     from deltatune.config.loader import config_to_dict
 
     stopped_at: dict[float, int] = {}
 
+    def long_score(lr: float) -> float:
+        return 0.1 - 100 * lr
+
     def fake_train(config, echo, on_evaluation):
         lr = config.train.lr
-        steps, evaluated = ((20, range(1, 21)) if lr == 3e-3 else (8, range(1, 9)) if lr < 1e-3
-                            else (20, (5, 19, 20)))
-        score = 0.9 if lr == 3e-3 else 0.1 if steps == 8 else 0.05
+        if lr == 3e-3:
+            steps, scores = 20, {step: 0.9 for step in range(1, 21)}
+        elif lr < 1e-3:
+            steps, scores = 8, {step: long_score(lr) for step in range(1, 9)}
+        else:
+            steps, scores = 20, {5: 0.05, 19: 0.05, 20: 0.05}
         run_dir = tmp_path / "runs" / config.run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
-        for step in evaluated:
+        for step, score in scores.items():
             stopped_at[lr] = step
             on_evaluation(step, steps, {"accuracy": score})
         return {"run_dir": str(run_dir), "after": {"validation": {"accuracy": score}}}
 
     monkeypatch.setattr(deltatune.runner, "train", fake_train)
-    assert main(["tune", *study_args(tmp_path), "--trials", "8"]) == 0
+    assert main(["tune", *study_args(tmp_path), "--trials", "12"]) == 0
     trials = trials_of(tmp_path)
     assert trials[0]["state"] == "COMPLETE" and trials[0]["params"]["train.lr"] == 3e-3
-    long_trials = [t for t in trials[2:] if t["params"]["train.lr"] < 1e-3]  # after the two startup trials
-    short_trials = [t for t in trials[2:] if t["params"]["train.lr"] >= 1e-3]
-    assert long_trials and short_trials, "the seeded sampler should draw both kinds"
-    for trial in long_trials:
-        assert trial["state"] == "PRUNED" and trial["last_percent"] == 50
-        assert stopped_at[trial["params"]["train.lr"]] == 4  # step 4 of 8: halfway, not before
-    for trial in short_trials:
-        assert trial["state"] == "COMPLETE" and trial["last_percent"] == 100, trial
+    halfway = [0.9]  # finished trials' scores at 50% of their schedules: trial 0's, then long ones'
+    pruned = spared = 0
+    for trial in trials[1:]:
+        lr = trial["params"]["train.lr"]
+        if lr >= 1e-3:  # short: never judged at 25% or from 90% on
+            assert trial["state"] == "COMPLETE" and trial["last_percent"] == 100, trial
+        elif len(halfway) >= 3 and long_score(lr) < statistics.median(halfway):
+            assert trial["state"] == "PRUNED" and trial["last_percent"] == 50, trial
+            assert stopped_at[lr] == 4  # step 4 of 8: halfway, not before
+            pruned += 1
+        else:
+            assert trial["state"] == "COMPLETE" and trial["last_percent"] == 100, trial
+            spared += len(halfway) < 3 and long_score(lr) < statistics.median(halfway)
+            halfway.append(long_score(lr))
+    assert pruned and spared, "the seeded sampler should draw long trials both before and after three finished ones"

@@ -5,6 +5,7 @@ SmolLM2 SFT run. Run alone on the machine (timings); every step skips what alrea
     python benchmarks/insight.py layers     # LoRA on auto-selected 25% of blocks vs all blocks vs the last 25%
     python benchmarks/insight.py tune       # a 12-trial optuna study of the LoRA recipe, its best trial's test score
     python benchmarks/insight.py tune-narrow  # a second 12-trial study in the space the first one points to
+    python benchmarks/insight.py tune-narrow-min3  # the same space under the three-finished-trials pruning rule
     python benchmarks/insight.py advise     # the advisor's predictions vs the real runs of three methods
     python benchmarks/insight.py table      # every figure above, as markdown
 
@@ -65,6 +66,8 @@ def layers() -> None:
 STUDIES = {
     "insight-tune": [],
     "insight-tune-narrow": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "5400"],
+    # the same narrow space once the pruner judged only against three finished trials (tune.MIN_TRIALS_TO_JUDGE)
+    "insight-tune-narrow-min3": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "3600"],
 }
 
 
@@ -158,7 +161,7 @@ def tune_table(study: str) -> None:
 
 def main(argv: list[str]) -> None:
     actions = {"reports": reports, "layers": layers, "tune": tune, "tune-narrow": lambda: tune("insight-tune-narrow"),
-               "advise": advise, "table": table}
+               "tune-narrow-min3": lambda: tune("insight-tune-narrow-min3"), "advise": advise, "table": table}
     if len(argv) != 1 or argv[0] not in actions:
         sys.exit(f"usage: python benchmarks/insight.py {'|'.join(actions)}")
     actions[argv[0]]()

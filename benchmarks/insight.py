@@ -67,7 +67,7 @@ STUDIES = {
     "insight-tune": [],
     "insight-tune-narrow": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "5400"],
     # the same narrow space once the pruner judged only against three finished trials (tune.MIN_TRIALS_TO_JUDGE)
-    "insight-tune-narrow-min3": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "3600"],
+    "insight-tune-narrow-min3": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "3300"],
 }
 
 

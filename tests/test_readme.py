@@ -123,10 +123,21 @@ def test_every_relative_link_leads_into_this_repository(page):
                 f"{page.name}: {target} names no heading of {destination.name}"
 
 
-@pytest.mark.parametrize("example", sorted((ROOT / "examples").rglob("*.yaml")), ids=lambda path: path.name)
+SEARCH_SPACES = ROOT / "examples" / "search_spaces"  # `deltatune tune --space` files, not configs
+
+
+@pytest.mark.parametrize("example", sorted(path for path in (ROOT / "examples").rglob("*.yaml")
+                                           if SEARCH_SPACES not in path.parents), ids=lambda path: path.name)
 def test_every_example_config_parses(example):
     config = load_config(example)
     assert config.method.name in available_methods()
+
+
+@pytest.mark.parametrize("space", sorted(SEARCH_SPACES.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_example_search_space_parses_against_the_lora_recipe(space):
+    from deltatune.tune import search_space
+
+    assert search_space(str(ROOT / "examples" / "minilm_rotten_tomatoes_lora.yaml"), [], str(space))
 
 
 YAML_BLOCKS = [pytest.param(block, marks=COLUMNS_PENDING if "columns" in block else (), id=f"{page.name}-{index}")

@@ -72,13 +72,18 @@ def meta_evaluate(path: str | Path, episodes: int = 100, queries: int | str | No
     result["settings"] = {"episodes": episodes, "ways": config.ways, "shots": config.shots, "queries": queries_said,
                           "inner_steps": config.inner_steps, "inner_lr": config.inner_lr, f"meta_test_{kind}": meta_test}
     (saved.run_dir.path / "meta_eval.json").write_text(json.dumps(result, indent=1))
-    for name in starts:
+    _print_result(result, f"{kind} {_named(meta_test, objective)}", echo)
+    return result
+
+
+def _print_result(result: dict[str, Any], pool: str, echo) -> None:
+    settings = result["settings"]
+    for name in ("meta-learned", "pretrained"):
         echo(f"{name:>12}: episode accuracy {result[name]['mean']:.4f} ± {result[name]['ci95']:.4f} (95% CI, "
-             f"{episodes} episodes of {config.ways}-way {config.shots}-shot, {queries_said} queries a class, on "
-             f"{kind} {_named(meta_test, objective)})")
+             f"{settings['episodes']} episodes of {settings['ways']}-way {settings['shots']}-shot, "
+             f"{settings['queries']} queries a class, on {pool})")
     echo(f"  difference: {result['difference']['mean']:+.4f} ± {result['difference']['ci95']:.4f} (95% CI of the "
          f"per-episode gain, meta-learned − pretrained, on the same episodes)")
-    return result
 
 
 def parsed_queries(queries: int | str | None) -> int | str | None:

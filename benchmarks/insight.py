@@ -16,6 +16,7 @@ task the Rotten Tomatoes runs never saw), the SmolLM2 chatterbot SFT run on the 
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -71,7 +72,7 @@ STUDIES = {
 }
 
 
-def tune(study: str = "insight-tune") -> None:
+def tune(study: str) -> None:
     deltatune("tune", LORA, f"run_name={study}", "--trials", "12", *STUDIES[study])
     best = json.loads((RUNS / f"tune-{study}" / "trials.json").read_text())
     finished = [t for t in best if t["state"] == "COMPLETE"]
@@ -160,8 +161,8 @@ def tune_table(study: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    actions = {"reports": reports, "layers": layers, "tune": tune, "tune-narrow": lambda: tune("insight-tune-narrow"),
-               "tune-narrow-min3": lambda: tune("insight-tune-narrow-min3"), "advise": advise, "table": table}
+    studies = {study.removeprefix("insight-"): functools.partial(tune, study) for study in STUDIES}  # tune, tune-...
+    actions = {"reports": reports, "layers": layers, **studies, "advise": advise, "table": table}
     if len(argv) != 1 or argv[0] not in actions:
         sys.exit(f"usage: python benchmarks/insight.py {'|'.join(actions)}")
     actions[argv[0]]()

@@ -7,10 +7,10 @@ is optuna's median rule fed by every validation the loop makes, reported at the 
 schedule (percent of its steps), not at its step number: trials of 1 and 3 epochs decay their learning rate on
 different clocks, and a 3-epoch trial at step 160 (rate still high) is no peer of a 1-epoch trial at step 160
 (nearly done). A trial is judged only from halfway to 90% through its schedule, against the median of at least
-three finished trials at the same progress; never near or at its end (stopping it then would save little and discard its result). The study
-lives in SQLite (`<output_dir>/tune-<run_name>/study.db`), so a search that is killed continues when the same
-command runs again: the trial that was cut off is marked failed, numbering goes on, and
-`--trials N` counts the finished (complete or pruned) trials wanted in all.
+three finished trials at the same progress; never near or at its end (stopping it then would save little and
+discard its result). The study lives in SQLite (`<output_dir>/tune-<run_name>/study.db`), so a search that is
+killed continues when the same command runs again: the trial that was cut off is marked failed, numbering goes on,
+and `--trials N` counts the finished (complete or pruned) trials wanted in all.
 
 Search space: the method's own (`Method.search_space`: LoRA's r and alpha, adapters' reduction factor, virtual
 tokens' count, each with a learning-rate range suited to it) on top of epochs and batch size; or a YAML file

@@ -151,75 +151,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="deltatune", description="Fine-tune pretrained models, one config away.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(commands)
+    _add_run_commands(commands)
+    _add_strategy_commands(commands)
+    for name, handler, help_text in (
+            ("methods", _methods, "list the registered fine-tuning methods"),
+            ("objectives", _objectives, "list the registered objectives with their options"),
+            ("tasks", _tasks, "list the registered tasks with their data roles ([optional])")):
+        commands.add_parser(name, help=help_text).set_defaults(handler=handler)
+    return parser
 
-    train = commands.add_parser("train", help="fine-tune as a YAML config says")
-    train.add_argument("config", help="YAML config file (see examples/)")
-    train.add_argument("overrides", nargs="*", default=[],
-                       help="key.sub=value overrides, e.g. train.lr=3e-5 method.name=bitfit")
+
+def _command(commands: Any, name: str, handler: Callable[[argparse.Namespace], int],
+             help_text: str) -> argparse.ArgumentParser:
+    """A subcommand that also accepts `--debug` after its name (the top-level flag keeps its value otherwise)."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    command.set_defaults(handler=handler)
+    return command
+
+
+def _config_arguments(command: argparse.ArgumentParser, config_help: str = "YAML config file (see examples/)") -> None:
+    command.add_argument("config", help=config_help)
+    command.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, e.g. train.lr=3e-5 "
+                         "method.name=bitfit")
+
+
+def _add_training_commands(commands: Any) -> None:
+    train = _command(commands, "train", _train, "fine-tune as a YAML config says")
+    _config_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     train.add_argument("--nproc", type=int, help="train on N processes of this machine (torchrun --standalone; "
                        "gloo on CPU, NCCL with one GPU per process); train.batch_size stays the global batch")
-    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    train.set_defaults(handler=_train)
 
-    meta_train = commands.add_parser("meta-train", help="meta-learn a start that adapts fast (objective "
-                                     "meta_learning: Reptile or first-order MAML over N-way K-shot episodes)")
-    meta_train.add_argument("config", help="YAML config file with objective.name: meta_learning")
-    meta_train.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as for train")
+    meta_train = _command(commands, "meta-train", _meta_train, "meta-learn a start that adapts fast (objective "
+                          "meta_learning: Reptile or first-order MAML over N-way K-shot episodes)")
+    _config_arguments(meta_train, "YAML config file with objective.name: meta_learning")
     meta_train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
-    meta_train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    meta_train.set_defaults(handler=_meta_train)
 
-    meta_eval = commands.add_parser("meta-eval", help="episode accuracy on unseen classes: the meta-learned start "
-                                    "against the pretrained one, with 95%% confidence intervals")
+    meta_eval = _command(commands, "meta-eval", _meta_eval, "episode accuracy on unseen classes: the meta-learned "
+                         "start against the pretrained one, with 95%% confidence intervals")
     meta_eval.add_argument("run_dir", help="a run directory of `deltatune meta-train`")
     meta_eval.add_argument("--episodes", type=int, default=100, help="episodes to draw from the meta-test classes")
     meta_eval.add_argument("--queries", default=None,
                            help="query examples per class in each episode: a number (at most: a class with fewer "
                                 "gives all it has beyond the shots) or 'all'; default: the run's objective.queries")
-    meta_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    meta_eval.set_defaults(handler=_meta_eval)
 
-    evaluate = commands.add_parser("eval", help="report the test metrics of a finished run")
-    evaluate.add_argument("run_dir", help="the run directory printed by `deltatune train`")
-    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    evaluate.set_defaults(handler=_eval)
 
-    generate = commands.add_parser("generate", help="generate text with a finished causal-LM run")
-    generate.add_argument("run_dir", help="the run directory printed by `deltatune train`")
+def _add_run_commands(commands: Any) -> None:
+    run_dir_help = "the run directory printed by `deltatune train`"
+    _command(commands, "eval", _eval, "report the test metrics of a finished run").add_argument(
+        "run_dir", help=run_dir_help)
+
+    generate = _command(commands, "generate", _generate, "generate text with a finished causal-LM run")
+    generate.add_argument("run_dir", help=run_dir_help)
     generate.add_argument("--prompt", action="append", required=True, help="a user message; repeat for several")
     generate.add_argument("--compare", action="store_true", help="also show the base model's answer")
     generate.add_argument("--max-new-tokens", type=int, default=48)
-    generate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    generate.set_defaults(handler=_generate)
 
-    export = commands.add_parser("export", help="save a finished run as a plain merged model (no deltatune needed)")
-    export.add_argument("run_dir", help="the run directory printed by `deltatune train`")
+    export = _command(commands, "export", _export, "save a finished run as a plain merged model (no deltatune needed)")
+    export.add_argument("run_dir", help=run_dir_help)
     export.add_argument("out_dir", help="a new directory for the merged model")
-    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    export.set_defaults(handler=_export)
 
-    tune = commands.add_parser("tune", help="search hyperparameters with optuna; every trial is a run directory")
-    tune.add_argument("config", help="YAML config file (see examples/)")
-    tune.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as for train")
-    tune.add_argument("--trials", type=int, required=True, help="finished trials wanted in the study, in all")
-    tune.add_argument("--space", help="YAML search space: config path -> {type, low, high, log, choices}")
-    tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
-    tune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    tune.set_defaults(handler=_tune)
-
-    advise = commands.add_parser("advise", help="measure a few real steps of each method here and rank them by "
-                                 "predicted time, memory and expected quality")
-    advise.add_argument("config", help="YAML config file (see examples/)")
-    advise.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, as for train")
-    advise.add_argument("--memory", help="memory budget, e.g. 8GB")
-    advise.add_argument("--time", help="time budget for the whole run, e.g. 1h or 30m")
-    advise.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    advise.set_defaults(handler=_advise)
-
-    report = commands.add_parser("report", help="what a finished run changed: weights, representations (CKA), "
-                                 "errors or samples, forgetting; an offline HTML page in RUN_DIR/report")
-    report.add_argument("run_dir", help="the run directory printed by `deltatune train`")
+    report = _command(commands, "report", _report, "what a finished run changed: weights, representations (CKA), "
+                      "errors or samples, forgetting; an offline HTML page in RUN_DIR/report")
+    report.add_argument("run_dir", help=run_dir_help)
     report.add_argument("--base", help="compare with this model instead of the run's own pretrained model")
     report.add_argument("--forgetting", metavar="DATA", help="a second dataset (alias or file) the run did not "
                         "train on: the base and tuned models are measured on it")
@@ -228,18 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="where to write the report (default RUN_DIR/report)")
     report.add_argument("--examples", type=int, default=256, help="validation rows whose representations are "
                         "compared (default 256)")
-    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    report.set_defaults(handler=_report)
 
-    methods = commands.add_parser("methods", help="list the registered fine-tuning methods")
-    methods.set_defaults(handler=_methods)
 
-    objectives = commands.add_parser("objectives", help="list the registered objectives with their options")
-    objectives.set_defaults(handler=_objectives)
+def _add_strategy_commands(commands: Any) -> None:
+    tune = _command(commands, "tune", _tune, "search hyperparameters with optuna; every trial is a run directory")
+    _config_arguments(tune)
+    tune.add_argument("--trials", type=int, required=True, help="finished trials wanted in the study, in all")
+    tune.add_argument("--space", help="YAML search space: config path -> {type, low, high, log, choices}")
+    tune.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
 
-    tasks = commands.add_parser("tasks", help="list the registered tasks with their data roles ([optional])")
-    tasks.set_defaults(handler=_tasks)
-    return parser
+    advise = _command(commands, "advise", _advise, "measure a few real steps of each method here and rank them by "
+                      "predicted time, memory and expected quality")
+    _config_arguments(advise)
+    advise.add_argument("--memory", help="memory budget, e.g. 8GB")
+    advise.add_argument("--time", help="time budget for the whole run, e.g. 1h or 30m")
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -53,7 +53,7 @@ from deltatune.resume import (
 )
 from deltatune.runs import setup_objective, with_run_as_model
 from deltatune.training.run_dir import RunDir, holds_weights, read_weights
-from deltatune.training.state import load_weights, weights_to_save
+from deltatune.training.state import LoopState, load_weights, weights_to_save
 
 __all__ = ["Prepared", "build_model", "calibrate", "count_parameters", "find_run_dir", "format_metrics",
            "metrics_on_splits", "prepare", "save_final_weights", "split_metrics", "start_seeded", "train"]
@@ -88,6 +88,7 @@ def _precompute(prepared: Prepared) -> dict[str, dict[str, torch.Tensor]]:
     it keeps for later runs (a teacher's logits) goes under `<output_dir>/cache/`."""
     data = prepared.data
     prepared.objective.cache_dir = Path(prepared.config.output_dir) / "cache"
+    prepared.objective.split_rows = data.splits
     splits = data.by_split()
 
     def batches_of(examples: list[dict]) -> dict[str, Any]:
@@ -217,9 +218,7 @@ def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
     if resume:
         check_resume_point(run_dir, loop.total_steps)
     trainable, total = count_parameters(prepared.model)
-    echo(f"model {config.model.name} ({prepared.task}), method {config.method.name}: "
-         f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), device {prepared.device}"
-         + (f", {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""))
+    echo(_parameters_line(prepared, trainable, total))
     main = distributed.is_main()
     # Only rank 0 needs the metrics, but a sharded (FSDP) model computes a forward on every rank together.
     everyone = sharding.model_is_sharded(prepared.model)
@@ -245,14 +244,26 @@ def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
             return {}
     echo(format_metrics("after", after))
     summary = {"run_dir": str(run_dir.path), "task": prepared.task, "method": config.method.name,
-               "trainable_parameters": trainable, "total_parameters": total, "steps": state.step,
-               "best_step": state.best_step, "stopped_early": state.stopped_early,
-               "train_seconds": round(state.seconds, 1),
-               "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9), 1), "before": before,
-               "after": after, **({"method_choices": choices} if choices else {}), **_ranks_entry(prepared.model)}
+               "trainable_parameters": trainable, "total_parameters": total, **_loop_entries(state),
+               "before": before, "after": after, **({"method_choices": choices} if choices else {}),
+               **_ranks_entry(prepared.model)}
     run_dir.write_summary(summary)
     echo(f"run saved in {run_dir.path}")
     return summary
+
+
+def _parameters_line(prepared: Prepared, trainable: int, total: int) -> str:
+    config = prepared.config
+    ranks = f", {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
+    return (f"model {config.model.name} ({prepared.task}), method {config.method.name}: {trainable:,} of {total:,} "
+            f"parameters train ({100 * trainable / total:.3f}%), device {prepared.device}{ranks}")
+
+
+def _loop_entries(state: LoopState) -> dict[str, Any]:
+    """What the summary keeps of the loop's final state."""
+    return {"steps": state.step, "best_step": state.best_step, "stopped_early": state.stopped_early,
+            "train_seconds": round(state.seconds, 1),
+            "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9), 1)}
 
 
 def enable_gradient_checkpointing(model: nn.Module, wanted: bool) -> None:

@@ -85,6 +85,11 @@ class SplitConfig:
     # A column whose rows stay together in one split (a movie, a user, a prompt); None: rows are split one by one,
     # except for an alias that names its own (rotten-tomatoes-pairs splits by movie_name).
     group: str | None = None
+    # Cross-fitting: the train split is dealt into `folds` seeded parts (whole groups when grouped) and part
+    # `held_out_fold` is left out of training, so the run's model has never seen those rows. One such run per part
+    # gives every training row a teacher that did not learn it (distillation's objective.teacher_folds).
+    folds: int = field(default=5, metadata=at_least(2))
+    held_out_fold: int | None = field(default=None, metadata=at_least(0))
 
 
 @dataclass

@@ -73,7 +73,32 @@ def make_splits(n_rows: int, split: SplitConfig, max_examples: int | None = None
             "train split; add rows, raise data.max_examples, or lower data.split.validation/test"
         )
     test, validation, train = order[:test_end], order[test_end:validation_end], order[validation_end:]
+    if split.held_out_fold is not None:
+        train = _without_fold(train, split, groups)
     return {name: sorted(int(i) for i in part) for name, part in zip(SPLIT_NAMES, (train, validation, test))}
+
+
+def fold_bounds(train: np.ndarray, folds: int, groups: list[str] | None = None) -> list[int]:
+    """Offsets cutting the (already shuffled) train order into `folds` nearly equal, contiguous parts: fold k is
+    train[bounds[k]:bounds[k + 1]]. Grouped rows are cut at group boundaries, so a group lies in one fold."""
+    size = len(train)
+    bounds = [round(size * k / folds) for k in range(folds + 1)]
+    if groups is not None:
+        boundaries = _group_boundaries([groups[i] for i in train])
+        for k in range(1, folds):
+            bounds[k] = _nearest_boundary(bounds[k], boundaries, bounds[k - 1], True)
+    return bounds
+
+
+def _without_fold(train: np.ndarray, split: SplitConfig, groups: list[str] | None) -> np.ndarray:
+    """The train order less fold `split.held_out_fold` of `split.folds`."""
+    bounds = fold_bounds(train, split.folds, groups)
+    start, end = bounds[split.held_out_fold], bounds[split.held_out_fold + 1]
+    if any(low == high for low, high in zip(bounds, bounds[1:])) or end - start == len(train):
+        raise UserError(f"data.split.folds={split.folds} cannot cut the {len(train)} training rows"
+                        f"{' (whole groups)' if groups is not None else ''} into non-empty parts with rows left to "
+                        f"train on; lower data.split.folds")
+    return np.concatenate([train[:start], train[end:]])
 
 
 def _grouped_order(groups: list[str], generator: np.random.Generator) -> np.ndarray:
@@ -98,7 +123,10 @@ def _nearest_boundary(target: int, boundaries: list[int], floor: int, non_empty:
 
 
 def _check_fractions(split: SplitConfig) -> None:
-    """Fractions must be in [0, 1) and leave room for training."""
+    """Fractions must be in [0, 1) and leave room for training; a held-out fold must be one of the folds."""
+    if split.held_out_fold is not None and not 0 <= split.held_out_fold < split.folds:
+        raise UserError(f"data.split.held_out_fold is {split.held_out_fold} but data.split.folds is {split.folds}; "
+                        f"choose a fold from 0 to {split.folds - 1}")
     for name in ("validation", "test"):
         value = getattr(split, name)
         if not isinstance(value, (int, float)) or not 0 <= value < 1:

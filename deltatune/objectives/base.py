@@ -79,6 +79,9 @@ class Objective:
     # Where the objective may keep what it computes once and later runs can reuse (a distillation teacher's
     # logits): `<output_dir>/cache/`, set by the runner before `precompute`; None outside training.
     cache_dir: Path | None = None
+    # The dataset rows each split's examples were encoded from, in example order (the run's saved splits), set with
+    # `cache_dir`; lets `precompute` match examples with what another run trained on (cross-fitted teachers).
+    split_rows: dict[str, list[int]] | None = None
     # Keys of per-example values `precompute` stores in the examples, which batches must then carry (the runner
     # wraps the collator so each becomes a tensor with one row per example).
     example_keys: ClassVar[tuple[str, ...]] = ()

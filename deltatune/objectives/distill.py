@@ -43,7 +43,8 @@ from deltatune.objectives.losses import (
     token_divergence,
 )
 from deltatune.objectives.rollouts import generate_responses, prompts_of
-from deltatune.objectives.teacher_cache import TeacherLogitCache, fingerprint
+from deltatune.objectives import cross_fit
+from deltatune.objectives.teacher_cache import CacheChain, TeacherLogitCache, fingerprint
 
 TEACHER_INDEX = "teacher_index"  # an example's row in the teacher-logit cache, when precomputed
 
@@ -62,6 +63,9 @@ class DistillConfig(ObjectiveConfig):
     alpha_cos: float = field(default=0.0, metadata=at_least(0))  # weight of the hidden-state cosine term
     layer_map: dict[int, int] | None = None  # student block -> teacher block for the cosine term
     precompute_teacher: bool = False
+    # Cross-fitted teachers (deltatune.objectives.cross_fit): run directories of the teacher's recipe, each trained
+    # with one fold of the train split held out; a training row learns from the run that did not train on it
+    teacher_folds: list[str] = field(default_factory=list)
     # Noisy Student: the student sees corrupted inputs (tokens hidden from attention, or a Cutout square on images,
     # deltatune/data/noise.py) and learns the teacher's outputs on the clean ones, a transfer set drawn afresh
     # every step
@@ -94,11 +98,15 @@ class Distillation(Objective):
         super().__init__(config)
         self.labelled = False
         self.teacher: nn.Module | None = None
-        self.cache: TeacherLogitCache | None = None
+        self.cache: TeacherLogitCache | CacheChain | None = None
         self.layer_pairs: list[tuple[int, int]] = []
         if self.config.precompute_teacher and (self.config.lmbda or self.config.alpha_cos):
             raise UserError("objective.precompute_teacher stores the teacher's logits only, but on-policy steps "
                             "(lmbda) and the cosine term (alpha_cos) need the live teacher; set one of them to 0")
+        if self.config.teacher_folds and not self.config.precompute_teacher:
+            raise UserError("objective.teacher_folds gives each training row the logits of the fold teacher that did "
+                            "not train on it, which are computed once before training; set "
+                            "objective.precompute_teacher=true")
 
     def attach_task(self, task: Any) -> None:
         """Classifiers are judged by accuracy; language models by their loss (perplexity) on the responses."""
@@ -111,7 +119,7 @@ class Distillation(Objective):
 
     def setup(self, models: dict[str, nn.Module], policy_model: nn.Module, method: Any) -> None:
         self.teacher = models["teacher"]
-        check_same_outputs(self.teacher, policy_model, self.config.teacher_model)
+        check_same_outputs(self.teacher, policy_model, f"objective.teacher_model={self.config.teacher_model}")
         self.layer_pairs = self._layer_pairs(policy_model)
 
     def _layer_pairs(self, student: nn.Module) -> list[tuple[int, int]]:
@@ -135,24 +143,47 @@ class Distillation(Objective):
     def precompute(self, splits: dict[str, list[dict]], batches_of: Any, batch_size: int) -> dict[str, torch.Tensor]:
         """With `precompute_teacher`, the teacher's logits of every example of every split, written once to a disk
         cache (reused when a complete one for the same teacher and examples exists); each example learns its row
-        (`teacher_index`) and the teacher is released. The cache lives outside the run, so nothing is returned."""
+        (`teacher_index`) and the teacher is released. The cache lives outside the run, so nothing is returned.
+        With `teacher_folds` the training examples' rows come from the fold teachers (cross-fitting)."""
         if not self.config.precompute_teacher or self.teacher is None:
             return {}
-        ordered = [example for examples in splits.values() for example in examples]
         root = self.cache_dir or Path(tempfile.mkdtemp(prefix="deltatune-"))
-        cache = TeacherLogitCache(root / f"teacher-logits-{fingerprint(self.teacher, ordered)}")
-        if not cache.complete:
-            cache.write(self._teacher_rows(ordered, batches_of, batch_size))
-        for index, example in enumerate(ordered):
+        training = splits.get("train", []) if self.config.teacher_folds else []
+        parts = self._fold_parts(training) if training else []
+        parts.append((self.teacher, [example for name, examples in splits.items() if not (training and name == "train")
+                                     for example in examples]))
+        caches = []
+        for teacher, examples in parts:
+            if not isinstance(teacher, nn.Module):  # a fold teacher's run directory: loaded only for its part
+                source, teacher = teacher, cross_fit.load_fold_teacher(teacher, next(self.teacher.parameters()).device)
+                check_same_outputs(teacher, self.teacher, f"{source} (objective.teacher_folds)", "teacher_model")
+            caches.append(TeacherLogitCache(root / f"teacher-logits-{fingerprint(teacher, examples)}"))
+            if not caches[-1].complete:
+                caches[-1].write(self._teacher_rows(teacher, examples, batches_of, batch_size))
+            del teacher
+        self.cache = CacheChain(caches, [len(examples) for _, examples in parts]) if training else caches[0]
+        for index, example in enumerate(example for _, examples in parts for example in examples):
             example[TEACHER_INDEX] = index
-        self.cache, self.teacher = cache, None
+        self.teacher = None
         gc.collect()
         return {}
 
-    def _teacher_rows(self, examples: list[dict], batches_of: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    def _fold_parts(self, training: list[dict]) -> list[tuple[str, list[dict]]]:
+        """(fold run, the training examples it did not train on) for each of `teacher_folds`."""
+        sources = self.config.teacher_folds
+        rows = (self.split_rows or {}).get("train")
+        if rows is None or len(rows) != len(training):
+            raise UserError("objective.teacher_folds matches training examples with dataset rows, which this data "
+                            "does not keep one for one (packing?); set data.packing=false or drop teacher_folds")
+        owners = cross_fit.fold_owners(rows, [cross_fit.trained_rows(source) for source in sources], len(sources))
+        return [(source, [example for example, owner in zip(training, owners) if owner == k])
+                for k, source in enumerate(sources)]
+
+    def _teacher_rows(self, teacher: nn.Module, examples: list[dict], batches_of: Any,
+                      batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(examples), batch_size):
             batch = batches_of(examples[start:start + batch_size])
-            logits, _ = self._outputs(self.teacher, batch)
+            logits, _ = self._outputs(teacher, batch)
             if self.labelled:
                 yield from logits
             else:
@@ -297,9 +328,11 @@ def output_size(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "num_labels", None)
 
 
-def check_same_outputs(teacher: nn.Module, student: nn.Module, source: str | None) -> None:
-    """A one-line error when teacher and student say they have different vocabularies or label counts."""
+def check_same_outputs(teacher: nn.Module, student: nn.Module, source: str | None,
+                       other: str = "the student") -> None:
+    """A one-line error when teacher and student (or `other`) say they have different vocabularies or label
+    counts."""
     sizes = output_size(teacher), output_size(student)
     if None not in sizes and sizes[0] != sizes[1]:
-        raise UserError(f"objective.teacher_model={source} has {sizes[0]} outputs but the student has {sizes[1]}; a "
-                        f"teacher must share the student's vocabulary (tokenizer) or label count")
+        raise UserError(f"the teacher {source} has {sizes[0]} outputs but {other} has {sizes[1]}; a teacher must "
+                        f"share the student's vocabulary (tokenizer) or label count")

@@ -98,3 +98,19 @@ class TeacherLogitCache:
                 self._handles[name] = safe_open(str(self.directory / name), framework="pt")
             found.append(self._handles[name].get_tensor(str(example)))
         return found
+
+
+class CacheChain:
+    """Several caches read as one: row i of part k is example `starts[k] + i` (cross-fitted teachers write one part
+    each, so each part stays reusable on its own)."""
+
+    def __init__(self, parts: list[TeacherLogitCache], sizes: list[int]) -> None:
+        self.parts = parts
+        self.starts = [sum(sizes[:k]) for k in range(len(sizes))]
+
+    def rows(self, indices: list[int]) -> list[torch.Tensor]:
+        found = []
+        for example in indices:
+            part = bisect.bisect_right(self.starts, example) - 1
+            found.extend(self.parts[part].rows([example - self.starts[part]]))
+        return found

@@ -91,14 +91,17 @@ def test_search_space_mistakes(tmp_path, capsys) -> None:
     assert_refused(["tune", *args, "--trials", "0"], r"--trials must be at least 1", capsys, tmp_path)
 
 
-def test_pruning_judges_trials_by_progress_from_halfway_against_three_finished_ones(tmp_path, monkeypatch) -> None:
+def test_pruning_judges_stalled_trials_by_progress_from_halfway_against_three_finished_ones(tmp_path,
+                                                                                           monkeypatch) -> None:
     """Trials of different lengths are compared at the same percent of their own schedules, only from halfway to
-    90% of it, and only against the median of at least three finished trials that reported at that percent. A fake
-    training reports scores so the rule is tested alone: trial 0 (the config's lr, 20 steps, evaluated at each)
-    scores 0.9; short trials (lr ≥ 1e-3, 20 steps, evaluated at 25%, 95% and their end) 0.05, below every median,
-    yet they must finish: at 25% they are not judged yet, at 95% and at their end no longer; long trials (lr < 1e-3,
-    8 steps, evaluated at each) 0.1 − 100·lr: each one is pruned at halfway if three finished trials scored there
-    and their median is higher, and finishes while fewer than three had."""
+    90% of it, only once they stop improving, and only against the median of at least three finished trials that
+    reported at that percent. A fake training reports scores so the rule is tested alone: trial 0 (the config's lr,
+    20 steps, evaluated at each) scores 0.9; short trials (lr ≥ 2e-3, 20 steps, evaluated at 25%, 95% and their
+    end) 0.05, below every median, yet they must finish: at 25% they are not judged yet, at 95% and at their end no
+    longer; long trials (lr < 2e-3, 8 steps, evaluated at each) either stall at 0.1 − 100·lr from their first
+    evaluation: each one is pruned at halfway if three finished trials scored there and their median is higher, and
+    finishes while fewer than three had; or (those numbered by a multiple of 3) rise a little at every evaluation from
+    below that, and always finish."""
     import statistics
 
     import deltatune.runner
@@ -106,15 +109,18 @@ def test_pruning_judges_trials_by_progress_from_halfway_against_three_finished_o
 
     stopped_at: dict[float, int] = {}
 
-    def long_score(lr: float) -> float:
-        return 0.1 - 100 * lr
+    def rises(number: int) -> bool:
+        return number % 3 == 0
+
+    def long_score(lr: float, step: int, number: int) -> float:
+        return 0.1 - 100 * lr - (0.05 - 0.001 * step if rises(number) else 0)
 
     def fake_train(config, echo, on_evaluation):
-        lr = config.train.lr
+        lr, number = config.train.lr, int(config.run_name.rpartition("trial")[2])
         if lr == 3e-3:
             steps, scores = 20, {step: 0.9 for step in range(1, 21)}
-        elif lr < 1e-3:
-            steps, scores = 8, {step: long_score(lr) for step in range(1, 9)}
+        elif lr < 2e-3:
+            steps, scores = 8, {step: long_score(lr, step, number) for step in range(1, 9)}
         else:
             steps, scores = 20, {5: 0.05, 19: 0.05, 20: 0.05}
         run_dir = tmp_path / "runs" / config.run_name
@@ -130,17 +136,22 @@ def test_pruning_judges_trials_by_progress_from_halfway_against_three_finished_o
     trials = trials_of(tmp_path)
     assert trials[0]["state"] == "COMPLETE" and trials[0]["params"]["train.lr"] == 3e-3
     halfway = [0.9]  # finished trials' scores at 50% of their schedules: trial 0's, then long ones'
-    pruned = spared = 0
+    pruned = spared = rising = 0
     for trial in trials[1:]:
-        lr = trial["params"]["train.lr"]
-        if lr >= 1e-3:  # short: never judged at 25% or from 90% on
+        lr, score = trial["params"]["train.lr"], long_score(trial["params"]["train.lr"], 4, trial["number"])
+        if lr >= 2e-3:  # short: never judged at 25% or from 90% on
             assert trial["state"] == "COMPLETE" and trial["last_percent"] == 100, trial
-        elif len(halfway) >= 3 and long_score(lr) < statistics.median(halfway):
+        elif rises(trial["number"]):  # below the median, but a new best at every evaluation
+            assert trial["state"] == "COMPLETE" and trial["last_percent"] == 100, trial
+            rising += len(halfway) >= 3 and score < statistics.median(halfway)
+            halfway.append(score)
+        elif len(halfway) >= 3 and score < statistics.median(halfway):
             assert trial["state"] == "PRUNED" and trial["last_percent"] == 50, trial
             assert stopped_at[lr] == 4  # step 4 of 8: halfway, not before
             pruned += 1
         else:
             assert trial["state"] == "COMPLETE" and trial["last_percent"] == 100, trial
-            spared += len(halfway) < 3 and long_score(lr) < statistics.median(halfway)
-            halfway.append(long_score(lr))
+            spared += len(halfway) < 3 and score < statistics.median(halfway)
+            halfway.append(score)
+    assert rising, "the seeded sampler should draw a rising trial below the median of three finished ones"
     assert pruned and spared, "the seeded sampler should draw long trials both before and after three finished ones"

@@ -6,6 +6,7 @@ SmolLM2 SFT run. Run alone on the machine (timings); every step skips what alrea
     python benchmarks/insight.py tune       # a 12-trial optuna study of the LoRA recipe, its best trial's test score
     python benchmarks/insight.py tune-narrow  # a second 12-trial study in the space the first one points to
     python benchmarks/insight.py tune-narrow-min3  # the same space under the three-finished-trials pruning rule
+    python benchmarks/insight.py tune-narrow-patient  # ... and judging only trials that stopped improving
     python benchmarks/insight.py advise     # the advisor's predictions vs the real runs of three methods
     python benchmarks/insight.py table      # every figure above, as markdown
 
@@ -68,7 +69,9 @@ STUDIES = {
     "insight-tune": [],
     "insight-tune-narrow": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "5400"],
     # the same narrow space once the pruner judged only against three finished trials (tune.MIN_TRIALS_TO_JUDGE)
-    "insight-tune-narrow-min3": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml", "--timeout", "3300"],
+    "insight-tune-narrow-min3": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml"],
+    # and once it also judged only trials that stopped improving (tune.py: a still-rising trial runs on)
+    "insight-tune-narrow-patient": ["--space", "examples/search_spaces/minilm_lora_narrow.yaml"],
 }
 
 

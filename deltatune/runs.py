@@ -141,6 +141,7 @@ def setup_objective(config: RunConfig, objective: Objective, policy_model: nn.Mo
     them by role to its `setup` (after giving it the policy's `processor`). Loading never touches the run's random
     streams. `num_labels` sizes a frozen copy of a labelled base."""
     objective.processor, objective.label_names = processor, label_names
+    objective.load_run_model = lambda source: _frozen(load_run(source).model).to(device)
     models = {}
     with torch.random.fork_rng(devices=[]):
         for role, spec in type(objective).models.items():

@@ -12,7 +12,7 @@ from deltatune.config.loader import load_config
 from deltatune.config.schema import SplitConfig
 from deltatune.data import make_splits
 from deltatune.errors import UserError
-from deltatune.objectives.cross_fit import fold_owners, load_fold_teacher, trained_rows
+from deltatune.objectives.cross_fit import fold_owners, trained_rows
 from deltatune.objectives.teacher_cache import TeacherLogitCache, fingerprint
 from deltatune.runner import train
 from tests.bad_input import write_jsonl
@@ -86,7 +86,7 @@ def test_training_rows_are_distilled_from_the_fold_teacher_that_held_them_out(tm
     owners = fold_owners(rows, [trained_rows(fold) for fold in folds], 2)
     assert sorted(set(owners)) == [0, 1]
     for k, fold in enumerate(folds):
-        teacher = load_fold_teacher(fold, torch.device("cpu"))
+        teacher = load_run(fold).model.eval()
         part = [example for example, owner in zip(examples, owners) if owner == k]
         assert {row for row, owner in zip(rows, owners) if owner == k}.isdisjoint(trained_rows(fold))
         cache = TeacherLogitCache(tmp_path / "runs" / "cache" / f"teacher-logits-{fingerprint(teacher, part)}")

@@ -76,6 +76,9 @@ class Objective:
     models: ClassVar[dict[str, ModelRole]] = {}
     processor: Any = None  # the policy's tokenizer (or image processor), set by the runner before `setup`
     label_names: list[str] | None = None  # the data's class names (when it has them), set with `processor`
+    # Loads another finished run's model, frozen, in eval mode, on the run's device (distillation's fold teachers);
+    # set with `processor`, so objectives never import the runner that sits above them.
+    load_run_model: Callable[[str], nn.Module] | None = None
     # Where the objective may keep what it computes once and later runs can reuse (a distillation teacher's
     # logits): `<output_dir>/cache/`, set by the runner before `precompute`; None outside training.
     cache_dir: Path | None = None

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from deltatune.errors import UserError
 
 KEY = "objective.teacher_folds"
@@ -49,12 +46,3 @@ def fold_owners(train_rows: list[int], trained_on: list[set[int]], folds: int) -
                         f"training rows (row {unseen_by_none[0]} first); give one run per fold, trained with "
                         f"data.split.held_out_fold=0..{max(folds, 2) - 1} on the student's data and split seed")
     return owners
-
-
-def load_fold_teacher(source: str, device: torch.device) -> nn.Module:
-    """A fold teacher's run as a frozen model in eval mode on `device`."""
-    from deltatune.runs import load_run
-
-    model = load_run(source).model
-    model.requires_grad_(False)
-    return model.eval().to(device)

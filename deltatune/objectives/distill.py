@@ -155,7 +155,7 @@ class Distillation(Objective):
         caches = []
         for teacher, examples in parts:
             if not isinstance(teacher, nn.Module):  # a fold teacher's run directory: loaded only for its part
-                source, teacher = teacher, cross_fit.load_fold_teacher(teacher, next(self.teacher.parameters()).device)
+                source, teacher = teacher, self.load_run_model(teacher)
                 check_same_outputs(teacher, self.teacher, f"{source} (objective.teacher_folds)", "teacher_model")
             caches.append(TeacherLogitCache(root / f"teacher-logits-{fingerprint(teacher, examples)}"))
             if not caches[-1].complete:

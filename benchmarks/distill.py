@@ -153,10 +153,12 @@ def table(key: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 2 or argv[0] not in ("train", "table") or argv[1] not in SETTINGS or (argv[0] == "table"
-                                                                                        and len(argv) > 2):
-        sys.exit(f"usage: python benchmarks/distill.py train|table {'|'.join(SETTINGS)} [KIND ...] (KIND for train)")
-    train(argv[1], argv[2:]) if argv[0] == "train" else table(argv[1])
+    action, key = [*argv, "", ""][:2]
+    kinds_wanted = argv[2:]
+    if action not in ("train", "table") or key not in SETTINGS or (action == "table" and kinds_wanted):
+        sys.exit(f"usage: python benchmarks/distill.py train {'|'.join(SETTINGS)} [KIND ...] | table "
+                 f"{'|'.join(SETTINGS)}")
+    train(key, kinds_wanted) if action == "train" else table(key)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ schedule (percent of its steps), not at its step number: trials of 1 and 3 epoch
 different clocks, and a 3-epoch trial at step 160 (rate still high) is no peer of a 1-epoch trial at step 160
 (nearly done). A trial is judged only from halfway to 90% through its schedule, against the median of at least
 three finished trials at the same progress, and only once it stops improving (its latest score no new best); never
-near or at its end (stopping it then would save little and discard its result). The study lives in SQLite (`<output_dir>/tune-<run_name>/study.db`), so a search that is
-killed continues when the same command runs again: the trial that was cut off is marked failed, numbering goes on,
-and `--trials N` counts the finished (complete or pruned) trials wanted in all.
+near or at its end (stopping it then would save little and discard its result). The study lives in SQLite
+(`<output_dir>/tune-<run_name>/study.db`), so a search that is killed continues when the same command runs again:
+the trial that was cut off is marked failed, numbering goes on, and `--trials N` counts the finished (complete or
+pruned) trials wanted in all.
 
 Search space: the method's own (`Method.search_space`: LoRA's r and alpha, adapters' reduction factor, virtual
 tokens' count, each with a learning-rate range suited to it) on top of epochs and batch size; or a YAML file
@@ -138,7 +139,7 @@ def run_study(config_path: str | None, overrides: list[str], trials: int, space_
                                                      for k, v in params.items()))
 
         reported: set[int] = set()
-        best: list[float] = []  # the trial's best score so far
+        scores: list[float] = []  # the trial's reported scores so far
 
         def report(step: int, total_steps: int, metrics: dict[str, float]) -> None:
             percent = math.floor(100 * step / total_steps)
@@ -146,8 +147,8 @@ def run_study(config_path: str | None, overrides: list[str], trials: int, space_
                 return  # two evaluations in one percent of the schedule: the first one speaks for it
             reported.add(percent)
             value = metrics[metric]
-            rising = not best or (value > best[0] if direction == "maximize" else value < best[0])
-            best[:] = [value] if rising else best
+            rising = not scores or (value > max(scores) if direction == "maximize" else value < min(scores))
+            scores.append(value)
             trial.report(value, percent)
             if percent < JUDGE_UNTIL_PERCENT and not rising and trial.should_prune():
                 echo(f"trial {trial.number}: pruned at step {step} of {total_steps} ({metric} {metrics[metric]:.4f})")

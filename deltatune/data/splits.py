@@ -94,7 +94,7 @@ def _without_fold(train: np.ndarray, split: SplitConfig, groups: list[str] | Non
     """The train order less fold `split.held_out_fold` of `split.folds`."""
     bounds = fold_bounds(train, split.folds, groups)
     start, end = bounds[split.held_out_fold], bounds[split.held_out_fold + 1]
-    if any(low == high for low, high in zip(bounds, bounds[1:])) or end - start == len(train):
+    if any(low == high for low, high in zip(bounds, bounds[1:])):  # with folds ≥ 2, no part is then all of train
         raise UserError(f"data.split.folds={split.folds} cannot cut the {len(train)} training rows"
                         f"{' (whole groups)' if groups is not None else ''} into non-empty parts with rows left to "
                         f"train on; lower data.split.folds")

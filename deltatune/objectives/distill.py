@@ -148,25 +148,32 @@ class Distillation(Objective):
         if not self.config.precompute_teacher or self.teacher is None:
             return {}
         root = self.cache_dir or Path(tempfile.mkdtemp(prefix="deltatune-"))
-        training = splits.get("train", []) if self.config.teacher_folds else []
-        parts = self._fold_parts(training) if training else []
-        parts.append((self.teacher, [example for name, examples in splits.items() if not (training and name == "train")
-                                     for example in examples]))
-        caches = []
-        for teacher, examples in parts:
-            if not isinstance(teacher, nn.Module):  # a fold teacher's run directory: loaded only for its part
-                source, teacher = teacher, self.load_run_model(teacher)
-                check_same_outputs(teacher, self.teacher, f"{source} (objective.teacher_folds)", "teacher_model")
-            caches.append(TeacherLogitCache(root / f"teacher-logits-{fingerprint(teacher, examples)}"))
-            if not caches[-1].complete:
-                caches[-1].write(self._teacher_rows(teacher, examples, batches_of, batch_size))
-            del teacher
-        self.cache = CacheChain(caches, [len(examples) for _, examples in parts]) if training else caches[0]
-        for index, example in enumerate(example for _, examples in parts for example in examples):
+        folds = self._fold_parts(splits.get("train", [])) if self.config.teacher_folds else []
+        rest = [example for name, examples in splits.items() if not (folds and name == "train") for example in examples]
+        # one fold run in memory at a time: each is loaded for its own part and released when that part is cached
+        caches = [self._cached(self._fold_teacher(source), examples, root, batches_of, batch_size)
+                  for source, examples in folds]
+        caches.append(self._cached(self.teacher, rest, root, batches_of, batch_size))
+        parts = [examples for _, examples in folds] + [rest]
+        self.cache = CacheChain(caches, [len(examples) for examples in parts]) if folds else caches[0]
+        for index, example in enumerate(example for examples in parts for example in examples):
             example[TEACHER_INDEX] = index
         self.teacher = None
         gc.collect()
         return {}
+
+    def _cached(self, teacher: nn.Module, examples: list[dict], root: Path, batches_of: Any,
+                batch_size: int) -> TeacherLogitCache:
+        """`teacher`'s logits of `examples` in a disk cache named by both, computed unless a complete one exists."""
+        cache = TeacherLogitCache(root / f"teacher-logits-{fingerprint(teacher, examples)}")
+        if not cache.complete:
+            cache.write(self._teacher_rows(teacher, examples, batches_of, batch_size))
+        return cache
+
+    def _fold_teacher(self, source: str) -> nn.Module:
+        teacher = self.load_run_model(source)
+        check_same_outputs(teacher, self.teacher, f"{source} (objective.teacher_folds)", "teacher_model")
+        return teacher
 
     def _fold_parts(self, training: list[dict]) -> list[tuple[str, list[dict]]]:
         """(fold run, the training examples it did not train on) for each of `teacher_folds`."""

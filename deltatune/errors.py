@@ -12,6 +12,11 @@ class UserError(Exception):
     """Bad input from the user; the message must say what to fix."""
 
 
+class TrainingDiverged(UserError):
+    """Training stopped at a non-finite loss, gradient or weight: settings the user (or a search) chose that this
+    model and data cannot train with. A hyperparameter search counts such a trial as a poor one and goes on."""
+
+
 def closest_names(name: str, candidates: list[str], limit: int = 5) -> list[str]:
     """The candidates that look most like `name`, best first (for "did you mean" hints)."""
     import difflib

@@ -53,9 +53,7 @@ def test_impossible_folds_are_refused(split: SplitConfig, message: str) -> None:
 
 
 def test_each_row_goes_to_the_first_teacher_that_did_not_train_on_it() -> None:
-    assert fold_owners([1, 2, 3, 4], [{1, 2, 3}, {3, 4}, {1, 2}], 3) == [1, 1, 2, 0]
-    with pytest.raises(UserError, match=r"trained on 1 of the student's 2 training rows \(row 5 first\); give one"):
-        fold_owners([4, 5], [{5}, {5, 6}], 2)
+    assert fold_owners([1, 2, 3, 4], [{1, 2, 3}, {3, 4}, {1, 2}], ["a", "b", "c"]) == [1, 1, 2, 0]
 
 
 def reviews(tmp_path: Path) -> str:
@@ -83,13 +81,14 @@ def test_training_rows_are_distilled_from_the_fold_teacher_that_held_them_out(tm
 
     student = load_run(tmp_path / "runs" / "student", with_data=True)
     rows, examples = student.data.splits["train"], student.data.train
-    owners = fold_owners(rows, [trained_rows(fold) for fold in folds], 2)
+    owners = fold_owners(rows, [trained_rows(fold) for fold in folds], folds)
     assert sorted(set(owners)) == [0, 1]
     for k, fold in enumerate(folds):
         teacher = load_run(fold).model.eval()
         part = [example for example, owner in zip(examples, owners) if owner == k]
         assert {row for row, owner in zip(rows, owners) if owner == k}.isdisjoint(trained_rows(fold))
-        cache = TeacherLogitCache(tmp_path / "runs" / "cache" / f"teacher-logits-{fingerprint(teacher, part)}")
+        key = fingerprint(teacher, part, student.data.collate)
+        cache = TeacherLogitCache(tmp_path / "runs" / "cache" / f"teacher-logits-{key}")
         assert cache.complete, "the fold teacher's part was not cached under its own fingerprint"
         batch = student.data.collate(part)
         with torch.no_grad():
@@ -105,7 +104,35 @@ def test_fold_teachers_mistakes(tmp_path) -> None:
         train(run_config(tmp_path, "b", *distill, "objective.precompute_teacher=true",
                          f"objective.teacher_folds=[{tmp_path}]"), echo=lambda *_: None)
     train(run_config(tmp_path, "whole"), echo=lambda *_: None)
-    with pytest.raises(UserError, match=r"every run in objective\.teacher_folds trained on \d+ of the student's"):
+    with pytest.raises(UserError, match=r"every run in objective\.teacher_folds trained on \d+ of the student's"
+                                         r".*folds \[None\] of \[5\] \(data\.split\.held_out_fold and"):
         train(run_config(tmp_path, "c", *distill, "objective.precompute_teacher=true",
                          f"objective.teacher_folds=[{tmp_path / 'runs' / 'whole'}]"), echo=lambda *_: None)
     assert not (tmp_path / "runs" / "c").exists()
+    train(run_config(tmp_path, "fold0", "data.split.folds=3", "data.split.held_out_fold=0"), echo=lambda *_: None)
+    with pytest.raises(UserError, match=r"the runs hold out folds \[0\] of 3 \(missing: \[1, 2\]\); give one run"):
+        train(run_config(tmp_path, "d", *distill, "objective.precompute_teacher=true",
+                         f"objective.teacher_folds=[{tmp_path / 'runs' / 'fold0'}]"), echo=lambda *_: None)
+
+
+def test_the_teacher_cache_key_changes_with_anything_that_changes_the_logits() -> None:
+    """Raw images, the collate function that turns them into inputs (image size, normalisation), the teacher's
+    dtype and weights all change the key; the teacher_index an example receives after caching does not."""
+    import numpy
+
+    teacher = torch.nn.Linear(4, 2)
+    images = [{"image": numpy.full((2, 2), k + 1, dtype=numpy.uint8), "labels": k % 2} for k in range(3)]
+
+    def collate(examples, scale=1.0):
+        return {"pixel_values": torch.stack([torch.from_numpy(e["image"]).float().flatten() for e in examples]) * scale,
+                "labels": torch.tensor([e["labels"] for e in examples])}
+
+    key = fingerprint(teacher, images, collate)
+    assert fingerprint(teacher, [{**e, "teacher_index": k} for k, e in enumerate(images)], collate) == key
+    changed = [{**images[0], "image": numpy.full((2, 2), 9, dtype=numpy.uint8)}, *images[1:]]
+    assert fingerprint(teacher, changed, collate) != key
+    assert fingerprint(teacher, images, lambda examples: collate(examples, 1 / 255)) != key
+    assert fingerprint(teacher.double(), images, collate) != key
+    with torch.no_grad():
+        teacher.float().weight[0, 0] += 1
+    assert fingerprint(teacher, images, collate) != key

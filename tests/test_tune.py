@@ -48,6 +48,7 @@ def test_a_study_runs_trials_as_runs_and_writes_the_best_config(tmp_path) -> Non
     best = load_config(study_dir / "best.yaml")
     best_trial = max(finished, key=lambda t: t["value"])
     assert best.train.lr == best_trial["params"]["train.lr"] and best.method.r == best_trial["params"]["method.r"]
+    assert best.run_name is None and best.train.progress  # `deltatune train best.yaml` makes a new run, as usual
     assert (study_dir / "study.png").read_bytes().startswith(b"\x89PNG")
     page = (study_dir / "index.html").read_text()
     assert "data:image/png;base64," in page and "(best)" in page and "method.r" in page
@@ -88,7 +89,13 @@ def test_search_space_mistakes(tmp_path, capsys) -> None:
     assert_refused(["tune", *bad, "--trials", "1"], r"train\.lr needs numbers low < high", capsys, tmp_path)
     space.write_text(yaml.safe_dump({"method.r": {"type": "categorical", "values": [2]}}))
     assert_refused(["tune", *bad, "--trials", "1"], r"unknown fields \['values'\]", capsys, tmp_path)
+    space.write_text(yaml.safe_dump({"train.batch_size": {"type": "categorical", "choices": [8, 0]}}))  # not the first
+    assert_refused(["tune", *bad, "--trials", "1"], r"bad\.yaml: train\.batch_size: .*batch_size", capsys, tmp_path)
+    space.write_text(yaml.safe_dump({}))
+    assert_refused(["tune", *bad, "--trials", "1"], r"must map config keys to ranges", capsys, tmp_path)
     assert_refused(["tune", *args, "--trials", "0"], r"--trials must be at least 1", capsys, tmp_path)
+    assert_refused(["tune", *args, "data.split.validation=0", "--trials", "1"],
+                   r"validation split; set data\.split\.validation above 0", capsys, tmp_path)
 
 
 def test_pruning_judges_stalled_trials_by_progress_from_halfway_against_three_finished_ones(tmp_path,
@@ -155,3 +162,84 @@ def test_pruning_judges_stalled_trials_by_progress_from_halfway_against_three_fi
             halfway.append(score)
     assert rising, "the seeded sampler should draw a rising trial below the median of three finished ones"
     assert pruned and spared, "the seeded sampler should draw long trials both before and after three finished ones"
+
+
+def fake_trainer(root: Path, scores_of) -> tuple[list[str], object]:
+    """A stand-in for `deltatune.runner.train` that writes a run directory and reports `scores_of(lr, number)`
+    (step -> score over 8 steps), or raises what that returns when it is an exception; the names it trained."""
+    from deltatune.config.loader import config_to_dict
+
+    trained: list[str] = []
+
+    def fake_train(config, echo, on_evaluation):
+        number = int(config.run_name.rpartition("trial")[2])
+        trained.append(config.run_name)
+        scores = scores_of(config.train.lr, number)
+        if isinstance(scores, BaseException):
+            raise scores
+        run_dir = root / "runs" / config.run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+        for step, score in scores.items():
+            on_evaluation(step, 8, {"accuracy": score})
+        return {"run_dir": str(run_dir), "after": {"validation": {"accuracy": score}}}
+
+    return trained, fake_train
+
+
+def test_a_diverged_trial_counts_as_pruned_and_the_search_goes_on(tmp_path, monkeypatch, capsys) -> None:
+    import deltatune.runner
+    from deltatune.errors import TrainingDiverged
+
+    def scores_of(lr: float, number: int):
+        if number == 1:
+            return TrainingDiverged(f"training diverged: the loss is nan at step 3; lower train.lr (now {lr:g})")
+        return {8: 0.5 + lr}
+
+    _, fake_train = fake_trainer(tmp_path, scores_of)
+    monkeypatch.setattr(deltatune.runner, "train", fake_train)
+    assert main(["tune", *study_args(tmp_path), "--trials", "3"]) == 0
+    trials = trials_of(tmp_path)
+    assert [t["state"] for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert "loss is nan" in trials[1]["diverged"]
+    assert "trial 1: training diverged: the loss is nan at step 3; counted as pruned" in capsys.readouterr().out
+
+
+def test_without_run_name_the_study_is_named_by_its_config_and_a_cut_off_recipe_runs_again(tmp_path,
+                                                                                          monkeypatch) -> None:
+    """A search without run_name continues under the same name; when a Ctrl-C cuts off trial 0 (the config's own
+    settings), the next session runs them again before searching."""
+    import deltatune.runner
+
+    calls = {"count": 0}
+
+    def scores_of(lr: float, number: int):
+        calls["count"] += 1
+        return KeyboardInterrupt() if calls["count"] == 1 else {8: 0.5}
+
+    trained, fake_train = fake_trainer(tmp_path, scores_of)
+    monkeypatch.setattr(deltatune.runner, "train", fake_train)
+    args = [arg for arg in study_args(tmp_path) if not arg.startswith("run_name=")]
+    try:
+        main(["tune", *args, "--trials", "2"])
+    except KeyboardInterrupt:
+        pass
+    assert main(["tune", *args, "--trials", "2"]) == 0
+    trials = trials_of(tmp_path, "config")  # named by config.yaml
+    assert [t["state"] for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[0]["params"] == trials[1]["params"] == {"train.lr": 3e-3, "method.r": 4}
+    assert trained == ["config-trial0", "config-trial1", "config-trial2"]
+
+
+def test_a_study_continues_only_with_the_setup_it_started_with(tmp_path, monkeypatch, capsys) -> None:
+    import deltatune.runner
+
+    _, fake_train = fake_trainer(tmp_path, lambda lr, number: {8: 0.5})
+    monkeypatch.setattr(deltatune.runner, "train", fake_train)
+    args = study_args(tmp_path)
+    assert main(["tune", *args, "--trials", "1"]) == 0
+    assert_refused(["tune", *args, "train.epochs=2", "--trials", "2"],
+                   r"tune-study holds a study of another setup \(train\.epochs: 1\.0 there, 2\.0 now\); set run_name",
+                   capsys, tmp_path)
+    assert main(["tune", *args, "train.progress=false", "--trials", "2"]) == 0  # a display setting is no new setup
+    assert len(trials_of(tmp_path)) == 2

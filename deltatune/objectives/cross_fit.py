@@ -32,7 +32,7 @@ def trained_rows(source: str) -> set[int]:
     return {int(row) for row in splits["train"]}
 
 
-def fold_owners(train_rows: list[int], trained_on: list[set[int]], folds: int) -> list[int]:
+def fold_owners(train_rows: list[int], trained_on: list[set[int]], sources: list[str]) -> list[int]:
     """For each training row of the student, the first fold teacher (by position) that did not train on it; a row
     every fold teacher trained on is a one-line error (a missing fold, or teachers split with another seed)."""
     owners, unseen_by_none = [], []
@@ -43,6 +43,23 @@ def fold_owners(train_rows: list[int], trained_on: list[set[int]], folds: int) -
         owners.append(owner)
     if unseen_by_none:
         raise UserError(f"every run in {KEY} trained on {len(unseen_by_none)} of the student's {len(train_rows)} "
-                        f"training rows (row {unseen_by_none[0]} first); give one run per fold, trained with "
-                        f"data.split.held_out_fold=0..{max(folds, 2) - 1} on the student's data and split seed")
+                        f"training rows (row {unseen_by_none[0]} first); {describe_folds(sources)}; give one run "
+                        f"per fold, each trained on the student's data and split seed")
     return owners
+
+
+def describe_folds(sources: list[str]) -> str:
+    """Which folds the runs held out, and which of their `data.split.folds` none did, from their saved configs."""
+    import yaml
+
+    held_out, folds = [], set()
+    for source in sources:
+        split = (yaml.safe_load((Path(source) / "config.yaml").read_text()) or {}).get("data", {}).get("split", {})
+        held_out.append(split.get("held_out_fold"))
+        folds.add(split.get("folds"))
+    if None in held_out or len(folds) != 1:
+        return (f"the runs hold out folds {held_out} of {sorted(folds, key=str)} (data.split.held_out_fold and "
+                f"data.split.folds must be set, the same folds in every run)")
+    total = folds.pop()
+    missing = [k for k in range(total) if k not in held_out]
+    return f"the runs hold out folds {sorted(held_out)} of {total}" + (f" (missing: {missing})" if missing else "")

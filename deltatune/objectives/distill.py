@@ -165,7 +165,7 @@ class Distillation(Objective):
     def _cached(self, teacher: nn.Module, examples: list[dict], root: Path, batches_of: Any,
                 batch_size: int) -> TeacherLogitCache:
         """`teacher`'s logits of `examples` in a disk cache named by both, computed unless a complete one exists."""
-        cache = TeacherLogitCache(root / f"teacher-logits-{fingerprint(teacher, examples)}")
+        cache = TeacherLogitCache(root / f"teacher-logits-{fingerprint(teacher, examples, batches_of)}")
         if not cache.complete:
             cache.write(self._teacher_rows(teacher, examples, batches_of, batch_size))
         return cache
@@ -182,7 +182,7 @@ class Distillation(Objective):
         if rows is None or len(rows) != len(training):
             raise UserError("objective.teacher_folds matches training examples with dataset rows, which this data "
                             "does not keep one for one (packing?); set data.packing=false or drop teacher_folds")
-        owners = cross_fit.fold_owners(rows, [cross_fit.trained_rows(source) for source in sources], len(sources))
+        owners = cross_fit.fold_owners(rows, [cross_fit.trained_rows(source) for source in sources], sources)
         return [(source, [example for example, owner in zip(training, owners) if owner == k])
                 for k, source in enumerate(sources)]
 

@@ -2,8 +2,8 @@
 
 A pass of the teacher over the training set costs as much as an epoch of its forward passes; a student trained for
 several epochs, or several students of a learning-rate sweep, read the same logits back instead. One cache is a
-folder named by a fingerprint of the teacher's weights and of the examples (token ids and label positions), so a
-changed teacher or changed data never reads stale logits, and a later run with the same teacher and data (a
+folder named by a fingerprint of the teacher's weights, of the examples' contents and of how they become model
+inputs (`fingerprint`), so a changed teacher, changed data or changed preprocessing never reads stale logits, and a later run with the same teacher and data (a
 resumed run, the next learning rate) finds it complete and reuses it:
 
     <output_dir>/cache/teacher-logits-<fingerprint>/shard-00000.safetensors, ..., index.json
@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -31,18 +31,42 @@ from torch import nn
 SHARD_BYTES = 256 * 2**20  # a shard is written once its rows reach this size
 
 
-def fingerprint(teacher: nn.Module, examples: Iterable[dict]) -> str:
-    """A short hash of the teacher's weights (name, shape and sum of every parameter) and of the examples' token
-    ids and labels, in order: equal only when the cached logits would be computed again identically."""
+def fingerprint(teacher: nn.Module, examples: list[dict], batches_of: Callable[[list[dict]], dict] | None = None,
+                skip: tuple[str, ...] = ("teacher_index",)) -> str:
+    """A short hash of the teacher's weights (name, dtype, shape and sum of every parameter), of every example's
+    contents in order (token ids, labels, raw images, ...; not the `skip` keys written after caching), of the first
+    example as the collate function turns it into model inputs (image size and normalisation live there, not in the
+    examples), and of the autocast setting: equal only when the cached logits would be computed again identically."""
     digest = hashlib.sha256()
     for name, param in teacher.state_dict().items():
         if torch.is_tensor(param) and param.is_floating_point():
-            digest.update(f"{name}{tuple(param.shape)}{float(param.double().sum()):.12e}".encode())
+            digest.update(f"{name}{param.dtype}{tuple(param.shape)}{float(param.double().sum()):.12e}".encode())
     for example in examples:
-        for key in ("input_ids", "labels", "position_ids"):
-            if key in example:
-                digest.update(f"{key}{example[key]}".encode())
+        for key in sorted(set(example) - set(skip)):
+            digest.update(key.encode())
+            digest.update(_content(example[key]))
+    if batches_of is not None and examples:
+        probe = batches_of([{key: value for key, value in examples[0].items() if key not in skip}])
+        for key in sorted(probe):
+            digest.update(key.encode())
+            digest.update(_content(probe[key]))
+        device = next((value.device.type for value in probe.values() if torch.is_tensor(value)), "cpu")
+        if torch.is_autocast_enabled(device):
+            digest.update(f"autocast {torch.get_autocast_dtype(device)}".encode())
     return digest.hexdigest()[:20]
+
+
+def _content(value: object) -> bytes:
+    """The bytes that identify a value: a tensor's or array's dtype, shape and data, an image's pixels, else repr."""
+    if torch.is_tensor(value):
+        value = value.detach().cpu()
+        data = value.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        return f"{value.dtype}{tuple(value.shape)}".encode() + data
+    if hasattr(value, "tobytes") and hasattr(value, "shape"):  # numpy arrays
+        return f"{getattr(value, 'dtype', '')}{value.shape}".encode() + value.tobytes()
+    if hasattr(value, "tobytes") and hasattr(value, "size"):  # PIL images
+        return f"{getattr(value, 'mode', '')}{value.size}".encode() + value.tobytes()
+    return repr(value).encode()
 
 
 class TeacherLogitCache:
@@ -59,10 +83,11 @@ class TeacherLogitCache:
         return (self.directory / "index.json").is_file()
 
     def write(self, rows: Iterable[torch.Tensor]) -> int:
-        """Store `rows` (example 0, 1, 2, ... in order) in shards; returns how many. A folder left by an
-        interrupted write is replaced; the index appears only once every shard is on disk."""
-        partial = self.directory.with_name(self.directory.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        """Store `rows` (example 0, 1, 2, ... in order) in shards; returns how many. Each process writes its own
+        partial folder (students of a sweep may start at once) and the index appears only once every shard is on
+        disk; a process that finds the cache completed by another meanwhile keeps that one."""
+        partial = self.directory.with_name(f"{self.directory.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted write of an earlier process with this id
         partial.mkdir(parents=True)
         shards, pending, size, start, count = [], {}, 0, 0, 0
         for row in rows:
@@ -75,8 +100,14 @@ class TeacherLogitCache:
         if pending or not shards:
             shards.append(self._flush(partial, len(shards), pending, start))
         (partial / "index.json").write_text(json.dumps({"rows": count, "shards": shards}))
-        shutil.rmtree(self.directory, ignore_errors=True)
-        os.replace(partial, self.directory)
+        if self.complete:  # another process finished the same cache first: its rows are these rows
+            shutil.rmtree(partial, ignore_errors=True)
+            return count
+        shutil.rmtree(self.directory, ignore_errors=True)  # an incomplete folder, if any
+        try:
+            os.replace(partial, self.directory)
+        except OSError:  # another process's complete folder appeared in between
+            shutil.rmtree(partial, ignore_errors=True)
         return count
 
     @staticmethod

@@ -20,7 +20,7 @@ from torch import nn
 
 from deltatune import distributed
 from deltatune.config.schema import TrainConfig
-from deltatune.errors import UserError
+from deltatune.errors import TrainingDiverged, UserError
 from deltatune.methods.base import Method
 from deltatune.objectives.base import Objective
 from deltatune.training.batches import Batches, example_length  # noqa: F401 - re-exported: callers import them here
@@ -300,12 +300,12 @@ class TrainingLoop:
         stats["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - started)
         return total_loss, stats
 
-    def _diverged(self, problem: str, step: int) -> UserError:
+    def _diverged(self, problem: str, step: int) -> TrainingDiverged:
         """The error that stops training before a non-finite loss or gradient turns every weight into nan."""
         fix = f"lower train.lr (now {self.cfg.lr:g})"
         if not self.cfg.max_grad_norm:
             fix += " or set train.max_grad_norm (e.g. 1.0)"
-        return UserError(f"training diverged: {problem} at step {step}; {fix} and run again")
+        return TrainingDiverged(f"training diverged: {problem} at step {step}; {fix} and run again")
 
     def _check_weights_finite(self) -> None:
         for name, param in self.model.named_parameters():

@@ -145,3 +145,53 @@ def test_a_split_of_fraction_zero_is_empty_both_ways(tmp_path, tokenizer):
     data = DataConfig(name=str(reviews(tmp_path)), max_length=8, split=SplitConfig(validation=0.2, test=0.0))
     stored, memory = both_ways(data, "classification", tokenizer)
     assert len(stored.test) == 0 and memory.test == []
+
+
+def test_writers_of_one_store_at_once_leave_one_whole_store_and_damage_is_named(tmp_path):
+    """Two runs that build the same store together (a sweep, the machines of a multi-node job) each write their
+    own partial folder: the first to finish wins, the other's files are dropped, none are mixed. Partial folders
+    of writers that died are removed, and a store file cut short is a one-line error, not short examples."""
+    import socket
+
+    from deltatune.data.store import StoreWriter, read_meta
+
+    folder = tmp_path / "store"
+    dead = tmp_path / f"store.partial-{socket.gethostname().replace('-', '_')}-4194303-deadbeef"
+    dead.mkdir()
+    first, second = StoreWriter(folder), StoreWriter(folder)
+    assert not dead.exists()
+    first.add("train", [{"input_ids": [1, 2, 3], "labels": 0}] * 4)
+    second.add("train", [{"input_ids": [9, 9], "labels": 1}] * 2)
+    first.finish({})
+    second.finish({})
+    assert [path.name for path in tmp_path.iterdir()] == ["store"]
+    examples = StoredExamples(folder / "train", read_meta(folder)["splits"]["train"])
+    assert [examples[i] for i in range(len(examples))] == [{"input_ids": [1, 2, 3], "labels": 0}] * 4
+    values = folder / "train" / "input_ids.values.npy"
+    values.write_bytes(values.read_bytes()[:-8])
+    with pytest.raises(UserError, match=r"input_ids\.values\.npy is shorter than its header says \(damaged\); delete"):
+        StoredExamples(folder / "train", read_meta(folder)["splits"]["train"])[3]
+
+
+def test_the_store_key_follows_truncation_side_and_a_user_task_s_own_code(tmp_path, tokenizer):
+    """Tokenisation cut from the left gives other token ids, and a task registered from the user's own module is
+    encoded by code outside deltatune: both are part of the key."""
+    import copy
+    import sys
+
+    left = copy.deepcopy(tokenizer)
+    left.truncation_side = "left"
+    assert cached.processor_fingerprint(left) != cached.processor_fingerprint(tokenizer)
+    module = tmp_path / "my_task.py"
+    module.write_text("from deltatune.tasks.base import Task\n\n\nclass MyTask(Task):\n"
+                      "    def encode(self, *args):\n        return None\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_task
+
+        before = cached.code_fingerprint(my_task.MyTask())
+        module.write_text(module.read_text() + "# the encoding changed\n")
+        assert cached.code_fingerprint(my_task.MyTask()) != before
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_task", None)

@@ -65,6 +65,14 @@ def test_file_formats_load_same_rows(tmp_path: Path, writer, suffix: str) -> Non
 def test_tsv_and_blank_jsonl_lines(tmp_path: Path) -> None:
     tsv = write_csv(tmp_path / "d.tsv", ROWS, delimiter="\t")
     assert len(load_rows(DataConfig(name=str(tsv)))) == 3
+    # a stray quote opening a TSV cell would swallow the rows after it, to the next quote: refused, naming the line
+    stray = tmp_path / "stray.tsv"
+    stray.write_text('text\tlabel\n"Wow\t1\nplain row\t0\nsaid "hi"\t1\nlast\t0\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"stray\.tsv line 2: a cell that starts with a quote runs over several lines"):
+        load_rows(DataConfig(name=str(stray)))
+    inner = tmp_path / "inner.tsv"
+    inner.write_text('text\tlabel\nsaid "hi"\t1\n', encoding="utf-8")
+    assert load_rows(DataConfig(name=str(inner)))[0]["text"] == 'said "hi"'
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 1}\n', encoding="utf-8")
     assert len(load_rows(DataConfig(name=str(jsonl)))) == 2

@@ -61,6 +61,8 @@ def test_check_saved_splits() -> None:
         check_splits({"train": [0, 1], "validation": [1], "test": []}, 10)
     with pytest.raises(UserError, match="lack test"):
         check_splits({"train": [0], "validation": []}, 10)
+    # a hand-edited file out of order reads as the sorted one (the example store reads rows chunk by chunk)
+    assert check_splits({"train": [8, 1, 3], "validation": [5], "test": []}, 10)["train"] == [1, 3, 8]
 
 
 def test_string_labels_sorted() -> None:
@@ -73,6 +75,9 @@ def test_integer_labels_kept_and_csv_strings_converted() -> None:
     encoded = encode_labels(["1", "0", " 2", 1.0], "label", known_names=["a", "b", "c"])
     assert encoded.ids == [1, 0, 2, 1] and encoded.num_labels == 3 and encoded.label_names == ["a", "b", "c"]
     assert encode_labels([0, 1], "label", num_labels=4).num_labels == 4
+    # pandas writes integer labels as "3.0" when the column held a missing value: the same ids as from parquet
+    assert encode_labels([f"{k}.0" for k in (1, 0, 10, 2, 3, 4, 5, 6, 7, 8, 9)], "label").ids == [1, 0, 10, 2, 3, 4,
+                                                                                              5, 6, 7, 8, 9]
 
 
 def test_label_errors() -> None:

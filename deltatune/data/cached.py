@@ -136,7 +136,8 @@ def _encode_chunks(writer: StoreWriter, cfg: DataConfig, task: Task, processor: 
         if not taken:
             continue  # rows data.max_examples left out
         # A split without rows in this chunk encodes one borrowed row, dropped after: tokenizers refuse empty lists.
-        table = Table(window, columns, source, base_dir=base_dir, encoded_labels=encoded)  # type: ignore[arg-type]
+        table = Table(window, columns, source, base_dir=base_dir, encoded_labels=encoded,  # type: ignore[arg-type]
+                      chunk=True)
         bundle = task.encode(table, {name: local[name] or taken[:1] for name in SPLIT_NAMES}, unpacked, processor,
                              num_labels)
         for name in SPLIT_NAMES:
@@ -215,7 +216,7 @@ def cache_key(cfg: DataConfig, task: Task, processor: Any, splits: dict[str, lis
     # the file is hashed by its bytes below, so the same file named by another path (relative, absolute) matches
     settings = {"data": {**dataclasses.asdict(cfg), "name": None}, "task": task.name, "num_labels": num_labels,
                 "reads_unlabelled": reads_unlabelled, "processor": processor_fingerprint(processor),
-                "code": code_fingerprint(), "python": sys.version_info[:2]}
+                "code": code_fingerprint(task), "python": sys.version_info[:2], "libraries": library_versions()}
     digest.update(json.dumps(settings, sort_keys=True, default=repr).encode())
     with Path(cfg.name).expanduser().open("rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -230,7 +231,8 @@ def processor_fingerprint(processor: Any) -> str:
     its chat template, special tokens and padding side; other processors by their repr."""
     backend = getattr(processor, "backend_tokenizer", None)
     parts = [type(processor).__name__, repr(getattr(processor, "chat_template", None)),
-             repr(getattr(processor, "padding_side", None)), repr(getattr(processor, "special_tokens_map", None)),
+             repr(getattr(processor, "padding_side", None)), repr(getattr(processor, "truncation_side", None)),
+             repr(getattr(processor, "special_tokens_map", None)),
              repr(getattr(processor, "model_max_length", None))]
     if backend is not None:
         # truncation and padding are per-call settings the tokenizer keeps from its last call, not its definition
@@ -242,10 +244,33 @@ def processor_fingerprint(processor: Any) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def code_fingerprint() -> str:
-    """A hash of deltatune's data and task code: a change in how rows become examples must not reuse old stores."""
+def code_fingerprint(task: Task) -> str:
+    """A hash of deltatune's data and task code and of the task's own source file (a user's task registered from
+    their own module): a change in how rows become examples must not reuse old stores."""
+    import inspect
+
     root = Path(__file__).resolve().parents[1]
+    files = sorted([*root.glob("data/*.py"), *root.glob("tasks/*.py")])
+    try:
+        own = inspect.getsourcefile(type(task))
+    except TypeError:  # a class without a source file (built in a notebook cell): its name is in the key already
+        own = None
+    if own and Path(own).resolve() not in files:
+        files.append(Path(own).resolve())
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("data/*.py"), *root.glob("tasks/*.py")]):
+    for path in files:
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that turn text into token ids (chat templates render through jinja2)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("transformers", "tokenizers", "jinja2", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "absent"
+    return versions

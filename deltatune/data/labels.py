@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from deltatune.errors import UserError
 
-_INTEGER = re.compile(r"[+-]?\d+")
+# "3", and "3.0" as pandas writes integer labels to CSV when the column also held a missing value
+_INTEGER = re.compile(r"[+-]?\d+(\.0*)?")
 
 
 @dataclass
@@ -35,7 +36,7 @@ def _as_int(value: Any) -> int | None:
             return int(value)
         raise UserError(f"label {value} is not an integer; classification labels must be integers 0..N-1 or strings")
     if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        return int(value.strip())  # CSV cells are always strings
+        return int(value.strip().split(".")[0])  # CSV cells are always strings
     if isinstance(value, str):
         return None
     raise UserError(f"label {value!r} has type {type(value).__name__}; use integers 0..N-1 or strings")

@@ -67,9 +67,11 @@ def _margins(table: Table, indices: list[int]) -> list[float]:
 
 def check_pairs_differ(table: Table, parts: dict[str, PreferenceRows]) -> None:
     """A UserError when no row's chosen response differs from its rejected one: such data teaches nothing, and it
-    almost always means data.columns points chosen and rejected at the same column."""
+    almost always means data.columns points chosen and rejected at the same column. Read one chunk at a time (the
+    on-disk example store), only the columns can be compared: a chunk of identical pairs may sit in a good file."""
+    same_column = table.columns["chosen"] == table.columns["rejected"]
     pairs = [(good, bad) for rows in parts.values() for good, bad in zip(rows.chosen, rows.rejected)]
-    if pairs and all(good.strip() == bad.strip() for good, bad in pairs):
+    if same_column or (not table.chunk and pairs and all(good.strip() == bad.strip() for good, bad in pairs)):
         raise UserError(f"in every row of {table.source} the chosen text ('{table.columns['chosen']}') equals the "
                         f"rejected text ('{table.columns['rejected']}'); point data.columns.chosen and "
                         "data.columns.rejected at two different responses")

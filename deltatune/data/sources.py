@@ -124,9 +124,17 @@ def iter_csv(path: Path, delimiter: str = ",", encoding: str = "auto") -> Iterat
                 if None in record:
                     raise UserError(f"{path} line {number} has more cells than the header; quote cells that contain "
                                     f"'{delimiter}'")
+                if delimiter == "\t" and any(_swallowed_lines(value) for value in record.values()):
+                    # a cell that opens with a stray '"' runs on, quietly eating the rows after it, to the next '"'
+                    raise UserError(f"{path} line {number}: a cell that starts with a quote runs over several lines "
+                                    "holding tabs (the rows after it); remove the stray '\"' or close its quote")
                 yield dict(record)
         except csv.Error as exc:
             raise UserError(f"{path} line {reader.line_num} is not valid CSV ({exc}); fix its quoting") from None
+
+
+def _swallowed_lines(value: Any) -> bool:
+    return isinstance(value, str) and "\t" in value and ("\n" in value or "\r" in value)
 
 
 @contextlib.contextmanager

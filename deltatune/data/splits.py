@@ -153,7 +153,7 @@ def check_splits(splits: dict[str, list[int]], n_rows: int) -> dict[str, list[in
     seen: set[int] = set()
     checked: dict[str, list[int]] = {}
     for name in SPLIT_NAMES:
-        indices = [int(i) for i in splits[name]]
+        indices = sorted(int(i) for i in splits[name])  # saved splits are sorted; a hand-edited one may not be
         bad = [i for i in indices if not 0 <= i < n_rows]
         if bad:
             raise UserError(

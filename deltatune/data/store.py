@@ -6,8 +6,10 @@ per example (`<field>.npy`), token sequences flattened into one array plus the o
 store their inner fields as `chosen.input_ids` and so on. Reading takes only the bytes of the examples a batch uses
 (see `_DiskArray`); the operating system's page cache keeps what is read often.
 
-Writing goes to `<folder>.partial` and is renamed into place when complete, so a run killed while caching leaves
-no store that looks finished; the next run simply writes it again.
+Writing goes to a partial folder of the writer's own (`<folder>.partial-<host>-<pid>-<random>`) and is renamed into
+place when complete, so a run killed while caching leaves no store that looks finished (the next run writes it
+again, and removes the partial folders of writers on this host that are gone), and runs that write the same store
+at once never mix their files.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from deltatune.errors import UserError
 
 FORMAT = 1
 _SEQUENCE, _INTEGER, _FLOAT = "sequence", "integer", "float"
@@ -106,13 +112,36 @@ class SplitWriter:
         return {"count": self.count, "kinds": kinds}
 
 
+def private_partial(folder: Path) -> Path:
+    """A new partial folder beside `folder` for this writer alone; partial folders of `folder` left by writers on
+    this host that no longer run (killed mid-write) are removed first."""
+    host = socket.gethostname().replace("-", "_")
+    for stale in folder.parent.glob(f"{folder.name}.partial-{host}-*"):
+        pid = stale.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return folder.with_name(f"{folder.name}.partial-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class StoreWriter:
     """Writes a store split by split, chunk by chunk, into `<folder>.partial`; `finish` moves it into place (see the
     module text), `abort` removes what was written."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.partial = folder, folder.with_name(folder.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
+        # One partial folder per writer: runs started together with the same data and settings (a sweep, the
+        # machines of a multi-node job) write the same store, and must not delete or mix each other's files.
+        self.folder = folder
+        self.partial = private_partial(folder)
         self.writers: dict[str, SplitWriter] = {}
         self.described: dict[str, dict[str, Any]] = {}
 
@@ -140,8 +169,14 @@ class StoreWriter:
             self.close_split(split)
         described = self.described
         (self.partial / "meta.json").write_text(json.dumps({"format": FORMAT, "splits": described, **meta}))
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.partial.rename(self.folder)
+        if (self.folder / "meta.json").is_file():  # another writer finished the same store first: keep theirs
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)  # an incomplete folder, if any
+        try:
+            self.partial.rename(self.folder)
+        except OSError:  # another writer's complete store appeared in between
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def abort(self) -> None:
         for writer in self.writers.values():
@@ -271,6 +306,9 @@ class _DiskArray:
             data = os.pread(descriptor, (stop - start) * size, self.start + start * size)
         finally:
             os.close(descriptor)
+        if len(data) != (stop - start) * size:
+            raise UserError(f"the example store file {self.path} is shorter than its header says (damaged); delete "
+                            f"{self.path.parent.parent} and run again to rebuild it")
         return np.frombuffer(data, dtype=self.dtype)
 
     def whole(self) -> np.ndarray:

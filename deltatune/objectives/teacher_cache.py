@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from deltatune.data.store import private_partial
+
 SHARD_BYTES = 256 * 2**20  # a shard is written once its rows reach this size
 
 
@@ -86,8 +88,7 @@ class TeacherLogitCache:
         """Store `rows` (example 0, 1, 2, ... in order) in shards; returns how many. Each process writes its own
         partial folder (students of a sweep may start at once) and the index appears only once every shard is on
         disk; a process that finds the cache completed by another meanwhile keeps that one."""
-        partial = self.directory.with_name(f"{self.directory.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted write of an earlier process with this id
+        partial = private_partial(self.directory)
         partial.mkdir(parents=True)
         shards, pending, size, start, count = [], {}, 0, 0, 0
         for row in rows:

@@ -15,6 +15,7 @@ quality, then by predicted time.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -93,6 +94,9 @@ def _probe_in_subprocess(config_path: str, overrides: list[str]) -> dict[str, An
     command = [sys.executable, "-m", "deltatune.advise", config_path, *overrides]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
+    if done.returncode < 0:  # killed by a signal: SIGKILL is what the kernel's out-of-memory killer sends
+        return {"error": f"the probe was killed by signal {-done.returncode}"
+                         + (" (out of memory?)" if -done.returncode == 9 else "")}
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or ["the probe printed nothing"])[-1]
         return {"error": last.removeprefix("error: ")}
@@ -151,16 +155,18 @@ def probe(config_path: str, overrides: list[str]) -> dict[str, Any]:
     for group in [groups[longest], *groups[:WARMUP - 1]]:
         loop.optimizer_step(group)
     step_times = []
+    _synchronize(prepared.device)
     for index in spread:
         started = time.perf_counter()
         loop.optimizer_step(groups[index])
+        _synchronize(prepared.device)  # CUDA runs asynchronously: the step is done when its kernels are
         step_times.append(time.perf_counter() - started)
     validation = data.validation or data.test
     sample = validation[: EVAL_BATCHES * train_config.eval_batch_size]
     started = time.perf_counter()
     evaluate(prepared.model, prepared.objective, Batches(sample, data.collate), train_config, prepared.device)
     per_example = (time.perf_counter() - started) / max(1, len(sample))
-    evaluations = max(1, loop.total_steps // loop.eval_every)
+    evaluations = max(1, math.ceil(loop.total_steps / loop.eval_every))  # the loop also evaluates at its last step
     read = evaluations * len(data.validation) + 2 * (len(data.validation) + len(data.test))
     step_seconds = statistics.mean(step_times)
     trainable, total = count_parameters(prepared.model)
@@ -170,6 +176,13 @@ def probe(config_path: str, overrides: list[str]) -> dict[str, Any]:
             "total_steps": loop.total_steps,
             "predicted_seconds": step_seconds * loop.total_steps + per_example * read,
             "peak_memory_bytes": _peak_memory(prepared.device) + checkpoint_bytes}
+
+
+def _synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _padded_tokens(group: list[Any], data: Any) -> int:
@@ -190,7 +203,8 @@ def _peak_memory(device: Any) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def main(argv: list[str]) -> int:

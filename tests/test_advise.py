@@ -57,3 +57,15 @@ def test_advise_mistakes(tmp_path, capsys) -> None:
     assert_refused(["advise", config, "--time", "0h"], r"--time '0h' is not a positive amount", capsys, tmp_path)
     with pytest.raises(UserError, match=r"no method fits 1KB"):
         advise(config, [], memory="1KB", candidates={"lora": "method={name: lora, r: 2}"}, echo=lambda *_: None)
+
+
+def test_a_probe_killed_by_the_kernel_says_so(monkeypatch) -> None:
+    import subprocess
+    from types import SimpleNamespace
+
+    from deltatune import advise
+
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: SimpleNamespace(returncode=-9, stdout="",
+                                                                                    stderr=""))
+    assert advise._probe_in_subprocess("config.yaml", []) == {
+        "error": "the probe was killed by signal 9 (out of memory?)"}

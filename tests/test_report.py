@@ -90,6 +90,42 @@ def test_report_mistakes(lora_classifier, tmp_path, capsys) -> None:
                    r"--forgetting-columns takes role=column", capsys, lora_classifier)
     assert_refused(["report", str(lora_classifier), "--examples", "2"], r"--examples must be at least 4", capsys,
                    lora_classifier)
+    mine = tmp_path / "results"
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert_refused(["report", str(lora_classifier), "--out", str(mine)],
+                   r"--out .*results exists and is not an earlier report", capsys, tmp_path)
+    assert_refused(["report", str(lora_classifier), "--out", str(lora_classifier)],
+                   r"exists and is not an earlier report", capsys, lora_classifier)
+
+
+def test_runs_of_input_pairs_are_refused_and_the_probe_needs_classes_it_has_seen() -> None:
+    from types import SimpleNamespace
+
+    from deltatune.errors import UserError
+    from deltatune.insight.forgetting import check_probe_classes
+    from deltatune.insight.report import _compared_rows
+
+    pairs = SimpleNamespace(data=SimpleNamespace(validation=[{}] * 5, test=[], collate=lambda rows: {
+        "chosen": {"input_ids": None}, "rejected": {"input_ids": None}}), task=SimpleNamespace(name="reward-pairs"))
+    with pytest.raises(UserError, match=r"is a reward-pairs run, whose examples are pairs of model inputs"):
+        _compared_rows(pairs, Path("runs/r"), 256)
+    few = SimpleNamespace(data=SimpleNamespace(validation=[{"x": 1}] * 2, test=[{"x": 2}] * 6,
+                                               collate=lambda rows: {"input_ids": None}))
+    assert _compared_rows(few, Path("runs/f"), 256) == [{"x": 2}] * 6  # validation too small: the test rows
+    with pytest.raises(UserError, match=r"hold 1 class; the probe needs at least 2"):
+        check_probe_classes({0}, {0})
+    with pytest.raises(UserError, match=r"test rows hold class 2, which none of its train and validation rows has"):
+        check_probe_classes({0, 1}, {0, 2})
+
+
+def test_a_qlora_report_counts_the_adapter_update_not_the_rounding_to_4_bits(tmp_path) -> None:
+    """QLoRA holds its frozen weights in 4 bits: measured against the full-precision base, every frozen matrix
+    would look changed by the rounding (relative change ~0.1, near-full rank); against the weights the run held,
+    only the adapted matrices change, each by a rank-r update."""
+    numbers = report_of(classifier_run(tmp_path, ["method.name=qlora", "method.r=4"]))["numbers"]
+    in_blocks = [t for t in numbers["weights"]["tensors"] if t["block"] is not None]
+    assert in_blocks and all(t["effective_rank"] <= 4.0 + 1e-6 for t in in_blocks), in_blocks
 
 
 def test_the_report_of_an_image_classifier_and_its_forgetting_on_other_images(tmp_path) -> None:

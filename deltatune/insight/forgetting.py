@@ -71,12 +71,25 @@ def probe_scores(model: nn.Module, bundle: Any, device: torch.device, family: st
     fit_rows = bundle.train + bundle.validation
     fit_features, fit_labels = _final_features(model, fit_rows, bundle, device, family, batch_size)
     test_features, test_labels = _final_features(model, bundle.test, bundle, device, family, batch_size)
+    check_probe_classes(set(fit_labels.tolist()), set(test_labels.tolist()))
     scaler = StandardScaler().fit(fit_features)
     probe = LogisticRegression(max_iter=2000).fit(scaler.transform(fit_features), fit_labels)
     probabilities = probe.predict_proba(scaler.transform(test_features))
     predictions = probe.classes_[probabilities.argmax(axis=1)]
     return {"probe_accuracy": float((predictions == test_labels).mean()),
             "probe_loss": float(log_loss(test_labels, probabilities, labels=probe.classes_))}
+
+
+def check_probe_classes(fitted: set[int], tested: set[int]) -> None:
+    """The probe learns from the forgetting dataset's train and validation rows and is scored on its test rows: it
+    needs two classes to learn and must have seen every class it is scored on."""
+    if len(fitted) < 2:
+        raise UserError(f"the --forgetting dataset's train and validation rows hold {len(fitted)} class; the probe "
+                        "needs at least 2: give a dataset with several labels")
+    unseen = sorted(tested - fitted)
+    if unseen:
+        raise UserError(f"the --forgetting dataset's test rows hold class {unseen[0]}, which none of its train and "
+                        "validation rows has; give a larger dataset, or one where every class appears more often")
 
 
 def _final_features(model: nn.Module, rows: list[dict], bundle: Any, device: torch.device, family: str,

@@ -57,16 +57,15 @@ def write_report(run_path: str | Path, options: ReportOptions | None = None, ech
             and not saved.task.can_generate:
         raise UserError(f"--forgetting measures classifiers and language models; {saved.run_dir.path} is a "
                         f"{saved.task.name} run")
+    out = Path(options.out) if options.out is not None else saved.run_dir.path / "report"
+    _check_out(out)
     run = saved.load(with_data=True)
+    validation = _compared_rows(run, saved.run_dir.path, options.examples)
     base = _base_model(saved, options.base, run.data.num_labels)
     family = family_of(base, run.config.model.family)
     numbers: dict[str, Any] = {"run": str(saved.run_dir.path), "method": run.method.name, "task": run.task.name}
     figures: dict[str, bytes] = {}
     sections = [_curves(saved.run_dir.metrics_file, figures)]
-    validation = (run.data.validation or run.data.test)[:options.examples]
-    if len(validation) < 4:
-        raise UserError(f"{saved.run_dir.path} has {len(validation)} validation/test rows; the report compares "
-                        "representations on at least 4 (give the run a validation split)")
     base_features = block_features(base, _inputs(validation, run), run.config.model.family)
     tuned_features = block_features(run.model, _inputs(validation, run), run.config.model.family)
     sections.append(_weights(base, run.model, family, len(base_features), numbers, figures))
@@ -78,10 +77,31 @@ def write_report(run_path: str | Path, options: ReportOptions | None = None, ech
         sections.append(_samples(run, base, options.samples, numbers))
     if options.forgetting is not None:
         sections.append(_forgetting(run, base, options, numbers, figures))
-    out = Path(options.out) if options.out is not None else saved.run_dir.path / "report"
     _write(out, render(f"What fine-tuning changed: {saved.run_dir.path}", sections), figures, numbers)
     echo(summary_text(numbers, out))
     return numbers
+
+
+def _check_out(out: Path) -> None:
+    """The report replaces `out` whole: refuse a folder that holds anything but an earlier report."""
+    earlier = (out / "report.json").is_file() and (out / "index.html").is_file()
+    if out.exists() and not earlier and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an earlier report (the report replaces its folder whole); "
+                        "give a new or empty folder")
+
+
+def _compared_rows(run: Any, run_path: Path, examples: int) -> list[dict]:
+    """The rows whose representations are compared: validation, or test when validation has fewer than 4; each
+    must be one model input (pairs of inputs, as reward and preference runs hold, have no single representation)."""
+    validation = run.data.validation if len(run.data.validation or []) >= 4 else run.data.test
+    rows = list((validation or [])[:examples])
+    if len(rows) < 4:
+        raise UserError(f"{run_path} has {len(rows)} validation/test rows; the report compares representations on "
+                        "at least 4 (give the run a validation split)")
+    if any(isinstance(value, dict) for value in run.data.collate(rows[:1]).values()):
+        raise UserError(f"{run_path} is a {run.task.name} run, whose examples are pairs of model inputs; the report "
+                        "compares one input at a time: report on the run that trained the model from single rows")
+    return rows
 
 
 def _base_model(saved: Any, source: str | None, num_labels: int | None) -> nn.Module:
@@ -90,10 +110,14 @@ def _base_model(saved: Any, source: str | None, num_labels: int | None) -> nn.Mo
     import dataclasses
 
     from deltatune.models import load_model
+    from deltatune.preparation import start_seeded
+    from deltatune.training.loop import resolve_device
 
     config = dataclasses.replace(saved.config.model, name=source, student=dataclasses.replace(
         saved.config.model.student, keep_layers=None, every_other=False))
-    return load_model(config, saved.task, saved.config.model.num_labels or num_labels).eval()
+    start_seeded(saved.config)  # a new head starts as the run's did, as load_base_model does
+    model = load_model(config, saved.task, saved.config.model.num_labels or num_labels)
+    return model.to(resolve_device(saved.config.train.device)).eval()
 
 
 def _inputs(examples: list[dict], run: Any, batch_size: int = 32):
@@ -124,7 +148,7 @@ def _weights(base: nn.Module, tuned: nn.Module, family: Any, num_blocks: int, nu
         numbers["weights"] = None
         return section.text(f"This method adds modules rather than changing weights ({error}); the next section "
                             "shows how each block's hidden states moved instead.")
-    changes = weight_changes(base, folded, family)
+    changes = weight_changes(_held_base(tuned) or base, folded, family)
     del folded
     per_block = change_by_block(changes, num_blocks)
     numbers["weights"] = {"per_block": per_block, "changed_tensors": len(changes),
@@ -231,6 +255,20 @@ def _forgetting(run: Any, base: nn.Module, options: ReportOptions, numbers: dict
                    [(key, scores["base"][key], scores["tuned"][key], numbers["forgetting"]["difference"][key])
                     for key in scores["base"]])
             .text(f"Measured with {how}.", note=True))
+
+
+def _held_base(tuned: nn.Module) -> nn.Module | None:
+    """The run's frozen weights as it held them, adapters off, when it holds some in another form than the base
+    model (a 4-bit stand-in, as QLoRA's): ΔW is then measured against them, so quantisation's rounding (a relative
+    change near 0.1 on every frozen matrix) is not reported as fine-tuning's change. None when it holds none."""
+    from deltatune.adapters import disabled, merge_and_unload
+
+    if not any(callable(getattr(module, "to_standard_module", None)) for module in tuned.modules()):
+        return None
+    held = copy.deepcopy(tuned)
+    with disabled(held):
+        merge_and_unload(held)
+    return held
 
 
 # ---- output -----------------------------------------------------------------------------------------------------

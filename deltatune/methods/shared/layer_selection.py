@@ -74,7 +74,8 @@ class SelectsLayers:
             return
         scores = block_scores(model, family, itertools.islice(batches, self.config.calibration_batches), loss_fn,
                               self.config.layer_score)
-        keep = max(1, math.ceil(self.config.layer_budget * len(scores)))
+        # rounded first: 0.28 × 25 is 7.000000000000001 in floating point, which must keep 7 blocks, not 8
+        keep = max(1, math.ceil(round(self.config.layer_budget * len(scores), 9)))
         chosen = sorted(sorted(range(len(scores)), key=lambda block: -scores[block])[:keep])
         self.config.layers = chosen
         self.layer_scores = scores

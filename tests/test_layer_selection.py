@@ -97,6 +97,8 @@ def test_layer_lr_decay_gives_each_depth_its_rate() -> None:
     assert rate[id(named["classifier.weight"])] == 1.0
     plain = make_optimizer(model, TrainConfig(lr=1.0))
     assert [group["weight_decay"] for group in plain.param_groups] == [0.01, 0.0]  # the old two groups, in order
+    with pytest.raises(UserError, match=r"layer_lr_decay needs a model whose blocks deltatune recognises"):
+        make_optimizer(torch.nn.Linear(3, 2), TrainConfig(lr=1.0, layer_lr_decay=0.5))  # not silently no decay
 
 
 def test_sgd_optimizer_takes_plain_steps() -> None:

@@ -93,6 +93,9 @@ def layer_lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:
 
     family = family_of(model)
     total = family.num_blocks(model)
+    if total == 0:  # every factor would be decay^0: no decay at all, silently
+        raise UserError("train.layer_lr_decay needs a model whose blocks deltatune recognises (a transformers "
+                        "encoder or decoder); this one has none it can find: drop train.layer_lr_decay")
     scales, seen_block = {}, False
     for name, _ in model.named_parameters():  # registration order: embeddings, blocks, then what follows
         index = family.block_index(name)

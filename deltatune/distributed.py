@@ -141,28 +141,39 @@ def share(indices: Sequence[int]) -> tuple[list[int], float]:
     return list(indices[start:end]), (end - start) * ranks / total
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @_collective
 def average_gradients(parameters: Sequence[torch.nn.Parameter], extra: Sequence[float]) -> list[float]:
     """Average the gradients of `parameters` across ranks in place with one all-reduce (a parameter without a
-    gradient on a rank counts as zeros there), and return the average of the `extra` numbers (loss, tokens) sent
-    in the same message."""
+    gradient on a rank counts as zeros there; one without a gradient on every rank keeps none, as in one process,
+    so AdamW leaves it alone), and return the average of the `extra` numbers (loss, tokens) sent in the same
+    message."""
     if world_size() == 1:
         return list(extra)
-    device = parameters[0].device if parameters else torch.device("cpu")
+    device = parameters[0].device if parameters else collective_device()
     pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in parameters]
-    flat = torch.cat([*pieces, torch.tensor(list(extra), dtype=torch.float32, device=device)])
+    has_gradient = [float(p.grad is not None) for p in parameters]
+    flat = torch.cat([*pieces, torch.tensor([*has_gradient, *extra], dtype=torch.float32, device=device)])
     dist.all_reduce(flat)
     flat /= world_size()
-    offset = 0
-    for param in parameters:
+    offset, flags = 0, flat[sum(p.numel() for p in parameters):][:len(parameters)].tolist()
+    for param, anywhere in zip(parameters, flags):
         count = param.numel()
         averaged = flat[offset : offset + count].view_as(param).to(param.dtype)
-        if param.grad is None:
+        if anywhere == 0:
+            param.grad = None
+        elif param.grad is None:
             param.grad = averaged.clone()
         else:
             param.grad.copy_(averaged)
         offset += count
-    return flat[offset:].tolist()
+    return flat[offset + len(parameters):].tolist()
 
 
 @_collective

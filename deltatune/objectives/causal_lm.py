@@ -44,6 +44,10 @@ def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ch
     if head is None:
         raise UserError("objective.chunked_loss needs a transformers causal LM whose output layer is a plain Linear "
                         "(leave lm_head out of method.target_modules), or set objective.chunked_loss=false")
+    changed_by = logits_changed_after_output_layer(model)
+    if changed_by:
+        raise UserError(f"objective.chunked_loss: this model changes its logits after the output layer "
+                        f"(config.{changed_by}), which the chunked loss would skip; set objective.chunked_loss=false")
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     try:
         # An empty index tensor, not 1: keeping even one position reads the whole (vocabulary × d) output layer.
@@ -64,6 +68,20 @@ def output_layer(model: nn.Module) -> nn.Linear | None:
     None (a method wrapped it, or the model has none)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if type(head) is nn.Linear else None
+
+
+# Model config fields that make a causal LM's forward change its logits after the output layer (Gemma 2/3 cap them
+# with tanh, Cohere and Granite scale them): a loss that multiplies by the output layer itself would miss that.
+LOGIT_POST_PROCESSING = {"final_logit_softcapping": (None,), "logit_scale": (None,), "logits_scaling": (None, 1, 1.0)}
+
+
+def logits_changed_after_output_layer(model: nn.Module) -> str | None:
+    """The config field by which the model's forward changes its logits after the output layer, or None."""
+    config = getattr(model, "config", None)
+    for name, inert in LOGIT_POST_PROCESSING.items():
+        if getattr(config, name, None) not in inert:
+            return name
+    return None
 
 
 @dataclass
@@ -93,7 +111,8 @@ class SupervisedFineTuning(Objective):
     def _chunked(self, model: nn.Module) -> bool:
         if self.config.chunked_loss is not None:
             return self.config.chunked_loss
-        return output_layer(model) is not None and takes_logits_to_keep(type(model))
+        return (output_layer(model) is not None and takes_logits_to_keep(type(model))
+                and logits_changed_after_output_layer(model) is None)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -31,11 +31,11 @@ from deltatune.training import sharding
 from deltatune.training.schedule import make_scheduler
 from deltatune.training.state import (
     LoopState,
-    flatten_steps,
-    unflatten_steps,
+    every_rank_steps,
     load_training_checkpoint,
     rng_states,
     save_training_checkpoint,
+    this_rank_steps,
     weights_to_save,
 )
 
@@ -111,7 +111,9 @@ def plan_steps(num_examples: int, cfg: TrainConfig, objective: Objective | None 
     size = objective.rollout_size if objective is not None else None
     plan = objective.epoch_plan(num_examples, cfg.batch_size) if objective is not None else None
     if size:
-        draws = [size] * (num_examples // size) + ([num_examples % size] if num_examples % size else [])
+        remainder = num_examples % size
+        remainder -= remainder % distributed.world_size()  # as epoch_groups deals it to the ranks
+        draws = [size] * (num_examples // size) + ([remainder] if remainder else [])
         per_epoch = sum(objective.steps_per_rollout(n, cfg.batch_size, cfg.gradient_accumulation) for n in draws)
     else:
         batches = plan[0] if plan else math.ceil(num_examples / cfg.batch_size)
@@ -168,7 +170,7 @@ class TrainingLoop:
         self.state = load_training_checkpoint(found[-1][1], self.model, self.method, self.optimizer, self.scheduler,
                                               extra)
         self.objective.load_state_tensors(extra.get("objective", {}))
-        self.pending = unflatten_steps(extra["rollout"]) if "rollout" in extra else None
+        self.pending = this_rank_steps(extra["rollout"]) if "rollout" in extra else None
         return True
 
     def run(self) -> LoopState:
@@ -223,7 +225,10 @@ class TrainingLoop:
         of example indices); for an objective with a rollout phase, one rollout's examples (a group of one list)."""
         if self.objective.rollout_size:
             draws = self.train_data.epoch(self.objective.rollout_size, self.cfg.seed, self.state.epoch)
-            return [[draw] for draw in draws]
+            # Every rank rolls out an equal share: the epoch's last, smaller draw loses its remainder of N ranks
+            # (fewer than N rows), or the ranks would take different numbers of steps (plan_steps counts the same).
+            ranks = distributed.world_size()
+            return [[draw[: len(draw) - len(draw) % ranks]] for draw in draws if len(draw) >= ranks]
         plan = self.objective.epoch_plan(len(self.train_data.examples), self.cfg.batch_size)
         micro = self.train_data.epoch(self.cfg.batch_size, self.cfg.seed, self.state.epoch,
                                       self.objective.epoch_examples(), plan[0] if plan else None)
@@ -329,7 +334,7 @@ class TrainingLoop:
         if step % self.save_every == 0 or step == self.total_steps or self.state.stopped_early:
             extra = {"objective": self.objective.state_tensors()}
             if self.pending is not None:
-                extra["rollout"] = flatten_steps(self.pending)
+                extra["rollout"] = every_rank_steps(self.pending)
             # Every rank takes part (RNG states and sharded weights are gathered); rank 0 alone writes.
             save_training_checkpoint(self.run_dir.checkpoints / f"step-{step:08d}", self.model, self.method,
                                      self.optimizer, self.scheduler, self.state,

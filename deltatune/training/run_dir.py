@@ -119,8 +119,10 @@ class RunDir:
 
 
 def holds_weights(directory: Path) -> bool:
-    """Whether `directory` holds trainable weights as a run writes them (a run's weights/ or best/)."""
-    return (directory / "state.json").is_file() and (directory / "model.safetensors").is_file()
+    """Whether `directory` holds trainable weights as a run writes them (a run's weights/ or best/), or its `.old`
+    copy does (a kill between the two renames of `write_checkpoint_dir` leaves only that; reading falls back to it)."""
+    return any((folder / "state.json").is_file() and (folder / "model.safetensors").is_file()
+               for folder in (directory, directory.with_name(f".{directory.name}.old")))
 
 
 def read_weights(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -111,6 +111,31 @@ def flatten_steps(steps: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch
             for key, tensor in batch.items()}
 
 
+def every_rank_steps(steps: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """`flatten_steps` of every rank's steps (each rank rolls out on its own share), rank r > 0 under "rank<r>."
+    names, as `rng_states` keeps generators."""
+    from deltatune import distributed
+
+    gathered = distributed.gather_objects(flatten_steps(steps))
+    return {**gathered[0], **{f"rank{index}.{name}": tensor for index, flat in enumerate(gathered[1:], 1)
+                              for name, tensor in flat.items()}}
+
+
+def this_rank_steps(tensors: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
+    """Inverse of `every_rank_steps` for this process. A checkpoint taken in the middle of a rollout continues only
+    on the number of ranks that wrote it: each rank's remaining steps are its own share's."""
+    from deltatune import distributed
+
+    ranks = 1 + max((int(name[4:].split(".", 1)[0]) for name in tensors if name.startswith("rank")), default=0)
+    if ranks != distributed.world_size():
+        raise UserError(f"this checkpoint was written in the middle of a rollout by {ranks} rank(s); resume it with "
+                        f"--nproc {ranks} (each rank holds the rest of its own rollout)")
+    index = distributed.rank()
+    prefix = f"rank{index}." if index else ""
+    return unflatten_steps({name[len(prefix):]: tensor for name, tensor in tensors.items()
+                            if name.startswith(prefix) and (prefix or not name.startswith("rank"))})
+
+
 def unflatten_steps(tensors: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
     """Inverse of `flatten_steps`."""
     steps: dict[int, dict[int, dict[str, torch.Tensor]]] = {}

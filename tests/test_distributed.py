@@ -237,3 +237,60 @@ def test_an_in_process_launch_gives_the_signal_handlers_back(tmp_path, monkeypat
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     assert main(["train", "config.yaml", "run_name=in-process", "train.max_steps=2", "--nproc", "2"]) == 0
     assert {number: signal.getsignal(number) for number in before} == before
+
+
+def _collectives_worker(index: int, port: int, out: str) -> None:
+    """Gradients only some ranks have, and each rank's rest of a rollout through a checkpoint's tensors."""
+    from deltatune.training.state import every_rank_steps, this_rank_steps
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.start("cpu")
+    nowhere, rank_one_only = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    if index == 1:
+        rank_one_only.grad = torch.full((2,), 4.0)
+    loss, tokens = distributed.average_gradients([nowhere, rank_one_only], [float(index), 10.0])
+    steps = [[{"input_ids": torch.full((1, 3), 10 * index + step)}] for step in range(2 + index)]
+    restored = this_rank_steps(every_rank_steps(steps))
+    result = {"nowhere": nowhere.grad is None, "averaged": rank_one_only.grad.tolist(), "extra": [loss, tokens],
+              "restored": all(torch.equal(a[0]["input_ids"], b[0]["input_ids"]) for a, b in zip(restored, steps))
+              and len(restored) == len(steps)}
+    (Path(out) / f"rank{index}.json").write_text(json.dumps(result))
+    distributed.stop()
+
+
+def test_a_gradient_no_rank_has_stays_none_and_each_rank_gets_its_own_rollout_back(tmp_path):
+    """As in one process, a parameter that no rank computed a gradient for keeps none (AdamW leaves it alone); one
+    that some ranks have is averaged over all (zeros elsewhere). A checkpoint taken mid-rollout holds each rank's
+    remaining steps, and each rank reads back its own; one process cannot continue a 2-rank rollout."""
+    from deltatune.errors import UserError
+    from deltatune.training.state import this_rank_steps
+
+    torch.multiprocessing.spawn(_collectives_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for index in range(2):
+        result = json.loads((tmp_path / f"rank{index}.json").read_text())
+        assert result == {"nowhere": True, "averaged": [2.0, 2.0], "extra": [0.5, 10.0], "restored": True}
+    two_ranks = {"0.0.input_ids": torch.zeros(1), "rank1.0.0.input_ids": torch.ones(1)}
+    with pytest.raises(UserError, match=r"written in the middle of a rollout by 2 rank\(s\); resume it with --nproc 2"):
+        this_rank_steps(two_ranks)
+
+
+def test_the_last_rollout_draw_splits_evenly_over_the_ranks(monkeypatch):
+    """37 prompts in rollouts of 16 on 2 ranks: the last draw of 5 keeps 4 (2 a rank), in the plan as in training."""
+    from deltatune.config.schema import TrainConfig
+    from deltatune.training.loop import plan_steps
+
+    class Rollouts:
+        rollout_size = 16
+
+        def epoch_plan(self, num_examples, batch_size):
+            return None
+
+        def steps_per_rollout(self, rows, batch_size, accumulation):
+            return -(-rows // batch_size)
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert plan_steps(37, TrainConfig(batch_size=4, epochs=1), Rollouts())[0] == 4 + 4 + 1  # 16, 16, 4 rows
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    assert plan_steps(37, TrainConfig(batch_size=4, epochs=1), Rollouts())[0] == 4 + 4 + 2  # 16, 16, 5 rows

@@ -169,3 +169,24 @@ def test_input_noise_reaches_the_student_and_not_the_teacher() -> None:
     objective.loss(recorder("student", torch.zeros(2, 2, requires_grad=True)), batch)
     assert bool((seen["teacher"] == 1).all())
     assert 30 < int(seen["student"].sum()) < 70  # about half of the 96 inner tokens hidden
+
+
+def test_an_on_policy_step_learns_the_teacher_s_view_of_the_student_s_samples_only() -> None:
+    """GKD: on the student's own samples the loss is the divergence alone; cross-entropy on them would teach the
+    student to repeat itself. Off-policy steps mix in the labels as α says."""
+    from deltatune.objectives.distill import DistillConfig, Distillation
+
+    torch.manual_seed(0)
+    student_logits, teacher_logits = torch.randn(1, 5, 7, requires_grad=True), torch.randn(1, 5, 7)
+    sampled = {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+               "labels": torch.tensor([[-100, -100, 3, 4, 5]])}
+    losses = {}
+    for lmbda in (1.0, 0.0):
+        objective = Distillation(DistillConfig(name="distill", lmbda=lmbda, alpha=0.5))
+        objective.teacher = lambda **inputs: teacher_logits
+        objective._on_policy = lambda model, batch: sampled  # the student's rollout, without generating
+        losses[lmbda] = objective.loss(lambda **inputs: student_logits, sampled)
+    (on_policy, on_stats), (mixed, mixed_stats) = losses[1.0], losses[0.0]
+    assert "hard" not in on_stats and float(on_policy.detach()) == pytest.approx(on_stats["soft"])
+    assert float(mixed.detach()) == pytest.approx(0.5 * mixed_stats["soft"] + 0.5 * mixed_stats["hard"])
+    assert mixed_stats["soft"] == pytest.approx(on_stats["soft"])

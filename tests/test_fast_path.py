@@ -143,3 +143,27 @@ def test_the_chunked_loss_is_on_by_default_where_the_model_allows_it() -> None:
     insisting = SupervisedFineTuning(SupervisedFineTuningConfig(name="sft", chunked_loss=True))
     with pytest.raises(UserError, match="plain Linear"):
         insisting.loss(model, batch)
+
+
+def test_a_model_that_caps_its_logits_after_the_output_layer_trains_on_its_own_logits() -> None:
+    """Gemma 2 caps its logits with tanh after lm_head: a loss through the output layer's weight alone would train
+    on other logits than the model gives, so chunking steps aside by default and an explicit request is refused."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from deltatune.errors import UserError
+    from deltatune.objectives.causal_lm import lm_logits, next_token_loss
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=0.5))
+    batch = {"input_ids": torch.randint(0, 100, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    auto = SupervisedFineTuning(SupervisedFineTuningConfig(name="sft"))
+    with torch.no_grad():
+        loss, _ = auto.loss(model, batch)
+        expected = next_token_loss(lm_logits(model, batch), batch["labels"])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    insisted = SupervisedFineTuning(SupervisedFineTuningConfig(name="sft", chunked_loss=True))
+    with pytest.raises(UserError, match=r"changes its logits after the output layer \(config\.final_logit_softcapping"):
+        insisted.loss(model, batch)

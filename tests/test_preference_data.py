@@ -292,3 +292,22 @@ def test_reward_pairs_train_and_evaluate_through_the_runner(tmp_path, toy_pairwi
     assert again["test"]["loss"] == pytest.approx(summary["after"]["test"]["loss"], abs=1e-6)
     saved = json.loads((Path(summary["run_dir"]) / "splits.json").read_text())
     assert_disjoint(groups_of(saved, [row["movie"] for row in rows]))
+
+
+@pytest.mark.parametrize("processor", [tiny_llama_processor, tiny_chat_llama_processor])
+def test_a_prompt_too_long_for_max_length_is_cut_the_same_in_both_halves(processor) -> None:
+    """DPO compares log π(chosen | x) with log π(rejected | x): when the prompt must be cut, both halves keep the
+    same prompt tokens (decided by the longer response), whatever their responses' lengths."""
+    from deltatune.data.preference import PreferenceRows, encode_language_model_pairs
+
+    tokenizer = processor()
+    long_prompt = "Review this film in detail: " + "a long winding story " * 20
+    rows = PreferenceRows([long_prompt], ["fine"], ["dull and slow and long and flat and grey"], None)
+    (pair,) = encode_language_model_pairs(tokenizer, rows, max_length=24)
+    prompts = []
+    for half in ("chosen", "rejected"):
+        example = pair[half]
+        assert len(example["input_ids"]) <= 24
+        first_label = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+        prompts.append(example["input_ids"][:first_label])
+    assert prompts[0] == prompts[1] and len(prompts[0]) >= 12

@@ -52,6 +52,26 @@ def test_decoder_reward_is_read_at_the_last_real_token_when_pad_equals_eos() -> 
     assert not torch.allclose(transformers_pooled, expected)
 
 
+def test_a_prompt_tuned_decoder_reward_is_read_at_the_last_real_token() -> None:
+    """Prompt tuning puts n virtual tokens first: the head sees each real token n positions later, so the score is
+    read there, as the same row alone (no padding: its last position) gives it."""
+    import deltatune
+
+    model = decoder_reward_model()
+    deltatune.apply(model, {"name": "prompt", "num_virtual_tokens": 3})
+    model.eval()
+    rows = [[5, 6, 7, 8], [8, 9, 10]]
+    batch = {"input_ids": torch.tensor([rows[0], rows[1] + [EOS]]), "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]])}
+    captured = []
+    handle = model.score.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    with torch.no_grad():
+        for row in rows:
+            model(input_ids=torch.tensor([row]))
+        handle.remove()
+        expected = torch.stack([output[0, -1, 0] for output in captured])
+        torch.testing.assert_close(sequence_scores(model, batch), expected)
+
+
 def test_encoder_reward_uses_the_pooled_score() -> None:
     torch.manual_seed(0)
     model = tiny_bert(num_labels=1).eval()

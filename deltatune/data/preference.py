@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from deltatune.data.sft import IGNORE_INDEX, encode_sft, has_chat_template
+from deltatune.data.sft import IGNORE_INDEX, encode_sft, encode_sft_pairs, has_chat_template
 from deltatune.data.splits import SPLIT_NAMES
 from deltatune.data.table import Table
 from deltatune.errors import UserError
@@ -87,8 +87,7 @@ def encode_pair_splits(table: Table, splits: dict[str, list[int]],
 
 def encode_language_model_pairs(tokenizer: Any, rows: PreferenceRows, max_length: int) -> list[Example]:
     """Nested causal-LM examples: each half is {"input_ids", "labels"} with labels on the response tokens only."""
-    chosen = encode_sft(tokenizer, rows.prompts, rows.chosen, max_length)
-    rejected = encode_sft(tokenizer, rows.prompts, rows.rejected, max_length)
+    chosen, rejected = encode_sft_pairs(tokenizer, rows.prompts, rows.chosen, rows.rejected, max_length)
     return _nest(chosen, rejected, rows.margins)
 
 

@@ -91,11 +91,32 @@ def encode_sft(tokenizer: Any, prompts: list[str], responses: list[str], max_len
     if max_length < 2:
         raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 512 for chat data)")
     split = _split_templated if has_chat_template(tokenizer) else _split_plain
-    examples: list[Example] = []
-    for prefix, response in split(tokenizer, prompts, responses):
-        prefix, response = _truncate(prefix, response, max_length)
-        examples.append({"input_ids": prefix + response, "labels": [IGNORE_INDEX] * len(prefix) + response})
-    return examples
+    return [_example(*_truncate(prefix, response, max_length)) for prefix, response in split(tokenizer, prompts,
+                                                                                              responses)]
+
+
+def encode_sft_pairs(tokenizer: Any, prompts: list[str], chosen: list[str], rejected: list[str],
+                     max_length: int) -> tuple[list[Example], list[Example]]:
+    """`encode_sft` of both halves of preference pairs, each pair's prompt cut once for both (by the longer
+    response): DPO compares log π(chosen | x) with log π(rejected | x), which needs the same x on both sides."""
+    if max_length < 2:
+        raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 512 for chat data)")
+    split = _split_templated if has_chat_template(tokenizer) else _split_plain
+    halves: tuple[list[Example], list[Example]] = ([], [])
+    for (prefix, good), (other_prefix, bad) in zip(split(tokenizer, prompts, chosen), split(tokenizer, prompts,
+                                                                                            rejected)):
+        if prefix != other_prefix:  # a template that renders the prompt differently per reply: cut each alone
+            halves[0].append(_example(*_truncate(prefix, good, max_length)))
+            halves[1].append(_example(*_truncate(other_prefix, bad, max_length)))
+            continue
+        kept, _ = _truncate(prefix, max(good, bad, key=len), max_length)
+        for half, response in zip(halves, (good, bad)):
+            half.append(_example(kept, response[: max_length - len(kept)]))
+    return halves
+
+
+def _example(prefix: list[int], response: list[int]) -> Example:
+    return {"input_ids": prefix + response, "labels": [IGNORE_INDEX] * len(prefix) + response}
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int) -> list[Example]:

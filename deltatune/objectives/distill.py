@@ -244,7 +244,8 @@ class Distillation(Objective):
 
     # ---- training and evaluation -----------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.config.lmbda and float(torch.rand(())) < self.config.lmbda:
+        on_policy = bool(self.config.lmbda) and float(torch.rand(())) < self.config.lmbda
+        if on_policy:
             batch = self._on_policy(model, batch)
         hidden = bool(self.layer_pairs)
         student, student_states = self._outputs(model, noised_inputs(batch, self.config.input_noise), hidden)
@@ -254,13 +255,19 @@ class Distillation(Objective):
         if self.labelled:
             loss = classification_distillation_loss(compared_student, compared_teacher, labels, config.temperature,
                                                      config.alpha, config.divergence, config.beta)
-            stats = {"accuracy": float((student.argmax(-1) == labels).float()[labels >= 0].mean())}
+            labelled = labels >= 0  # a batch of only unlabelled rows has no accuracy to report
+            stats = {"accuracy": float((student.argmax(-1) == labels)[labelled].float().mean())} \
+                if labelled.any() else {}
         else:
             soft = config.temperature ** 2 * token_divergence(
                 compared_student, compared_teacher, torch.ones_like(compared_student[:, 0], dtype=torch.bool),
                 config.divergence, config.beta, config.temperature)
-            hard = next_token_loss(student, labels) if config.alpha < 1 else soft.new_zeros(())
-            loss, stats = config.alpha * soft + (1 - config.alpha) * hard, {"soft": soft.item(), "hard": hard.item()}
+            if on_policy:  # the student's own samples are no labels: GKD learns only the teacher's view of them
+                loss, stats = soft, {"soft": soft.item()}
+            else:
+                hard = next_token_loss(student, labels) if config.alpha < 1 else soft.new_zeros(())
+                loss = config.alpha * soft + (1 - config.alpha) * hard
+                stats = {"soft": soft.item(), "hard": hard.item()}
         if hidden:
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
             cosine = sum(hidden_cosine_loss(student_states[s + 1], teacher_states[t + 1], mask)

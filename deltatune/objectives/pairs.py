@@ -58,7 +58,10 @@ def sequence_scores(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
     if per_position is None or "attention_mask" not in inputs:
         return pooled[:, 0].float()
     rows = torch.arange(per_position.shape[0], device=per_position.device)
-    return per_position[rows, last_real_positions(inputs["attention_mask"]), 0].float()
+    # A virtual-token method (prompt tuning, P-tuning) adds its n positions at the start or after the first token,
+    # before a row's last real token in either case: the head then sees the row's tokens n positions later.
+    added = per_position.shape[1] - inputs["attention_mask"].shape[1]
+    return per_position[rows, last_real_positions(inputs["attention_mask"]) + added, 0].float()
 
 
 def _head_modules(model: nn.Module) -> list[nn.Module]:

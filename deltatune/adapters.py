@@ -162,8 +162,15 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
                         f"{len(weights)} weights")
     require_adapters(model, names)
     check_new_name(model, new_name)
-    for layer in adapter_layers(model).values():
-        layer.combine(names, weights, new_name)
+    layers = list(adapter_layers(model).values())
+    try:
+        for layer in layers:
+            layer.combine(names, weights, new_name)
+    except BaseException:  # a layer that cannot combine (DoRA) leaves no half-made adapter behind
+        for layer in layers:
+            if new_name in layer.adapter_names():
+                layer.delete_adapter(new_name)
+        raise
 
 
 # ---- files ----------------------------------------------------------------------------------------------------
@@ -196,7 +203,12 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> N
             tensors[f"{where}{key}"] = tensor.detach().to("cpu").contiguous()
     biases = _trained_biases(model)
     tensors.update({f"{prefix}{key}": tensor.detach().to("cpu").contiguous() for key, tensor in biases.items()})
-    config = {"peft_type": peft_type, "task_type": _task_type(model),
+    task_type = _task_type(model)
+    if task_type is None and getattr(file_format, "needs_task_type", False):
+        raise UserError(f"PEFT applies a {peft_type} adapter only through a task-specific PeftModel, and "
+                        f"{type(model).__name__} is none of the heads it knows (causal LM, sequence or token "
+                        f"classification, seq2seq, question answering); PEFT would load it and ignore it")
+    config = {"peft_type": peft_type, "task_type": task_type,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
               "inference_mode": True, "bias": _bias_mode(biases),
               "modules_to_save": [module for module, layer in layers.items() if layer.peft_type is None] or None}
@@ -230,8 +242,20 @@ def _bias_mode(biases: dict[str, Tensor]) -> str:
 
 
 def _task_type(model: nn.Module) -> str | None:
-    """PEFT's task type, which picks the PeftModel class that from_pretrained builds."""
+    """PEFT's task type, which picks the PeftModel class that from_pretrained builds: from transformers' own lists
+    of the classes of each head (GPT2LMHeadModel is a causal LM without the "ForCausalLM" suffix), else from the
+    class name's suffix."""
+    from transformers.models.auto import modeling_auto
+
     class_name = type(model).__name__
+    for mapping, task in (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                          ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                          ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                          ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+                          ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS")):
+        names = getattr(modeling_auto, mapping, {}).values()
+        if any(class_name == name or (isinstance(name, tuple) and class_name in name) for name in names):
+            return task
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                          ("ForTokenClassification", "TOKEN_CLS")):
         if class_name.endswith(suffix):
@@ -266,13 +290,36 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     claimed = {key for key in tensors if any(key.startswith(f"{module}.") for module in steps)}
     apply_method, method_keys = file_format.plan_peft_load(
         model, config, {k: v for k, v in tensors.items() if k not in claimed}, name, trainable)
-    apply_base = _plan_base_tensors(model, {k: v for k, v in tensors.items() if k not in claimed | method_keys})
+    # PEFT's bias="all" also saves the biases inside its full-copy wrappers (original_module, modules_to_save):
+    # the copies are loaded above, and the original is the base's own.
+    wrapped = (".original_module.", ".modules_to_save.")
+    apply_base = _plan_base_tensors(model, {k: v for k, v in tensors.items() if k not in claimed | method_keys
+                                            and not any(part in k for part in wrapped)})
     apply_method()
     for apply_copy in steps.values():
         apply_copy()
     apply_base()
+    _freeze_base(model, trainable_biases=[key for key in tensors if key.endswith(".bias")] if trainable else [])
     if activate:
         set_adapter(model, name)
+
+
+def _freeze_base(model: nn.Module, trainable_biases: list[str]) -> None:
+    """As PEFT's from_pretrained: the base model is frozen once an adapter is loaded (only adapters train, and a
+    re-saved adapter then lists as trained only the biases its file trained). Adapters keep their settings."""
+    layers = list(adapter_layers(model).values())
+    inside = {id(param) for layer in layers for param in layer.parameters()}
+    # the modules a layer wraps, under PEFT's names for them (LoRA's base_layer, a full copy's original_module)
+    wrapped = {id(param) for layer in layers for attribute in ("base_layer", "original_module")
+               if isinstance(getattr(layer, attribute, None), nn.Module)
+               for param in getattr(layer, attribute).parameters()}
+    for param in model.parameters():
+        if id(param) not in inside or id(param) in wrapped:
+            param.requires_grad_(False)
+    params = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters(remove_duplicate=False)}
+    for key in trainable_biases:
+        if key.replace(".base_layer.", ".") in params:
+            params[key.replace(".base_layer.", ".")].requires_grad_(True)
 
 
 def _plan_modules_to_save(model: nn.Module, entries: list[str], tensors: dict[str, Tensor], name: str,

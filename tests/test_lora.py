@@ -1,9 +1,11 @@
 """LoRA / DoRA maths, merge, adapters API and bad input, on tiny models (fast)."""
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import deltatune
@@ -282,6 +284,41 @@ def test_save_load_round_trip(tmp_path):
     deltatune.load_adapter(fresh, tmp_path / "adapter", name="mine")
     assert torch.allclose(logits(fresh, batch), expected, atol=1e-6)
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if ".mine" in n)
+    assert not any(p.requires_grad for p in fresh.parameters())  # the base is frozen too, as PEFT loads it
+    deltatune.save_adapter(fresh, tmp_path / "again", name="mine")  # and a re-save claims no base bias as trained
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["bias"] == "none"
+    copies = tuple(f".{module}." for module in again["modules_to_save"])  # full copies keep their biases
+    assert not [key for key in load_file(tmp_path / "again" / "adapter_model.safetensors") if key.endswith(".bias")
+                and not any(copy in key for copy in copies)]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("alora_invocation_tokens", [5, 6], r"uses PEFT's alora_invocation_tokens, which deltatune does not support"),
+    ("trainable_token_indices", [1, 2], r"uses PEFT's trainable_token_indices"),
+    ("init_lora_weights", "pissa_niter_4", r"init_lora_weights='pissa_niter_4', which also changed the base"),
+])
+def test_peft_options_that_change_the_computation_are_refused(tmp_path, option, value, message):
+    model = seeded(tiny_bert, 3)
+    deltatune.apply(model, {"name": "lora", "r": 2})
+    deltatune.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, option: value}))
+    fresh = seeded(tiny_bert, 3)
+    with pytest.raises(UserError, match=message):
+        deltatune.load_adapter(fresh, tmp_path)
+    assert deltatune.adapters.adapter_names(fresh) == []
+
+
+def test_a_combination_that_fails_leaves_no_half_made_adapter():
+    """DoRA layers cannot combine linearly: the refusal leaves the model's adapters as they were, so the same name
+    can be used once the inputs are fixed."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    deltatune.apply(model, {"name": "lora", "r": 2, "use_dora": True, "target_modules": ["1"],
+                            "modules_to_save": ["0"]})
+    with pytest.raises(UserError, match="DoRA adapters cannot be combined"):
+        deltatune.add_weighted_adapter(model, ["default"], [0.5], "mix")
+    assert deltatune.adapters.adapter_names(model) == ["default"]
 
 
 def test_pickled_adapter_is_refused(tmp_path):

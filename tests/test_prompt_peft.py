@@ -109,3 +109,19 @@ def test_encoder_adapter_with_cls_first_is_not_saved_for_peft(tmp_path):
     with pytest.raises(UserError, match="keep_first_token: false"):
         deltatune.save_adapter(ours, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_prefix_file_for_another_layout_of_the_same_width_is_refused(tmp_path):
+    """A prefix file stores (layers × 2 × kv width) per token: another model can share that product. The saved
+    layer count, width and head count must match this model's, not only the product."""
+    save_base("llama", tmp_path / "base")
+    ours = load_base("llama", tmp_path / "base")
+    deltatune.apply(ours, {"name": "prefix", "num_virtual_tokens": N})
+    deltatune.save_adapter(ours, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_layers": config["num_layers"] * 2,
+                                       "token_dim": config["token_dim"] // 2}))
+    fresh = load_base("llama", tmp_path / "base")
+    with pytest.raises(UserError, match=r"saved for a model with token_dim=16, this one has token_dim=32; it was"):
+        deltatune.load_adapter(fresh, tmp_path / "adapter")

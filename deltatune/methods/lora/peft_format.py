@@ -23,6 +23,11 @@ from deltatune.methods.shared.model_surgery import base_modules
 from deltatune.methods.shared.protocol import AdapterLayer
 
 FILE_KEYS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", MAGNITUDE_KEY)
+# PEFT options that change what the layer computes; loading such a file as plain LoRA would run something else.
+UNSUPPORTED_OPTIONS = ("lora_bias", "target_parameters", "layer_replication", "use_qalora", "alora_invocation_tokens",
+                       "arrow_config", "trainable_token_indices")
+# Initialisations after which PEFT subtracts the initial update from the base weights (PiSSA, OLoRA, CorDA, LoftQ).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -82,9 +87,14 @@ def target_suffixes(model: nn.Module, adapted: set[str]) -> list[str]:
 def plan_peft_load(model: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor], name: str,
                    trainable: bool) -> tuple[Callable[[], None], set[str]]:
     """Check every LoRA tensor against `model`; return the step that adds adapter `name`, and the keys used."""
-    for unsupported in ("lora_bias", "target_parameters", "layer_replication", "use_qalora"):
+    for unsupported in UNSUPPORTED_OPTIONS:
         if config.get(unsupported):
             raise UserError(f"the adapter uses PEFT's {unsupported}, which deltatune does not support")
+    init = str(config.get("init_lora_weights", ""))
+    if init.startswith(BASE_CHANGING_INITS):
+        raise UserError(f"the adapter was initialised with PEFT's init_lora_weights={init!r}, which also changed the "
+                        f"base weights, so it fits only that changed base; convert it to plain LoRA in PEFT first "
+                        f"(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     groups: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         for suffix in FILE_KEYS:

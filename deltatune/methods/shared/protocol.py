@@ -48,7 +48,8 @@ class PeftFormat(Protocol):
     """What a method class provides to read and write PEFT's adapter files (set `peft_type` on the class).
 
     Optional: `peft_key_prefix` (ClassVar[str]), where the file keeps the base model's modules when it is not
-    PEFT_PREFIX (prompt-learning types keep them under "base_model."), and `peft_config_omits` (ClassVar[tuple]),
+    PEFT_PREFIX (prompt-learning types keep them under "base_model."), `needs_task_type` (ClassVar[bool]: saving
+    is refused when the model's PEFT task type is unknown), and `peft_config_omits` (ClassVar[tuple]),
     common fields its config class lacks (they have no "bias"). A layer that is no part of the base model (a
     prompt encoder) sets `outside_base_model = True`: its `adapter_state` keys are then the file's own keys.
     """

@@ -76,6 +76,8 @@ class VirtualTokenMethod(Method):
     peft_type: ClassVar[str | None] = None  # the type `load_adapter` maps to this class (None: another class reads)
     peft_key_prefix: ClassVar[str] = PROMPT_LEARNING_PREFIX
     peft_config_omits: ClassVar[tuple[str, ...]] = ("bias",)  # PEFT's prompt-learning configs have no bias field
+    # PEFT runs virtual tokens only in its task-specific PeftModel classes; a plain PeftModel ignores them.
+    needs_task_type: ClassVar[bool] = True
     peft_field_names: ClassVar[tuple[str, ...]] = ()  # this type's own fields of adapter_config.json
 
     def __init__(self, config: MethodConfig, adapter_name: str = "default") -> None:
@@ -133,6 +135,11 @@ class VirtualTokenMethod(Method):
         if table.dim() != 2 or table.shape[1] != width or (count is not None and table.shape[0] != count):
             raise UserError(f"the adapter's prompt_embeddings have shape {tuple(table.shape)} but this model needs "
                             f"({count or 'n'}, {width}); it was saved for a different base model")
+        for key, needed in cls.layer_class.peft_dimensions(model).items():
+            # a file for another model can share the total width (layers × heads × head size) and still not fit
+            if config.get(key) is not None and needed is not None and config[key] != needed:
+                raise UserError(f"the adapter was saved for a model with {key}={config[key]}, this one has "
+                                f"{key}={needed}; it was saved for a different base model")
         fields = {key: config[key] for key in cls.peft_field_names if key in config}
 
         def apply() -> None:

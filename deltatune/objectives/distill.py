@@ -296,7 +296,7 @@ class Distillation(Objective):
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """The student's own metrics (accuracy, or loss and perplexity on the responses) and, while the teacher
         or its cache is at hand, the mean divergence to the teacher at temperature 1 (per row or per token)."""
-        cross_entropy, correct, count, divergence = 0.0, 0, 0, 0.0
+        cross_entropy, correct, count, divergence, compared_items = 0.0, 0, 0, 0.0, 0
         for batch in batches:
             student, _ = self._outputs(model, batch)
             labels = batch["labels"]
@@ -314,6 +314,7 @@ class Distillation(Objective):
                 every = torch.ones_like(compared[0][:, 0], dtype=torch.bool)
                 divergence += float(token_divergence(*compared, every, self.config.divergence, self.config.beta)
                                     ) * len(compared[0])
+                compared_items += len(compared[0])  # unlabelled rows too: the divergence needs no label
             count += items
         if count == 0:
             return {}
@@ -323,7 +324,7 @@ class Distillation(Objective):
         else:
             metrics["perplexity"] = float(torch.exp(torch.tensor(min(metrics["loss"], 50.0))))
         if self.teacher is not None or self.cache is not None:
-            metrics["divergence"] = divergence / count
+            metrics["divergence"] = divergence / max(1, compared_items)
         return metrics
 
 

@@ -150,8 +150,8 @@ class SelfTraining(Objective):
         if self.config.restart:
             for name, tensor in _restartable(model):
                 tensor.copy_(self.start[name])
-        if self.hidden is not None and bool(kept.any()):
-            known = kept & (self.hidden != UNLABELLED)
+        known = kept & (self.hidden != UNLABELLED) if self.hidden is not None else None
+        if known is not None and bool(known.any()):  # rows truly without a label have no accuracy to report
             stats["pseudo_accuracy"] = float((prediction[known] == self.hidden[known]).float().mean())
         return stats
 

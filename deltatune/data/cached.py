@@ -136,8 +136,9 @@ def _encode_chunks(writer: StoreWriter, cfg: DataConfig, task: Task, processor: 
         if not taken:
             continue  # rows data.max_examples left out
         # A split without rows in this chunk encodes one borrowed row, dropped after: tokenizers refuse empty lists.
+        whole = start == 0 and len(rows) < CHUNK_ROWS  # a first chunk short of full is the whole file
         table = Table(window, columns, source, base_dir=base_dir, encoded_labels=encoded,  # type: ignore[arg-type]
-                      chunk=True)
+                      chunk=not whole)
         bundle = task.encode(table, {name: local[name] or taken[:1] for name in SPLIT_NAMES}, unpacked, processor,
                              num_labels)
         for name in SPLIT_NAMES:

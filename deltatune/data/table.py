@@ -30,7 +30,7 @@ class Table:
     # Class ids of every row of the whole dataset, when `rows` is one chunk of it (the on-disk example cache encodes
     # a file chunk by chunk; ids must not depend on which labels a chunk happens to hold).
     encoded_labels: EncodedLabels | None = None
-    chunk: bool = False  # `rows` is one chunk of a larger file: checks over every row cannot be made here
+    chunk: bool = False  # `rows` is one chunk of a file with more: checks over every row cannot be made here
 
     def has(self, role: str) -> bool:
         """Whether this run reads `role` (optional roles are read only when data.columns names them)."""

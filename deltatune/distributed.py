@@ -177,6 +177,16 @@ def average_gradients(parameters: Sequence[torch.nn.Parameter], extra: Sequence[
 
 
 @_collective
+def sum_across_ranks(value: float) -> float:
+    """The sum over ranks of `value` (one tiny all-reduce)."""
+    if world_size() == 1:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(total)
+    return float(total.item())
+
+
+@_collective
 def broadcast_from_main(tensors: Sequence[torch.Tensor]) -> None:
     """Give every rank rank 0's values of `tensors` (trainable weights and buffers at the start of training)."""
     if world_size() == 1:

@@ -294,3 +294,28 @@ def test_the_last_rollout_draw_splits_evenly_over_the_ranks(monkeypatch):
     assert plan_steps(37, TrainConfig(batch_size=4, epochs=1), Rollouts())[0] == 4 + 4 + 1  # 16, 16, 4 rows
     monkeypatch.setattr(distributed, "world_size", lambda: 1)
     assert plan_steps(37, TrainConfig(batch_size=4, epochs=1), Rollouts())[0] == 4 + 4 + 2  # 16, 16, 5 rows
+
+
+def test_two_ranks_of_sft_take_the_steps_of_one_process_though_their_shares_hold_different_token_counts(tmp_path):
+    """SFT's loss is a mean over response tokens, and two halves of a micro-batch hold different numbers of them:
+    each rank's share is weighted by its tokens (not its rows), so the ranks' step is one process's step."""
+    import yaml
+
+    pairs = [{"prompt": f"what is {a} plus {b}", "response": f"{a + b}" + " so" * (a % 3)}
+             for a in range(6) for b in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    config = {"model": {"name": "tests.tiny_models:tiny_chat_llama", "task": "causal-lm"},
+              "data": {"name": "pairs.jsonl", "max_length": 32, "packing": False,
+                       "split": {"validation": 0.1, "test": 0.1, "seed": 3}},
+              "method": {"name": "lora", "r": 4, "lora_dropout": 0.0},
+              "train": {"max_steps": 4, "batch_size": 6, "lr": 1.0e-2, "eval_every": 4, "save_every": 4,
+                        "num_threads": 1, "progress": False, "seed": 5, "group_by_length": False},
+              "output_dir": "runs"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        code, out, err = _deltatune(tmp_path, f"run_name={name}", *extra)
+        assert code == 0, err
+    one, two = _weights(tmp_path / "runs" / "one"), _weights(tmp_path / "runs" / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)

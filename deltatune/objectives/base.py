@@ -212,6 +212,15 @@ class Objective:
         return len(next(iter(batch.values())))
 
 
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        """How many units the loss of `batch` is a mean over: its rows by default; an objective whose loss is a mean
+        over tokens counts those. Ranks weight their shares of a micro-batch by it, so their weighted mean is the
+        whole micro-batch's loss, as one process computes it."""
+        halves = [value for value in batch.values() if isinstance(value, dict)]
+        first = halves[0] if halves else batch
+        return len(next(value for value in first.values() if hasattr(value, "__len__")))
+
+
 def model_logits(model: nn.Module, batch: dict[str, Any], **options: Any) -> torch.Tensor:
     """Logits from a transformers model (an output object) or a plain module returning a tensor."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}

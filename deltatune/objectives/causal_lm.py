@@ -108,6 +108,10 @@ class SupervisedFineTuning(Objective):
             return chunked_next_token_loss(model, batch, self.config.loss_chunk_size), {}
         return next_token_loss(lm_logits(model, batch), batch["labels"]), {}
 
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        """The loss is a mean over the response tokens (the positions whose next token is supervised)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def _chunked(self, model: nn.Module) -> bool:
         if self.config.chunked_loss is not None:
             return self.config.chunked_loss

@@ -242,6 +242,10 @@ class Distillation(Objective):
                             f"(tokenizer) or label count")
         return student, teacher
 
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        """Rows for a classifier; for a language model its terms are means over the response positions."""
+        return super().loss_units(batch) if self.labelled else int(response_positions(batch["labels"]).sum())
+
     # ---- training and evaluation -----------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         on_policy = bool(self.config.lmbda) and float(torch.rand(())) < self.config.lmbda

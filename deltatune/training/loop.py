@@ -281,6 +281,7 @@ class TrainingLoop:
             else:  # a global micro-batch of example indices: this rank computes its share (all of it alone)
                 indices, weight = distributed.share(item)
                 batch = self.train_data.collate([self.train_data.examples[i] for i in indices])
+                weight = self._share_weight(batch, weight)
             batch = to_device(batch, self.device)
             with autocast_context(self.device, self.cfg.dtype):
                 loss, stats = self.objective.loss(self.model, batch)
@@ -307,6 +308,16 @@ class TrainingLoop:
         self.state.tokens += tokens
         stats["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - started)
         return total_loss, stats
+
+    def _share_weight(self, batch: dict[str, Any], weight: float) -> float:
+        """This rank's weight for its share of a micro-batch: units_r · N / Σ units (rows, or the tokens a token-mean
+        loss averages over), so the ranks' mean of weighted losses is the micro-batch's own mean loss."""
+        ranks = distributed.world_size()
+        if ranks == 1:
+            return weight
+        units = self.objective.loss_units(batch) if weight else 0
+        total = distributed.sum_across_ranks(units)
+        return units * ranks / total if total else weight
 
     def _diverged(self, problem: str, step: int) -> TrainingDiverged:
         """The error that stops training before a non-finite loss or gradient turns every weight into nan."""

@@ -357,7 +357,11 @@ class TrainingLoop:
         return round(self.state.step / self.steps_per_epoch, 4)
 
     def _evaluate_and_track(self) -> None:
-        metrics = evaluate(self.model, self.objective, self.validation_data, self.cfg, self.device)
+        # Every rank adopts rank 0's numbers: the best-checkpoint and early-stopping decisions below must agree
+        # (one rank alone gathering sharded weights, or stopping, would hang the others), and on a GPU two ranks'
+        # evaluations of the same rows may differ in the last bits.
+        metrics = distributed.gather_objects(evaluate(self.model, self.objective, self.validation_data, self.cfg,
+                                                      self.device))[0]
         main = distributed.is_main()
         if main:
             self.run_dir.log({"type": "eval", "split": "validation", "step": self.state.step,

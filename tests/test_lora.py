@@ -359,3 +359,12 @@ def test_config_from_yaml_overrides():
     assert config.method.use_dora is True and config.method.target_modules == ["q_proj", "v_proj"]
     config = deltatune.load_config(None, ["method.name=lora", "method.init_lora_weights=false"])
     assert config.method.init_lora_weights is False
+
+
+def test_a_dilated_conv_adapter_is_not_saved_for_peft(tmp_path):
+    """PEFT's LoRA conv drops the base's dilation (and padding mode): such a file would compute something else."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2))
+    deltatune.apply(model, {"name": "lora", "r": 2, "target_modules": ["0"], "modules_to_save": []})
+    with pytest.raises(UserError, match=r"0 is a convolution with dilation \(2, 2\) .*leave it out"):
+        deltatune.save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

@@ -45,6 +45,13 @@ def peft_config(model: nn.Module, layers: dict[str, AdapterLayer], name: str) ->
     dora = {s.use_dora for s in settings.values()}
     if len(dora) > 1:
         raise UserError(f"adapter {name!r} mixes DoRA and plain LoRA layers, which PEFT's format cannot express")
+    for module, layer in lora_layers.items():
+        base = layer.base_layer
+        # PEFT builds a conv's lora_A without the base's dilation and padding mode: it would compute something else
+        if any(d != 1 for d in getattr(base, "dilation", (1,))) or getattr(base, "padding_mode", "zeros") != "zeros":
+            raise UserError(f"{module} is a convolution with dilation {base.dilation} or padding_mode "
+                            f"{base.padding_mode!r}, which PEFT's LoRA conv ignores; leave it out of "
+                            f"method.target_modules to save the adapter for PEFT")
     use_rslora = all(s.use_rslora for s in settings.values())
     # A single use_rslora flag covers the file: where layers disagree, express every alpha as plain alpha/r.
     alphas = {m: s.lora_alpha if s.use_rslora == use_rslora else s.scaling * s.r for m, s in settings.items()}

@@ -316,10 +316,10 @@ def _freeze_base(model: nn.Module, trainable_biases: list[str]) -> None:
     for param in model.parameters():
         if id(param) not in inside or id(param) in wrapped:
             param.requires_grad_(False)
-    params = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters(remove_duplicate=False)}
+    params = _parameters_by_base_name(model)
     for key in trainable_biases:
-        if key.replace(".base_layer.", ".") in params:
-            params[key.replace(".base_layer.", ".")].requires_grad_(True)
+        if _base_name(key) in params:
+            params[_base_name(key)].requires_grad_(True)
 
 
 def _plan_modules_to_save(model: nn.Module, entries: list[str], tensors: dict[str, Tensor], name: str,
@@ -350,10 +350,9 @@ def _plan_modules_to_save(model: nn.Module, entries: list[str], tensors: dict[st
 
 def _plan_base_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> Callable[[], None]:
     """Base weights an adapter file may carry (trained biases; PEFT also saves embedding weights): copied in."""
-    # Our wrappers and PEFT's both put the wrapped module under `base_layer`, so compare names without it.
-    params = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters(remove_duplicate=False)}
+    params = _parameters_by_base_name(model)
     for key, tensor in tensors.items():
-        target = params.get(key.replace(".base_layer.", "."))
+        target = params.get(_base_name(key))
         if target is None:
             close = ", ".join(closest_names(key, list(params), limit=3))
             raise UserError(f"the adapter has weights for {key!r}, which this model lacks (closest: {close}); "
@@ -363,9 +362,19 @@ def _plan_base_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> Callable
     def apply() -> None:
         with torch.no_grad():
             for key, tensor in tensors.items():
-                params[key.replace(".base_layer.", ".")].copy_(tensor)
+                params[_base_name(key)].copy_(tensor)
 
     return apply
+
+
+def _base_name(key: str) -> str:
+    """A parameter's name without the wrapper level: our wrappers and PEFT's both put the wrapped module under
+    `base_layer`, so names are compared without it."""
+    return key.replace(".base_layer.", ".")
+
+
+def _parameters_by_base_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {_base_name(name): param for name, param in model.named_parameters(remove_duplicate=False)}
 
 
 def _check_shapes(module_name: str, saved: dict[str, Tensor], expected: dict[str, Tensor]) -> None:

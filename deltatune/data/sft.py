@@ -88,9 +88,7 @@ def _truncate(prefix: list[int], response: list[int], max_length: int) -> tuple[
 
 def encode_sft(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> list[Example]:
     """Examples {"input_ids", "labels"} with -100 on every prompt/template token."""
-    if max_length < 2:
-        raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 512 for chat data)")
-    split = _split_templated if has_chat_template(tokenizer) else _split_plain
+    split = _splitter(tokenizer, max_length)
     return [_example(*_truncate(prefix, response, max_length)) for prefix, response in split(tokenizer, prompts,
                                                                                               responses)]
 
@@ -99,9 +97,7 @@ def encode_sft_pairs(tokenizer: Any, prompts: list[str], chosen: list[str], reje
                      max_length: int) -> tuple[list[Example], list[Example]]:
     """`encode_sft` of both halves of preference pairs, each pair's prompt cut once for both (by the longer
     response): DPO compares log π(chosen | x) with log π(rejected | x), which needs the same x on both sides."""
-    if max_length < 2:
-        raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 512 for chat data)")
-    split = _split_templated if has_chat_template(tokenizer) else _split_plain
+    split = _splitter(tokenizer, max_length)
     halves: tuple[list[Example], list[Example]] = ([], [])
     for (prefix, good), (other_prefix, bad) in zip(split(tokenizer, prompts, chosen), split(tokenizer, prompts,
                                                                                             rejected)):
@@ -113,6 +109,14 @@ def encode_sft_pairs(tokenizer: Any, prompts: list[str], chosen: list[str], reje
         for half, response in zip(halves, (good, bad)):
             half.append(_example(kept, response[: max_length - len(kept)]))
     return halves
+
+
+def _splitter(tokenizer: Any, max_length: int) -> Any:
+    """How prompt and response ids are cut apart for this tokenizer (its chat template, else plain text), once
+    max_length is checked."""
+    if max_length < 2:
+        raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 512 for chat data)")
+    return _split_templated if has_chat_template(tokenizer) else _split_plain
 
 
 def _example(prefix: list[int], response: list[int]) -> Example:

@@ -211,7 +211,6 @@ class Objective:
             return sum(self.tokens_in(half) for half in halves)
         return len(next(iter(batch.values())))
 
-
     def loss_units(self, batch: dict[str, Any]) -> int:
         """How many units the loss of `batch` is a mean over: its rows by default; an objective whose loss is a mean
         over tokens counts those. Ranks weight their shares of a micro-batch by it, so their weighted mean is the

@@ -63,6 +63,12 @@ def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ch
                                 chunk_size)
 
 
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L − 1) mask of the positions whose next token is a response token: the positions the next-token loss
+    averages over (and where distillation compares a causal LM's prediction with the teacher's)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def output_layer(model: nn.Module) -> nn.Linear | None:
     """The model's output layer when it is a plain Linear (the chunked loss multiplies by its weight itself), else
     None (a method wrapped it, or the model has none)."""
@@ -110,7 +116,7 @@ class SupervisedFineTuning(Objective):
 
     def loss_units(self, batch: dict[str, Any]) -> int:
         """The loss is a mean over the response tokens (the positions whose next token is supervised)."""
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return int(response_positions(batch["labels"]).sum())
 
     def _chunked(self, model: nn.Module) -> bool:
         if self.config.chunked_loss is not None:
@@ -123,7 +129,7 @@ class SupervisedFineTuning(Objective):
         total, tokens = 0.0, 0
         for batch in batches:
             total += float(next_token_loss(lm_logits(model, batch), batch["labels"], reduction="sum"))
-            tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            tokens += int(response_positions(batch["labels"]).sum())
         if tokens == 0:
             return {}
         loss = total / tokens

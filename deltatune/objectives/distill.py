@@ -35,7 +35,7 @@ from deltatune.data.noise import noised_inputs
 from deltatune.errors import UserError
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import ModelRole, Objective
-from deltatune.objectives.causal_lm import IGNORE_INDEX, next_token_loss
+from deltatune.objectives.causal_lm import next_token_loss, response_positions
 from deltatune.objectives.losses import (
     DIVERGENCES,
     classification_distillation_loss,
@@ -330,12 +330,6 @@ class Distillation(Objective):
         if self.teacher is not None or self.cache is not None:
             metrics["divergence"] = divergence / max(1, compared_items)
         return metrics
-
-
-def response_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L − 1) mask of the positions whose next token is a response token: where a causal LM's prediction is
-    compared with the teacher's."""
-    return labels[:, 1:] != IGNORE_INDEX
 
 
 def output_size(model: nn.Module) -> int | None:

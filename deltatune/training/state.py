@@ -112,13 +112,28 @@ def flatten_steps(steps: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch
 
 
 def every_rank_steps(steps: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """`flatten_steps` of every rank's steps (each rank rolls out on its own share), rank r > 0 under "rank<r>."
-    names, as `rng_states` keeps generators."""
+    """`flatten_steps` of every rank's steps (each rank rolls out on its own share), as `every_rank` names them."""
+    return every_rank(flatten_steps(steps))
+
+
+def every_rank(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's `local` tensors in one dict for a checkpoint: rank 0's under their own names, rank r > 0's under
+    "rank<r>." names."""
     from deltatune import distributed
 
-    gathered = distributed.gather_objects(flatten_steps(steps))
-    return {**gathered[0], **{f"rank{index}.{name}": tensor for index, flat in enumerate(gathered[1:], 1)
-                              for name, tensor in flat.items()}}
+    gathered = distributed.gather_objects(local)
+    return {**gathered[0], **{f"rank{index}.{name}": tensor for index, tensors in enumerate(gathered[1:], 1)
+                              for name, tensor in tensors.items()}}
+
+
+def this_rank(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `every_rank` for this process (empty when the checkpoint has nothing of this rank)."""
+    from deltatune import distributed
+
+    index = distributed.rank()
+    prefix = f"rank{index}." if index else ""
+    return {name[len(prefix):]: tensor for name, tensor in tensors.items()
+            if name.startswith(prefix) and (prefix or not name.startswith("rank"))}
 
 
 def this_rank_steps(tensors: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
@@ -130,10 +145,7 @@ def this_rank_steps(tensors: dict[str, torch.Tensor]) -> list[list[dict[str, tor
     if ranks != distributed.world_size():
         raise UserError(f"this checkpoint was written in the middle of a rollout by {ranks} rank(s); resume it with "
                         f"--nproc {ranks} (each rank holds the rest of its own rollout)")
-    index = distributed.rank()
-    prefix = f"rank{index}." if index else ""
-    return unflatten_steps({name[len(prefix):]: tensor for name, tensor in tensors.items()
-                            if name.startswith(prefix) and (prefix or not name.startswith("rank"))})
+    return unflatten_steps(this_rank(tensors))
 
 
 def unflatten_steps(tensors: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
@@ -192,14 +204,10 @@ def _restore(
 def rng_states() -> dict[str, torch.Tensor]:
     """The random-number generators' states of this process ("cpu", "cuda0", ...); in a distributed run those of
     every rank, rank r > 0 under "rank<r>." names (each rank draws its own dropout masks)."""
-    from deltatune import distributed
-
     local = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         local.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    gathered = distributed.gather_objects(local)
-    return {**gathered[0], **{f"rank{index}.{name}": state for index, states in enumerate(gathered[1:], 1)
-                              for name, state in states.items()}}
+    return every_rank(local)
 
 
 def restore_rng_states(rng: dict[str, torch.Tensor]) -> None:
@@ -208,9 +216,7 @@ def restore_rng_states(rng: dict[str, torch.Tensor]) -> None:
     from deltatune import distributed
 
     index = distributed.rank()
-    prefix = f"rank{index}." if index else ""
-    mine = {name[len(prefix):]: state for name, state in rng.items() if name.startswith(prefix)
-            and (prefix or not name.startswith("rank"))}
+    mine = this_rank(rng)
     if "cpu" not in mine:
         torch.manual_seed(1_000_003 * index + int(rng["cpu"][:8].sum()))
         return

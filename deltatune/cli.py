@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.nproc is not None:
         from deltatune.launch import launch
 
-        launch(args.config, args.overrides, args.nproc, args.resume)
+        launch(args.config, args.overrides, args.nproc, args.resume, debug=args.debug)
         return
     train(load_config(args.config, args.overrides), resume=args.resume)
 
@@ -58,6 +58,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from deltatune.generate import generate_from_run
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     generate_from_run(args.run_dir, args.prompt, compare=args.compare, max_new_tokens=args.max_new_tokens)
 
 
@@ -246,7 +248,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [word for word in extra if "=" in word and not word.startswith("-")]
-    takes_overrides = args.command in ("train", "tune", "advise")
+    takes_overrides = args.command in ("train", "meta-train", "tune", "advise")
     if extra and (not takes_overrides or len(overrides) != len(extra)):
         unknown = [word for word in extra if not takes_overrides or word not in overrides]
         raise UserError(f"unrecognized arguments: {' '.join(unknown)}; see `deltatune {args.command} --help`")
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {'' if rank == '0' else f'rank {rank}: '}{error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        resumable = args.command in ("train", "meta-train", "tune") if "args" in locals() else False
+        print("interrupted; continue with --resume" if resumable else "interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -16,7 +16,9 @@ from deltatune.runs import open_run, write_plain_model
 
 
 def export_run(run_path: str | Path, out_path: str | Path, echo=print) -> dict[str, Any]:
-    saved, out = open_run(run_path), Path(out_path)
+    saved, out = open_run(run_path), Path(out_path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; choose a new output directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose a new output directory")
     difference = write_plain_model(saved.load(with_data=True), out)

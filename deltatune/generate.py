@@ -20,12 +20,13 @@ from deltatune.runs import open_run
 
 @torch.no_grad()
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
-    """Greedy continuation of `prompt`, formatted with the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt + "\n", return_tensors="pt")["input_ids"]
+    """Greedy continuation of `prompt`, given to the model exactly as SFT put a prompt before its response (the chat
+    template's generation prompt, or bos + "prompt\n" without a template): the context the run was trained on."""
+    from deltatune.data.sft import encode_prompts
+
+    # No cut here: a prompt longer than the model's positions fails in the model, as it would in transformers.
+    (example,) = encode_prompts(tokenizer, [prompt], max_length=1 << 30)
+    ids = torch.tensor([example["input_ids"]], dtype=torch.long)
     model.eval()
     device = next(model.parameters()).device
     output = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,

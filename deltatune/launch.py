@@ -22,7 +22,7 @@ from deltatune.errors import UserError
 _AGENT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # what torchrun's agent takes over
 
 
-def launch(config_path: str, overrides: list[str], processes: int, resume: bool) -> None:
+def launch(config_path: str, overrides: list[str], processes: int, resume: bool, debug: bool = False) -> None:
     """Train on `processes` local ranks. The run directory is chosen here (a name the ranks share, the checks of
     `find_run_dir` made once before any process starts), and a rank that dies takes the job down with a
     UserError naming the rank, how it ended and the checkpoint `--resume` continues from."""
@@ -39,17 +39,25 @@ def launch(config_path: str, overrides: list[str], processes: int, resume: bool)
     config = with_run_as_model(load_config(config_path, overrides))
     run_dir = find_run_dir(config, resume)
     arguments = ["train", config_path, *overrides, f"run_name={run_dir.path.name}",
-                 f"output_dir={run_dir.path.parent}", *(["--resume"] if resume else [])]
+                 f"output_dir={run_dir.path.parent}", *(["--resume"] if resume else []),
+                 *(["--debug"] if debug else [])]
     failures = _torchrun(processes, arguments)
+    if isinstance(failures, int):
+        raise UserError(_stopped_line(f"this launcher received {_signal_name(failures)}, which stopped every rank",
+                                      run_dir.path))
     if failures and all(code == 2 for code in failures.values()):
         raise SystemExit(2)  # each rank refused bad input and printed its one line: nothing to add
     if failures:
-        raise UserError(_failure_line(failures, run_dir.path, processes))
+        rank, code = next(iter(failures.items()))
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        raise UserError(_stopped_line(f"rank {rank} of {processes} {how}", run_dir.path))
 
 
-def _torchrun(processes: int, arguments: list[str]) -> dict[int, int]:
+def _torchrun(processes: int, arguments: list[str]) -> dict[int, int] | int:
     """torchrun --standalone over `python -m deltatune.cli ARGUMENTS`; {} when every rank succeeded, else the
-    failed ranks' exit codes (negative: the signal that ended it), the first rank to fail first."""
+    failed ranks' exit codes (negative: the signal that ended it), the first rank to fail first, or the number of
+    a signal other than SIGINT that this process received (the agent then stopped the ranks)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
@@ -73,6 +81,11 @@ def _torchrun(processes: int, arguments: list[str]) -> dict[int, int]:
         first, _ = error.get_first_failure()
         ordered = sorted(error.failures.items(), key=lambda item: (item[0] != first, item[0]))
         return {rank: failure.exitcode for rank, failure in ordered}
+    except SignalException as error:
+        # The agent turns the signals it took over into this exception once it has stopped the ranks.
+        if error.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None  # Ctrl-C: exit 130 and "continue with --resume", as in one process
+        return int(error.sigval)
     finally:
         elastic_logger.setLevel(level)
         if threading.current_thread() is threading.main_thread():
@@ -81,18 +94,17 @@ def _torchrun(processes: int, arguments: list[str]) -> dict[int, int]:
     return {}
 
 
-def _failure_line(failures: dict[int, int], run_path: Path, processes: int) -> str:
+def _stopped_line(what: str, run_path: Path) -> str:
+    """`what` stopped the run, and where it can continue from."""
     from deltatune.training.checkpoint import step_checkpoints
 
-    rank, code = next(iter(failures.items()))
-    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
     found = step_checkpoints(run_path / "checkpoints")
     if not found:
-        return (f"rank {rank} of {processes} {how}, which stopped the run before its first checkpoint; fix what "
-                f"it printed above and run the same command again")
+        return (f"{what}, which stopped the run before its first checkpoint; fix what the ranks printed above, if "
+                "anything, and run the same command again")
     step, _ = found[-1]
-    return (f"rank {rank} of {processes} {how}, which stopped the run; its last complete checkpoint is step {step} "
-            f"in {run_path}: add --resume to the same command to continue from there")
+    return (f"{what}, which stopped the run; its last complete checkpoint is step {step} in {run_path}: add --resume "
+            "to the same command to continue from there")
 
 
 def _signal_name(number: int) -> str:

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from deltatune import distributed
-from deltatune.config.constraints import check_config
-from deltatune.config.loader import config_to_dict
+from deltatune.config.loader import config_to_dict, parse_config
 from deltatune.config.schema import RunConfig
 from deltatune.data.carry import CarryingCollator
 from deltatune.errors import UserError, closest_names
@@ -52,7 +51,7 @@ from deltatune.resume import (
     run_names,
 )
 from deltatune.runs import setup_objective, with_run_as_model
-from deltatune.training.run_dir import RunDir, holds_weights, read_weights
+from deltatune.training.run_dir import RunDir, RunDirTaken, holds_weights, read_weights
 from deltatune.training.state import LoopState, load_weights, weights_to_save
 
 __all__ = ["Prepared", "build_model", "calibrate", "count_parameters", "find_run_dir", "format_metrics",
@@ -114,7 +113,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
     """The run's directory: `output_dir/run_name`; when resuming without a name, the newest run of this config.
     Resuming a run that does not exist is an error naming the directory looked in, never a fresh start."""
-    root = Path(config.output_dir)
+    root = Path(config.output_dir).expanduser()
     if config.run_name:
         run_dir = RunDir(root / config.run_name)
         if resume and not (run_dir.path / "config.yaml").is_file():
@@ -138,10 +137,14 @@ def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
                 return RunDir(path.parent)
         raise UserError(f"--resume found no earlier run of this config under {root}; set run_name to the run to continue")
     source = Path(config.model.name.split(":")[-1])
-    if source.name == "merged" and (source.parent / "config.yaml").is_file():
+    if source.name.startswith("merged") and (source.parent / "config.yaml").is_file():
         source = source.parent  # a finished run used as the model (`with_run_as_model`): name the new run after it
-    stem = source.stem
-    return RunDir(root / f"{stem}-{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = f"{source.stem}-{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Another run of the same second (a shell loop) took the name: number this one. Two started at the same
+    # instant both pass here; writing config.yaml decides which owns the directory (RunDir.write_config).
+    taken = {path.name for path in root.glob(f"{name}*")} if root.is_dir() else set()
+    suffix = next(n for n in range(1, len(taken) + 2) if (name if n == 1 else f"{name}-{n}") not in taken)
+    return RunDir(root / (name if suffix == 1 else f"{name}-{suffix}"))
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +167,9 @@ def train(config: RunConfig, resume: bool = False, echo=print,
     their shares of each batch; rank 0 alone prints, writes the run directory and measures the splits; the others
     return {} once training is done.
     """
-    check_config(config)
+    # Built again from its dict: a config made in Python (a plain MethodConfig, a Path for output_dir) is
+    # normalised and checked exactly as YAML would be, before anything runs.
+    config = parse_config(config_to_dict(config))
     if config.train.return_freed_memory:
         return_freed_memory_to_os()
     distributed.start(config.train.device)
@@ -227,7 +232,7 @@ def _train(config: RunConfig, resume: bool, echo: Callable[..., None],
     resumed = resume and loop.resume()
     with _removed_on_failure(run_dir) if main else contextlib.nullcontext():
         if main:
-            _write_run_files(run_dir, prepared, before, loop.state.step if resumed else None)
+            _write_run_files(run_dir, prepared, before, resume, loop.state.step if resumed else None)
             if precomputed:
                 write_checkpoint_dir(run_dir.path / "precomputed", precomputed, {"objective": prepared.objective.name})
         if resumed:
@@ -300,21 +305,23 @@ def _training_loop(prepared: Prepared, run_dir: RunDir) -> TrainingLoop:
         sharding.shard_model(prepared.model, family_of(prepared.model, prepared.config.model.family), prepared.device)
     if train_config.compile:
         compile_model(prepared.model)
-    validation = Batches(data.validation, data.collate) if data.validation else None
+    validation = Batches(data.validation, data.collate, split="validation") if data.validation else None
     training_data = Batches(data.train, data.collate, train_config.group_by_length)
     return TrainingLoop(prepared.model, prepared.method, prepared.objective, training_data, validation, train_config,
                         run_dir, prepared.device)
 
 
-def _write_run_files(run_dir: RunDir, prepared: Prepared, before: dict[str, Any], resumed_step: int | None) -> None:
-    """The first writes of a run: its config, splits and 'before' metrics; on resume, drop the metrics records the
-    interrupted run logged after its checkpoint (they will be logged again)."""
+def _write_run_files(run_dir: RunDir, prepared: Prepared, before: dict[str, Any], resume: bool,
+                     resumed_step: int | None) -> None:
+    """The first writes of a run: its config (claiming the directory, for a new run), splits and 'before' metrics;
+    on resume, drop the metrics records the interrupted run logged after its checkpoint, or all of them when it
+    stopped before its first checkpoint (they will be logged again)."""
     run_dir.create()
-    run_dir.write_config(config_to_dict(prepared.config))
+    run_dir.write_config(config_to_dict(prepared.config), claim=not resume)
     run_dir.write_splits(prepared.data.splits)
     write_json_atomic(run_dir.path / "before.json", before)
-    if resumed_step is not None:
-        run_dir.truncate_metrics_after(resumed_step)
+    if resume:
+        run_dir.truncate_metrics_after(resumed_step if resumed_step is not None else -1)
 
 
 @contextlib.contextmanager
@@ -326,6 +333,8 @@ def _removed_on_failure(run_dir: RunDir) -> Iterator[None]:
     kept = set(run_dir.path.iterdir()) if existed else set()
     try:
         yield
+    except RunDirTaken:
+        raise  # the directory and all in it belong to the run that claimed it first
     except Exception:
         if not step_checkpoints(run_dir.checkpoints):
             if existed:

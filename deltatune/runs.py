@@ -257,8 +257,8 @@ def write_plain_model(run: LoadedRun, out: Path) -> float:
     Returns the largest logit difference."""
     examples = run.data.test or run.data.validation or run.data.train
     batch = next(Batches(examples, run.data.collate).in_order(4))
-    with torch.no_grad():
-        expected = model_logits(run.model, batch)
+    with torch.no_grad():  # the run's model sits on its device (cuda under device: auto); the saved copy on the CPU
+        expected = model_logits(run.model, to_device(batch, run.device)).float().cpu()
     merge_and_unload(run.model)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -308,17 +308,28 @@ def _reload_logits(directory: Path, task: Task, model: nn.Module, batch: dict) -
 def with_run_as_model(config: RunConfig) -> RunConfig:
     """`config` with a finished run directory in model.name replaced by that run's model as a plain transformers
     directory, `<run>/merged/` (written once by `write_plain_model`, verified, reused afterwards): a run directory
-    is then a base model like any other, and stages chain by run directories (SFT, then PPO or DPO on top)."""
+    is then a base model like any other, and stages chain by run directories (SFT, then PPO or DPO on top).
+
+    A folded copy is never changed once written, because later runs name it as their base: when the run trained on
+    since (--resume), its new weights are folded into `<run>/merged-<sha256 prefix>/` and `merged/` stays as it was."""
     path = Path(config.model.name).expanduser()
     if not (path / "config.yaml").is_file():
         return config
     saved = open_run(path)
-    merged, stamp = path / "merged", _weights_stamp(saved.run_dir)
-    if (merged / "config.json").is_file() and _read_stamp(merged) != stamp:
-        shutil.rmtree(merged)  # the run trained on (--resume) since its weights were folded in: fold them again
-    if not (merged / "config.json").is_file():
-        write_plain_model(saved.load(with_data=True), merged)
-        (merged / "deltatune-source.json").write_text(json.dumps({"weights_sha256": stamp}))
+    stamp = _weights_stamp(saved.run_dir)
+    first, later = path / "merged", path / f"merged-{stamp[:16]}"
+    for merged in (first, later):
+        if (merged / "config.json").is_file() and _read_stamp(merged) == stamp:
+            return replace(config, model=replace(config.model, name=str(merged)))
+    merged = later if first.exists() else first
+    shutil.rmtree(merged, ignore_errors=True)  # a fold of these very weights that was cut off before its stamp
+    loaded = saved.load(with_data=True)
+    if not hasattr(loaded.model, "save_pretrained"):
+        raise UserError(f"{path} trained a {type(loaded.model).__name__}, not a transformers model, so it cannot be "
+                        "model.name of another run; name its base model and start from the run's weights with "
+                        f"model.init_from={path}")
+    write_plain_model(loaded, merged)
+    (merged / "deltatune-source.json").write_text(json.dumps({"weights_sha256": stamp}))
     return replace(config, model=replace(config.model, name=str(merged)))
 
 

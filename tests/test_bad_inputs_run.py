@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deltatune.cli import main
+from deltatune.errors import UserError
 from tests.bad_input import TINY_BERT, assert_refused, config_file, make_workspace
 
 RUN = TINY_BERT + "data: {name: good.jsonl}\ntrain: {max_steps: 3, batch_size: 4, progress: false, num_threads: 1}\n"
@@ -111,6 +112,18 @@ def test_cuda_index_beyond_the_gpus_there_are(workspace, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert_refused(["train", "config.yaml", "train.device=cuda:7"], r"train\.device=cuda:7 but this machine has 1 "
                    r"CUDA GPU\(s\), cuda:0 to cuda:0; pick one of those$", capsys, workspace)
+
+
+def test_one_cuda_index_for_every_rank_is_refused():
+    from unittest import mock
+
+    from deltatune import distributed
+    from deltatune.training.device import resolve_device
+
+    with mock.patch.object(distributed, "launched_world_size", lambda: 2), pytest.raises(
+            UserError, match=r"train\.device=cuda:1 would put every rank on one GPU; with several processes set "
+                             r"train\.device=cuda"):
+        resolve_device("cuda:1")
 
 
 def test_read_only_output_dir(workspace, capsys, monkeypatch):
@@ -257,3 +270,50 @@ def test_cli_overrides_and_flags_mix_in_any_order(done, capsys):
                  "train.progress=false"])
     assert code == 0, capsys.readouterr().err
     assert "resumed from step 3 of 4" in capsys.readouterr().out
+
+
+def test_a_run_started_at_the_same_moment_keeps_its_directory(workspace, capsys, monkeypatch):
+    """Two runs that chose the same directory: the one that writes config.yaml second refuses and deletes nothing."""
+    import deltatune.runner as runner
+
+    real_metrics_before = runner._metrics_before
+    winner = workspace / "runs" / "raced"
+
+    def other_run_claims_first(*args, **kwargs):
+        winner.mkdir(parents=True, exist_ok=True)
+        (winner / "config.yaml").write_text("model: {name: the-other-run}\n")
+        (winner / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+        return real_metrics_before(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_metrics_before", other_run_claims_first)
+    assert_refused(["train", "config.yaml", "run_name=raced"], r"another run started in .*raced at the same time",
+                   capsys, workspace / "runs" / "earlier")
+    assert (winner / "config.yaml").read_text() == "model: {name: the-other-run}\n"
+    assert sorted(path.name for path in winner.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_automatic_names_of_the_same_second_are_numbered(tmp_path, monkeypatch):
+    import deltatune.runner as runner
+    from deltatune.config.loader import load_config
+
+    monkeypatch.setattr(runner.time, "strftime", lambda _: "20261201-120000")
+    config = load_config(None, [f"output_dir={tmp_path}", "method.name=lora"])
+    first = runner.find_run_dir(config, resume=False).path
+    assert first.name == "minilm-l6-lora-20261201-120000"
+    first.mkdir()
+    assert runner.find_run_dir(config, resume=False).path.name == "minilm-l6-lora-20261201-120000-2"
+    (tmp_path / "minilm-l6-lora-20261201-120000-2").mkdir()
+    assert runner.find_run_dir(config, resume=False).path.name == "minilm-l6-lora-20261201-120000-3"
+
+
+def test_run_commands_refuse_unusable_arguments(done, capsys):
+    assert_refused(["export", "runs/done", "good.jsonl"], r"good\.jsonl is a file; choose a new output directory",
+                   capsys, done.parent.parent)
+    assert_refused(["generate", "runs/done", "--prompt", "hi", "--max-new-tokens", "0"],
+                   r"--max-new-tokens must be at least 1, got 0$", capsys, done.parent.parent)
+
+
+def test_meta_train_takes_overrides_after_its_flags(workspace, capsys):
+    """Overrides after --resume reach meta-train as they reach train (its objective check answers, not argparse)."""
+    assert_refused(["meta-train", "config.yaml", "--resume", "train.max_steps=4"], r"meta-train needs objective\.name: "
+                   r"meta_learning", capsys, workspace)

@@ -1,6 +1,7 @@
 """Strict config parsing: YAML, CLI overrides and dicts build the same dataclasses; bad input is one clear error."""
 
 import pytest
+import yaml
 
 from deltatune.config.loader import apply_override, config_to_dict, load_config, method_config, parse_config
 from deltatune.config.schema import RunConfig
@@ -172,3 +173,13 @@ def test_dict_fields_keep_working():
     """Free-form mappings (`extra`, and column maps) are not walked by the rules: their keys are the user's."""
     config = parse_config({"extra": {"note": "baseline", "batch_size": 0, "nested": {"lr": -1}}})
     assert config.extra == {"note": "baseline", "batch_size": 0, "nested": {"lr": -1}}
+
+
+def test_string_fields_keep_override_text_that_yaml_would_read_as_another_scalar() -> None:
+    config = load_config(None, ["run_name=0123", "data.columns.label=on", "train.lr=1e-3", "train.progress=off"])
+    assert config.run_name == "0123" and type(config.run_name) is str  # YAML 1.1 reads 0123 as octal 83
+    assert config.data.columns["label"] == "on"  # a column called "on", not "True"
+    assert config.train.lr == 1e-3 and config.train.progress is False  # other fields take the YAML value
+    assert yaml.safe_dump(config_to_dict(config))  # the saved config holds plain strings
+    with pytest.raises(UserError, match=r"data\.name must be a string, got nothing"):
+        load_config(None, ["data.name="])

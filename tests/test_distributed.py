@@ -319,3 +319,26 @@ def test_two_ranks_of_sft_take_the_steps_of_one_process_though_their_shares_hold
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("number, code, line", [(signal.SIGINT, 130, "interrupted; continue with --resume"),
+                                                (signal.SIGTERM, 2, "error: this launcher received SIGTERM, which "
+                                                                    "stopped every rank, which stopped the run before")])
+def test_a_signal_to_the_launcher_ends_in_one_line(tmp_path, monkeypatch, capsys, number, code, line):
+    """torchrun's agent turns Ctrl-C (and SIGTERM) of the launching process into its SignalException: Ctrl-C exits
+    130 and is resumable as in one process, other signals are one line with where to continue."""
+    import torch.distributed.launcher.api as launcher
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from deltatune.cli import main
+
+    def signalled(*_, **__):
+        def run(*_):
+            raise SignalException(f"Process {os.getpid()} got signal: {number}", sigval=number)
+        return run
+
+    _workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launcher, "elastic_launch", signalled)
+    assert main(["train", "config.yaml", "run_name=signalled", "--nproc", "2"]) == code
+    assert capsys.readouterr().err.strip().startswith(line)

@@ -132,3 +132,26 @@ def test_ctrl_c_exits_130_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert main(["train", "config.yaml", "run_name=victim", "train.max_steps=6", "--resume"]) == 0
     assert "resumed from step 4 of 6" in capsys.readouterr().out
     assert_same_weights(final_weights(tmp_path / "runs" / "reference"), final_weights(run))
+
+
+def test_resume_after_ctrl_c_before_the_first_checkpoint_logs_each_step_once(tmp_path, monkeypatch, capsys):
+    from deltatune.cli import main
+    from deltatune.training.loop import TrainingLoop
+
+    monkeypatch.chdir(tmp_path)
+    short_workspace(tmp_path)
+    real_after_step = TrainingLoop._after_step
+
+    def ctrl_c_at_step_1(self, loss, stats):
+        real_after_step(self, loss, stats)
+        if self.state.step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TrainingLoop, "_after_step", ctrl_c_at_step_1)
+    assert main(["train", "config.yaml", "run_name=early", "train.max_steps=4"]) == 130
+    run = tmp_path / "runs" / "early"
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    monkeypatch.setattr(TrainingLoop, "_after_step", real_after_step)
+    assert main(["train", "config.yaml", "run_name=early", "train.max_steps=4", "--resume"]) == 0
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open() if '"train"' in line]
+    assert logged == sorted(set(logged)) and logged[-1] == 4  # the killed attempt's step 1 is not logged twice

@@ -158,6 +158,15 @@ def test_a_finished_run_directory_is_a_model_name(tmp_path) -> None:
     assert (merged / "config.json").is_file() and dpo["task"] == "preference"
     assert json.loads((merged / "deltatune-source.json").read_text())["weights_sha256"]  # refolded if it changes
     assert load_config(Path(dpo["run_dir"]) / "config.yaml").model.name == str(merged)
+    first_fold = (merged / "model.safetensors").read_bytes()
+    sft_config = ["model.name=tests.tiny_models:tiny_llama", "model.task=causal-lm", "method.name=lora",
+                  "run_name=sft", *common]
+    train(load_config(None, [*sft_config, "train.max_steps=3"]), resume=True, echo=lambda *_: None)
+    again = train(load_config(None, [f"model.name={sft['run_dir']}", "objective.name=dpo", "method.name=lora",
+                                     "run_name=dpo-again", *common]), echo=lambda *_: None)
+    refolded = Path(load_config(Path(again["run_dir"]) / "config.yaml").model.name)
+    assert refolded.parent == merged.parent and refolded.name.startswith("merged-")
+    assert (merged / "model.safetensors").read_bytes() == first_fold  # the dpo run's base stays what it trained on
     prompt = train(load_config(None, ["model.name=tests.tiny_models:tiny_llama", "model.task=causal-lm",
                                       "method.name=prompt", "run_name=prompt", *common]), echo=lambda *_: None)
     with pytest.raises(UserError, match=r"virtual tokens\) cannot be merged into weights"):

@@ -156,3 +156,43 @@ def test_the_public_load_run_gives_the_trained_model(classification_run) -> None
     run = deltatune.load_run(classification_run)
     assert run.task.name == "classification" and not run.model.training and run.data is None
     assert deltatune.load_run(classification_run, with_data=True).data.test
+
+
+@pytest.mark.parametrize("processor", ["tiny_llama_processor", "tiny_chat_llama_processor"])
+def test_generate_feeds_the_prompt_as_sft_put_it_before_a_response(processor) -> None:
+    """With or without a chat template, the model sees the prefix SFT trained it to answer after (bos + "prompt\\n"
+    without a template: a BERT-style tokenizer's own [CLS] ... [SEP] would be a context it never saw)."""
+    import tests.tiny_models as tiny_models
+    from deltatune.data.sft import encode_prompts, encode_sft
+
+    tokenizer, seen = getattr(tiny_models, processor)(), {}
+
+    class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, ids: torch.Tensor, **_) -> torch.Tensor:
+            seen["ids"] = ids[0].tolist()
+            return ids
+
+    generate_text(Recorder(), tokenizer, PROMPT, 4)
+    assert seen["ids"] == encode_prompts(tokenizer, [PROMPT], 256)[0]["input_ids"]
+    trained = encode_sft(tokenizer, [PROMPT], ["7"], 256)[0]
+    assert trained["input_ids"][: len(seen["ids"])] == seen["ids"]
+
+
+def test_a_cnn_run_as_model_name_is_refused_and_leaves_nothing(tmp_path) -> None:
+    from PIL import Image
+
+    for label in range(2):
+        folder = tmp_path / "images" / f"class_{label}"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (200 * label, 30, 30 + 10 * i)).save(folder / f"{i}.png")
+    common = ["model.name=tests.tiny_models:tiny_cnn", "model.task=image-classification",
+              f"data.name={tmp_path / 'images'}", "method.name=full", "train.max_steps=1"]
+    cnn = tiny_run(tmp_path, "cnn", common)
+    with pytest.raises(UserError, match=r"not a transformers model.*model\.init_from="):
+        tiny_run(tmp_path, "on-cnn", [*common[1:], f"model.name={cnn}"])
+    assert not [path.name for path in cnn.iterdir() if path.name.startswith("merged")]

@@ -67,6 +67,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if isinstance(value, (bool, int, float)) and str(value) != text.strip():
+        value = OverrideText(text.strip(), value)  # run_name=0123 is "0123" (YAML reads 83), train.lr=1e-3 is 0.001
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -75,6 +77,23 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise UserError(f"override {override!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+class OverrideText(str):
+    """An override's text whose YAML reading is another scalar (`0123` → 83, `1.10` → 1.1, `on` → true): a string
+    field keeps the text as typed, any other field takes the YAML value."""
+
+    def __new__(cls, text: str, parsed: bool | int | float) -> "OverrideText":
+        made = super().__new__(cls, text)
+        made.parsed = parsed
+        return made
+
+
+def _plain(value: Any, hint: Any) -> Any:
+    """An OverrideText as the text for a string field, as its YAML value otherwise (left for a union to decide)."""
+    if not isinstance(value, OverrideText) or typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return value
+    return str(value) if hint is str else value.parsed
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:
@@ -89,18 +108,20 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def method_config(raw: dict[str, Any] | MethodConfig) -> MethodConfig:
-    """A method's config object from a dict like {"name": "freeze", "last_n_blocks": 2} (or pass one through)."""
+    """A method's config object from a dict like {"name": "freeze", "last_n_blocks": 2}, or from a config object
+    (built again, so a plain MethodConfig(name="lora") becomes the method's own class, checked like YAML)."""
     if isinstance(raw, MethodConfig):
-        return raw
+        raw = config_to_dict(raw)
     config = _build_method(raw, "method")
     check_config(config, "method")
     return config
 
 
 def objective_config(raw: dict[str, Any] | ObjectiveConfig) -> ObjectiveConfig:
-    """An objective's config object from a dict like {"name": "dpo", "beta": 0.1} (or pass one through)."""
+    """An objective's config object from a dict like {"name": "dpo", "beta": 0.1}, or from a config object (built
+    again: a plain ObjectiveConfig(name="dpo") becomes the objective's own class)."""
     if isinstance(raw, ObjectiveConfig):
-        return raw
+        raw = config_to_dict(raw)
     config = _build_objective(raw, "objective")
     check_config(config, "objective")
     return config
@@ -196,6 +217,7 @@ def _reject_unknown(raw: dict[str, Any], valid: list[str], path: str) -> None:
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
     """Check/convert one value against its type annotation."""
+    value = _plain(value, hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
     origin = typing.get_origin(hint)
@@ -226,7 +248,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{path} must be a mapping, got {value!r}")
         if not args or args[1] is Any:  # free-form mappings (`extra`) keep what they were given
-            return dict(value)
+            return {key: _plain(item, Any) for key, item in value.items()}
         return {_coerce(key, args[0], path): _coerce_entry(item, args[1], f"{path}.{key}")
                 for key, item in value.items()}
     return _coerce_scalar(value, hint, path)
@@ -256,6 +278,8 @@ def _coerce_scalar(value: Any, hint: Any, path: str) -> Any:
     if hint is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"{path} must be a string, got {value!r}")
+        if value is None:
+            raise UserError(f"{path} must be a string, got nothing; give it a value or remove the key")
         return str(value)
     return value
 

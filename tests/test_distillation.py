@@ -190,3 +190,11 @@ def test_an_on_policy_step_learns_the_teacher_s_view_of_the_student_s_samples_on
     assert "hard" not in on_stats and float(on_policy.detach()) == pytest.approx(on_stats["soft"])
     assert float(mixed.detach()) == pytest.approx(0.5 * mixed_stats["soft"] + 0.5 * mixed_stats["hard"])
     assert mixed_stats["soft"] == pytest.approx(on_stats["soft"])
+
+
+def test_divergence_and_kl_are_lower_is_better_for_best_checkpoints_and_early_stopping() -> None:
+    from deltatune.objectives.distill import Distillation
+    from deltatune.objectives.ppo import ProximalPolicyOptimisation
+
+    assert not Distillation().higher_is_better("divergence") and Distillation().higher_is_better("accuracy")
+    assert not ProximalPolicyOptimisation().higher_is_better("kl")

@@ -207,6 +207,18 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     assert not torch.allclose(big.layer.weight, _Toy().layer.weight)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+def test_accumulated_micro_batches_of_unequal_size_count_by_their_rows(tmp_path):
+    """16 rows in micro-batches of 6, 6 and 4: each weighs by its rows, so the step is the one batch of 16 makes
+    (a plain 1/3 each would give the 4 rows half again their share)."""
+    gradients = []
+    for batch_size, accumulation in ((16, 1), (6, 3)):
+        model, loop = _toy_loop(tmp_path, batch_size=batch_size, gradient_accumulation=accumulation, max_steps=1)
+        loop.optimizer.step = lambda: gradients.append(model.layer.weight.grad.clone())  # AdamW's first step is
+        loop.run()  # about lr·sign(gradient) whatever its size, so compare the gradients themselves
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
 def test_early_stopping_stops_after_patience_evaluations(tmp_path):
     model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=50, lr=0.0, eval_every=1, early_stopping_patience=2)
     state = loop.run()
@@ -347,3 +359,70 @@ def test_preference_pairs_group_by_their_longer_half_and_count_both_halves_token
     assert Objective().tokens_in(batch) == 8 + 6
     moved = to_device(batch, torch.device("cpu"))
     assert torch.equal(moved["rejected"]["attention_mask"], batch["rejected"]["attention_mask"])
+
+
+def test_a_best_checkpoint_from_beyond_the_resumed_step_is_dropped(tmp_path):
+    """best/ written after the checkpoint a resume starts from (here step 5, resuming at 0) is not kept as the run's
+    best: the loop tracks the best afresh, so the final weights never come from steps it did not keep."""
+    from deltatune.training.checkpoint import read_json, write_checkpoint_dir
+
+    model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=2, lr=0.0, eval_every=1)
+    write_checkpoint_dir(loop.run_dir.best, {"model": {"layer.weight": torch.zeros(3, 4)}}, {"step": 5})
+    unbeatable = 2.0 if loop.objective.higher_is_better(loop.metric) else -1.0
+    loop.state.best_metric, loop.state.best_step = unbeatable, 5  # what the checkpoint's state said
+    state = loop.run()
+    assert state.best_step in (1, 2) and read_json(loop.run_dir.best / "state.json", "")["step"] == state.best_step
+
+
+def test_a_nan_validation_score_is_never_the_best(tmp_path, monkeypatch):
+    import deltatune.training.loop as loop_module
+
+    model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=3, lr=0.0, eval_every=1)
+    scores = iter([float("nan"), 0.5, 0.7] if loop.objective.higher_is_better(loop.metric) else [float("nan"), 0.7,
+                                                                                                     0.5])
+    monkeypatch.setattr(loop_module, "evaluate", lambda *_: {loop.metric: next(scores)})
+    assert loop.run().best_step == 3
+
+
+def test_batch_norm_without_affine_parameters_trains_its_statistics():
+    from deltatune.training.loop import set_train_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, affine=False), nn.BatchNorm1d(2))
+    model[2].requires_grad_(False)
+    set_train_mode(model)
+    assert model[1].training and not model[2].training  # frozen affine parameters freeze their statistics too
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """A linear decay gives every step another rate; the record of step s holds the one step s used."""
+    model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=3, lr=0.4, schedule="linear",
+                            log_every=1)
+    used = []
+    real_step = loop.optimizer.step
+
+    def recording_step():
+        used.append(loop.optimizer.param_groups[0]["lr"])
+        real_step()
+
+    loop.optimizer.step = recording_step
+    loop.run()
+    logged = [record["lr"] for record in map(json.loads, loop.run_dir.metrics_file.read_text().splitlines())
+              if record["type"] == "train"]
+    assert logged == pytest.approx(used) and len(used) == 3 and len(set(used)) == 3
+
+
+def test_fp16_scales_the_loss_skips_an_overflowing_step_and_checkpoints_its_scale(tmp_path):
+    """Gradients too large for the loss scale (1e35 · 65536 overflows) skip the step and halve the scale instead of
+    stopping the run as diverged; the scale is in the checkpoint, so a resume scales as the run would have."""
+    from deltatune.training.checkpoint import read_checkpoint_dir
+
+    model, loop = _toy_loop(tmp_path, batch_size=4, max_steps=2, lr=0.1, dtype="fp16", save_every=2)
+    real_loss = loop.objective.loss
+    loop.objective.loss = lambda model, batch: (lambda loss, stats: (loss * 1e35, stats))(*real_loss(model, batch))
+    start = model.layer.weight.detach().clone()
+    loop.run()
+    assert loop.scaler.is_enabled() and loop.scaler.get_scale() == 65536.0 / 4  # two skipped steps, halved twice
+    assert torch.equal(model.layer.weight, start)
+    tensors, _ = read_checkpoint_dir(loop.run_dir.checkpoints / "step-00000002")
+    assert float(tensors["grad_scaler"]["scale"]) == 65536.0 / 4

@@ -33,7 +33,7 @@ from deltatune.config.schema import ObjectiveConfig
 
 POLICY_DISABLED = "policy-disabled"  # the policy with its adapters disabled (deltatune.adapters.disabled)
 BASE = "base"  # POLICY_DISABLED when the method can disable itself, else a frozen copy of model.name
-LOWER_IS_BETTER = ("loss", "perplexity")  # metrics (besides an objective's main one) where smaller is better
+LOWER_IS_BETTER = ("loss", "perplexity", "divergence", "kl")  # metrics (besides the main one) where smaller is better
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ class Objective:
     models: ClassVar[dict[str, ModelRole]] = {}
     processor: Any = None  # the policy's tokenizer (or image processor), set by the runner before `setup`
     label_names: list[str] | None = None  # the data's class names (when it has them), set with `processor`
+    # The split `evaluate` is scoring ("validation", "test"; None for other data), set by the loop's evaluate() just
+    # before it calls: an objective that draws its own evaluation rows (episodes) needs to know whose.
+    evaluating: str | None = None
     # Loads another finished run's model, frozen, in eval mode, on the run's device (distillation's fold teachers);
     # set with `processor`, so objectives never import the runner that sits above them.
     load_run_model: Callable[[str], nn.Module] | None = None
@@ -194,7 +197,7 @@ class Objective:
 
     def higher_is_better(self, metric: str) -> bool:
         """Whether a larger `metric` is a better model: `greater_is_better` for the main metric, and for the others
-        every metric but a loss or perplexity (override when an objective reports other lower-is-better ones)."""
+        every metric but a loss, a perplexity or a divergence from a teacher or reference (LOWER_IS_BETTER)."""
         if metric == self.main_metric:
             return self.greater_is_better
         return metric not in LOWER_IS_BETTER

@@ -21,6 +21,7 @@ class Batches:
     examples: list[dict]
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
     group_by_length: bool = True
+    split: str | None = None  # "validation" or "test" for evaluation data: what Objective.evaluating says
 
     def lengths(self) -> list[int] | None:
         """Each example's padded length in tokens (None when the examples hold no token ids, e.g. images)."""

@@ -18,6 +18,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and distributed.launched_world_size() > 1:
+        raise UserError(f"train.device={name} would put every rank on one GPU; with several processes set "
+                        "train.device=cuda (each rank takes its own GPU, numbered by torchrun)")
     if device.type == "cuda" and device.index is None and distributed.launched_world_size() > 1:
         device = torch.device("cuda", distributed.local_rank())  # one GPU per rank, as torchrun numbers them
     if device.type == "cuda":
@@ -36,7 +39,9 @@ def resolve_device(name: str) -> torch.device:
 def autocast_context(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager:
     """Mixed precision where it pays: bf16 autocast on CUDA by default; fp32 on CPU (bf16 is ~7x slower there)."""
     if dtype_name == "auto":
-        dtype_name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # Emulated bf16 (GPUs before Ampere) is slower than fp32: auto takes bf16 only where the hardware has it.
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype_name = "bf16" if native else "fp32"
     if dtype_name == "fp32":
         return contextlib.nullcontext()
     # Names outside DTYPES never get here: the config parser refuses them.

@@ -26,8 +26,9 @@ from deltatune.objectives.base import Objective
 from deltatune.training.batches import Batches, example_length  # noqa: F401 - re-exported: callers import them here
 from deltatune.training.device import autocast_context, resolve_device, to_device  # noqa: F401 - re-exported
 from deltatune.training.checkpoint import prune_checkpoints, step_checkpoints, write_checkpoint_dir
-from deltatune.training.run_dir import RunDir
+from deltatune.training.run_dir import RunDir, drop_best_after
 from deltatune.training import sharding
+from deltatune.training.optimizer import layer_lr_scales, make_optimizer, restore_scaler, scaler_tensors  # noqa: F401
 from deltatune.training.schedule import make_scheduler
 from deltatune.training.state import (
     LoopState,
@@ -47,9 +48,9 @@ def set_train_mode(model: nn.Module) -> None:
     statistics, or a head-only CNN run would silently change the backbone."""
     model.train()
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+        parameters = list(module.parameters()) if isinstance(module, nn.modules.batchnorm._BatchNorm) else []
+        if parameters and not any(p.requires_grad for p in parameters):  # affine=False has none: it trains
+            module.eval()
 
 
 def evaluate(
@@ -58,51 +59,12 @@ def evaluate(
     """The objective's metrics over one split, in eval mode, without gradients."""
     was_training = model.training
     model.eval()
+    objective.evaluating = data.split
     with torch.no_grad(), autocast_context(device, cfg.dtype):
         metrics = objective.evaluate(model, (to_device(b, device) for b in data.in_order(cfg.eval_batch_size)))
     if was_training:
         set_train_mode(model)
     return metrics
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig,
-                   extra: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
-    """AdamW (or SGD, `train.optimizer`) over the model's trainable parameters and `extra` ones (an objective's
-    value head); biases and norm weights (1-D tensors) get no weight decay, as is standard for transformers; with
-    `layer_lr_decay` each depth gets its own learning rate (`layer_lr_scales`)."""
-    scales = layer_lr_scales(model, cfg.layer_lr_decay)
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    named = [*model.named_parameters(), *(("", param) for param in extra or [])]
-    for name, param in named:
-        if param.requires_grad:
-            groups.setdefault((param.ndim >= 2, scales.get(name, 1.0)), []).append(param)
-    parameter_groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
-                        for (decays, scale), params in sorted(groups.items(),
-                                                              key=lambda item: (not item[0][0], -item[0][1]))]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(parameter_groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(parameter_groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-
-
-def layer_lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:
-    """Parameter name -> learning-rate factor: decay^(L − 1 − i) in block i of L, decay^L before the blocks
-    (embeddings), 1 after them (final norm, head); {} without decay."""
-    if decay is None:
-        return {}
-    from deltatune.models.families import family_of
-
-    family = family_of(model)
-    total = family.num_blocks(model)
-    if total == 0:  # every factor would be decay^0: no decay at all, silently
-        raise UserError("train.layer_lr_decay needs a model whose blocks deltatune recognises (a transformers "
-                        "encoder or decoder); this one has none it can find: drop train.layer_lr_decay")
-    scales, seen_block = {}, False
-    for name, _ in model.named_parameters():  # registration order: embeddings, blocks, then what follows
-        index = family.block_index(name)
-        seen_block = seen_block or index is not None
-        depth = total - 1 - index if index is not None else (0 if seen_block or family.is_head(name) else total)
-        scales[name] = decay ** depth
-    return scales
 
 
 def plan_steps(num_examples: int, cfg: TrainConfig, objective: Objective | None = None) -> tuple[int, int]:
@@ -144,6 +106,9 @@ class TrainingLoop:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * cycle)
         self.optimizer = make_optimizer(model, cfg, objective.trainable_parameters())
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup, cfg.schedule, cycle)
+        # fp16 keeps small gradients from flushing to zero by scaling the loss; a step whose gradients overflow is
+        # skipped and the scale lowered (torch.amp's recipe). bf16 has fp32's exponent range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         self.save_every = cfg.save_every or self.eval_every
         self.metric = objective.main_metric if cfg.metric == "auto" else cfg.metric
@@ -170,6 +135,7 @@ class TrainingLoop:
         self.state = load_training_checkpoint(found[-1][1], self.model, self.method, self.optimizer, self.scheduler,
                                               extra)
         self.objective.load_state_tensors(extra.get("objective", {}))
+        restore_scaler(self.scaler, extra)
         self.pending = this_rank_steps(extra["rollout"]) if "rollout" in extra else None
         return True
 
@@ -178,6 +144,9 @@ class TrainingLoop:
 
         set_train_mode(self.model)
         self._same_start_on_every_rank()
+        if distributed.broadcast_object(distributed.is_main() and drop_best_after(self.run_dir, self.state.step)):
+            self.state.best_metric = self.state.best_step = None
+            self.state.evaluations_without_improvement = 0
         progress = tqdm(total=self.total_steps, initial=self.state.step,
                         disable=not self.cfg.progress or not distributed.is_main(),
                         desc="train", unit="step", dynamic_ncols=True)
@@ -194,7 +163,7 @@ class TrainingLoop:
                     self.pending, self.state.update = None, 0
                     self.state.group += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{stats['lr']:.2e}")
                 self._after_step(loss, stats)
                 if self.state.stopped_early:
                     break
@@ -274,20 +243,23 @@ class TrainingLoop:
         checkpoints."""
         started = time.perf_counter()
         total_loss, stats, tokens = 0.0, {}, 0
+        batches, shares = [], []
         for item in group:
-            weight = 1.0
             if isinstance(item, dict):
-                batch = item
+                batches.append(item)
+                shares.append(1.0)
             else:  # a global micro-batch of example indices: this rank computes its share (all of it alone)
-                indices, weight = distributed.share(item)
-                batch = self.train_data.collate([self.train_data.examples[i] for i in indices])
-                weight = self._share_weight(batch, weight)
+                indices, share = distributed.share(item)
+                batches.append(self.train_data.collate([self.train_data.examples[i] for i in indices]))
+                shares.append(share)
+        for batch, weight in zip(batches, self._unit_weights(batches, shares)):
             batch = to_device(batch, self.device)
             with autocast_context(self.device, self.cfg.dtype):
-                loss, stats = self.objective.loss(self.model, batch)
-            # Each micro-batch carries 1/len(group) of the step's loss, so accumulation equals one big batch.
-            (loss * (weight / len(group))).backward()
+                loss, batch_stats = self.objective.loss(self.model, batch)
+            self.scaler.scale(loss * (weight / len(group))).backward()
             total_loss += loss.item() * weight / len(group)
+            for key, value in batch_stats.items():  # weighted like the loss: the whole step's figure
+                stats[key] = stats.get(key, 0.0) + value * weight / len(group)
             tokens += self.objective.tokens_in(batch) if weight else 0
         params = self._trainable()
         # FSDP already averaged its shards' gradients in backward (reduce-scatter); the rest are averaged here.
@@ -296,11 +268,14 @@ class TrainingLoop:
         tokens = round(tokens * distributed.world_size())  # every rank's tokens, summed
         if not math.isfinite(total_loss):
             raise self._diverged(f"the loss is {total_loss}", self.state.step + 1)
+        self.scaler.unscale_(self.optimizer)  # true gradients before clipping (a no-op without fp16)
         if self.cfg.max_grad_norm:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-            if not math.isfinite(stats["grad_norm"]):
+            if not math.isfinite(stats["grad_norm"]) and not self.scaler.is_enabled():  # fp16: the step is skipped
                 raise self._diverged(f"the gradient norm is {stats['grad_norm']}", self.state.step + 1)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        stats["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step: the next's)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -309,15 +284,15 @@ class TrainingLoop:
         stats["tokens_per_s"] = tokens / max(1e-9, time.perf_counter() - started)
         return total_loss, stats
 
-    def _share_weight(self, batch: dict[str, Any], weight: float) -> float:
-        """This rank's weight for its share of a micro-batch: units_r · N / Σ units (rows, or the tokens a token-mean
-        loss averages over), so the ranks' mean of weighted losses is the micro-batch's own mean loss."""
-        ranks = distributed.world_size()
-        if ranks == 1:
-            return weight
-        units = self.objective.loss_units(batch) if weight else 0
-        total = distributed.sum_across_ranks(units)
-        return units * ranks / total if total else weight
+    def _unit_weights(self, batches: list[dict[str, Any]], shares: list[float]) -> list[float]:
+        """Each micro-batch's weight, units_i · M·N / Σ units over the step's M micro-batches on N ranks (its rows,
+        or the tokens a token-mean loss averages over): the mean of the weighted losses is then the loss of the
+        whole step's batch, so accumulation and ranks make the step one big batch makes, however the units fall
+        (micro-batches of 5 and 500 response tokens count by their tokens, as in Trainer since 4.46)."""
+        units = [self.objective.loss_units(batch) if share else 0 for batch, share in zip(batches, shares)]
+        total = distributed.sum_across_ranks(sum(units))
+        count = len(batches) * distributed.world_size()
+        return [unit * count / total for unit in units] if total else shares
 
     def _diverged(self, problem: str, step: int) -> TrainingDiverged:
         """The error that stops training before a non-finite loss or gradient turns every weight into nan."""
@@ -338,12 +313,11 @@ class TrainingLoop:
             self._check_weights_finite()  # nothing non-finite may reach best/ or a checkpoint
         main = distributed.is_main()  # the one rank that writes; all of them evaluate, so all decide alike
         if (step % self.cfg.log_every == 0 or last) and main:
-            self.run_dir.log({"type": "train", "step": step, "epoch": self._epoch_progress(), "loss": loss,
-                              "lr": self.scheduler.get_last_lr()[0], **stats})
+            self.run_dir.log({"type": "train", "step": step, "epoch": self._epoch_progress(), "loss": loss, **stats})
         if self.validation_data is not None and (step % self.eval_every == 0 or step == self.total_steps):
             self._evaluate_and_track()
         if step % self.save_every == 0 or step == self.total_steps or self.state.stopped_early:
-            extra = {"objective": self.objective.state_tensors()}
+            extra = {"objective": self.objective.state_tensors(), **scaler_tensors(self.scaler)}
             if self.pending is not None:
                 extra["rollout"] = every_rank_steps(self.pending)
             # Every rank takes part (RNG states and sharded weights are gathered); rank 0 alone writes.
@@ -372,7 +346,8 @@ class TrainingLoop:
         value = metrics[self.metric]
         greater = self.objective.higher_is_better(self.metric)  # the objective knows its metrics' direction
         best = self.state.best_metric
-        if best is None or (value > best if greater else value < best):
+        # A non-finite score is never best: nan would compare as no improvement forever after (and is saved as null).
+        if math.isfinite(value) and (best is None or (value > best if greater else value < best)):
             self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.evaluations_without_improvement = 0
             weights = weights_to_save(self.model, self.method)  # on every rank: sharded weights are gathered

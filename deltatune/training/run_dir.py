@@ -31,6 +31,10 @@ from deltatune.training.checkpoint import (
 )
 
 
+class RunDirTaken(UserError):
+    """A new run found its directory claimed by another run started at the same moment; nothing there is its own."""
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -43,14 +47,25 @@ class RunDir:
         with disk_writes(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_config(self, config_dict: dict[str, Any]) -> None:
+    def write_config(self, config_dict: dict[str, Any], claim: bool = False) -> None:
+        """Write config.yaml atomically. `claim` (a new run): only if no run wrote one first, else RunDirTaken; the
+        hard link fails when the name exists, so of two runs started at once exactly one owns the directory."""
         import yaml
 
         text = yaml.safe_dump(config_dict, sort_keys=False)
-        tmp = self.path / ".config.yaml.tmp"
+        tmp = self.path / f".config.yaml.{os.getpid()}.tmp"
         with disk_writes(self.path / "config.yaml"):
             tmp.write_text(text)
-            os.replace(tmp, self.path / "config.yaml")
+            try:
+                if claim:
+                    os.link(tmp, self.path / "config.yaml")
+                else:
+                    os.replace(tmp, self.path / "config.yaml")
+            except FileExistsError:
+                raise RunDirTaken(f"another run started in {self.path} at the same time and owns it; set run_name to "
+                                  "a new name (or leave it out) and run again") from None
+            finally:
+                tmp.unlink(missing_ok=True)
             fsync_dir(self.path)
 
     def check_is_run(self) -> None:
@@ -116,6 +131,22 @@ class RunDir:
             lines.append(f"- **{key}**: {_fmt(value)}")
         with disk_writes(self.path / "summary.md"):
             (self.path / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def drop_best_after(run_dir: RunDir, step: int) -> bool:
+    """Remove best/ (and its .old copy) when it was written after `step`, the checkpoint a resume continues from:
+    evaluations between checkpoints, or a kill between the two writes, leave a best/ from steps the resumed run
+    redoes, and a run resumed to a lower max_steps would otherwise end with weights from beyond its budget. True
+    when something was removed (the loop then tracks the best afresh)."""
+    import shutil
+
+    dropped = False
+    for folder in (run_dir.best, run_dir.best.with_name(f".{run_dir.best.name}.old")):
+        state = folder / "state.json"
+        if state.is_file() and read_json(state, f"delete {folder} and run again").get("step", 0) > step:
+            shutil.rmtree(folder)
+            dropped = True
+    return dropped
 
 
 def holds_weights(directory: Path) -> bool:

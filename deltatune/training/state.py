@@ -207,6 +207,8 @@ def rng_states() -> dict[str, torch.Tensor]:
     local = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         local.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if torch.backends.mps.is_available():  # dropout on an Apple GPU draws from its own generator
+        local["mps"] = torch.mps.get_rng_state()
     return every_rank(local)
 
 
@@ -221,6 +223,8 @@ def restore_rng_states(rng: dict[str, torch.Tensor]) -> None:
         torch.manual_seed(1_000_003 * index + int(rng["cpu"][:8].sum()))
         return
     torch.set_rng_state(mine["cpu"])
-    cuda_states = [mine[f"cuda{i}"] for i in range(len(mine) - 1) if f"cuda{i}" in mine]
+    cuda_states = [mine[f"cuda{i}"] for i in range(len(mine)) if f"cuda{i}" in mine]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
+    if "mps" in mine and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(mine["mps"])

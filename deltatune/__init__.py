@@ -50,11 +50,14 @@ def apply(model: nn.Module, config: MethodConfig | dict[str, Any], family: str =
     output's `.loss` (so include labels). Such a method given no calibration is a UserError; the model is then
     left untouched."""
     from deltatune.methods import get_method
+    from deltatune.methods.shared.model_surgery import check_unmerged
     from deltatune.models.families import family_of
 
     method_cfg = method_config(config)
     method = get_method(method_cfg.name)(method_cfg)
     method.check_model_kind(model)
+    if type(method).named_adapters:  # beside a merged adapter a new one would never train, or unmerge it silently
+        check_unmerged(model, getattr(method, "adapter_name", "default"))
     reason = method.calibration_needed()
     if calibration is None and reason is not None:
         raise UserError(f"{reason}: pass calibration=<a few batches> to deltatune.apply (and loss_fn= unless "

@@ -32,6 +32,7 @@ from deltatune.methods.shared.model_surgery import (
     adapter_names,
     base_modules,
     check_new_name,
+    check_unmerged,
     replace_module,
     require_adapters,
     set_adapter,
@@ -283,6 +284,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
             raise UserError(f"{required} not found; give a directory written by save_adapter or peft's save_pretrained")
     config = read_json_object(config_path, "re-save the adapter")
     check_new_name(model, name)
+    check_unmerged(model, name)
     file_format = _format_for(str(config.get("peft_type")))
     prefix = getattr(file_format, "peft_key_prefix", PEFT_PREFIX)
     tensors = {key.removeprefix(prefix): tensor for key, tensor in read_safetensors(weights_path).items()}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import deltatune
+from deltatune.config.loader import config_to_dict
 from deltatune.errors import UserError
 from deltatune.methods import available_methods, get_method
 from deltatune.models.families import family_of
@@ -88,6 +89,52 @@ def test_merge_is_refused_and_changes_nothing(name):
     assert "\n" not in str(error.value)
     assert_unchanged(case.model, tensors)
     assert torch.equal(case.run(), expected)
+
+
+@pytest.mark.parametrize("name", sorted(set(declaring("named_adapters")) & set(declaring("mergeable"))))
+def test_a_new_adapter_on_a_merged_model_is_refused(name):
+    """Activated on merged layers, a new adapter would either stay out of the graph (it never trains) or unmerge
+    them (the merged adapter's effect gone), silently; it is refused, the model left as it was."""
+    case = tiny_case("llama", name)
+    add_adapter(name, case.model, seed=1)
+    deltatune.merge(case.model)
+    expected, tensors = case.run(), snapshot(case.model)
+    trainable = {key: param.requires_grad for key, param in case.model.named_parameters()}
+    with pytest.raises(UserError, match=r"merged into this model's weights.*deltatune.unmerge\(model\) first") as error:
+        add_adapter(name, case.model, seed=2, adapter_name="second")
+    assert "\n" not in str(error.value)
+    assert_unchanged(case.model, tensors)
+    assert {key: param.requires_grad for key, param in case.model.named_parameters()} == trainable
+    assert torch.equal(case.run(), expected)
+
+
+@pytest.mark.parametrize("name", declaring("named_adapters"))
+def test_no_adapter_is_added_or_loaded_beside_a_merged_lora(name, tmp_path):
+    """deltatune.apply and load_adapter refuse every named-adapter method on a model with merged layers (a bottleneck
+    or a prompt would otherwise unmerge the LoRA silently on activation)."""
+    case = tiny_case("llama", "lora")
+    add_adapter("lora", case.model, seed=1)
+    deltatune.save_adapter(case.model, tmp_path / "saved")
+    deltatune.merge(case.model)
+    config = config_to_dict(get_method(name).contract_config())
+    with pytest.raises(UserError, match=r"merged into this model's weights"):
+        deltatune.apply(case.model, {**config, "name": name})
+    with pytest.raises(UserError, match=r"merged into this model's weights"):
+        deltatune.load_adapter(case.model, tmp_path / "saved", name="again")
+
+
+@pytest.mark.parametrize("name", declaring("named_adapters"))
+def test_a_combined_adapter_is_frozen_like_a_loaded_one(name):
+    """add_weighted_adapter makes a result to use: what trained before still trains, the combination does not."""
+    case = tiny_case("llama", name)
+    add_adapter(name, case.model, seed=1)
+    trainable = {key for key, param in case.model.named_parameters() if param.requires_grad}
+    try:
+        deltatune.add_weighted_adapter(case.model, deltatune.adapters.adapter_names(case.model), [0.5], "mix")
+    except UserError as error:  # adapters whose update is not linear in their weights (bottleneck, DoRA)
+        pytest.skip(f"{name} adapters do not combine: {error}")
+    combined = [key for key, _ in case.model.named_parameters() if ".mix." in key]
+    assert combined and {key for key, param in case.model.named_parameters() if param.requires_grad} == trainable
 
 
 @pytest.mark.parametrize("name", declaring("saves_adapter_files"))

@@ -13,7 +13,7 @@ from deltatune.errors import UserError
 from deltatune.methods.lora.fused_linear import keep_mask
 from deltatune.methods.lora.layers_per_type import LoRAConv2d, LoRAEmbedding, LoRALinear
 from deltatune.methods.lora.lora import LoRA, LoRAConfig
-from deltatune.methods.lora.lora_layer import LoRALayer, LoRASettings
+from deltatune.methods.lora.lora_layer import MAGNITUDE_KEY, LoRALayer, LoRASettings
 from deltatune.models import ImageClassifier
 from deltatune.models.families import family_of
 from tests.helpers import (
@@ -135,6 +135,26 @@ def test_dora_magnitude_starts_at_weight_norm_and_output_is_unchanged():
     deltatune.apply(model, {"name": "dora", "target_modules": ["0"], "modules_to_save": []})
     assert torch.allclose(model[0].lora_magnitude_vector["default"], model[0].base_layer.weight.norm(dim=1))
     assert torch.equal(model(x), before)
+
+
+def test_dora_magnitude_from_a_file_takes_the_layer_dtype():
+    layer = LoRALinear(nn.Linear(6, 4))  # fp32: A and B are copied into fp32 factors, the magnitude must follow
+    tensors = {"lora_A.weight": torch.randn(2, 6, dtype=torch.float16),
+               "lora_B.weight": torch.randn(4, 2, dtype=torch.float16), MAGNITUDE_KEY: torch.rand(4).half() + 1}
+    layer.add_adapter("loaded", LoRASettings(r=2, lora_alpha=4, use_dora=True), tensors)
+    assert layer.lora_magnitude_vector["loaded"].dtype == torch.float32
+
+
+def test_dora_merge_ratio_follows_the_model_and_stays_out_of_its_files():
+    """The ratio kept to unmerge exactly moves with `.to()` (a merge on GPU, `.cpu()`, unmerge) and is never saved."""
+    model = known_linear(use_dora=True)
+    keys = set(model.state_dict())
+    deltatune.merge(model)
+    assert set(model.state_dict()) == keys
+    model.to(torch.float64)
+    assert model[0]._merged_ratio.dtype == torch.float64
+    deltatune.unmerge(model)
+    assert torch.allclose(model[0].base_layer.weight, W.double(), atol=1e-6)
 
 
 # ---- merge / multi-adapter (the contract suites check every method's defaults: tests/test_adapter_contracts.py) --
@@ -297,6 +317,7 @@ def test_save_load_round_trip(tmp_path):
     ("alora_invocation_tokens", [5, 6], r"uses PEFT's alora_invocation_tokens, which deltatune does not support"),
     ("trainable_token_indices", [1, 2], r"uses PEFT's trainable_token_indices"),
     ("init_lora_weights", "pissa_niter_4", r"init_lora_weights='pissa_niter_4', which also changed the base"),
+    ("lora_dropout", 0.999999, r"the adapter's lora_dropout must be in \[0, 1\) with 1 - p at least 2\^-17"),
 ])
 def test_peft_options_that_change_the_computation_are_refused(tmp_path, option, value, message):
     model = seeded(tiny_bert, 3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.methods.lora.fused_linear import fused_lora_linear, keep_mask
+from deltatune.methods.lora.fused_linear import fused_lora_linear, keep_mask, keep_probability
 
 
 def composed(x, weight, bias, lora_A, lora_B, scaling, keep, p, fan_in_fan_out):
@@ -82,8 +82,18 @@ def test_keep_mask_rate_is_unbiased(p):
         assert abs(keep[word::4].float().mean().item() - q) < tolerance
 
 
+def test_keep_mask_keeps_everything_when_the_dropout_rounds_to_zero():
+    """p < 2⁻¹⁷ rounds to q = 1: every element kept (the int16 bound 2¹⁵ would wrap and drop them all), and the
+    layer computes what it does without dropout. A p whose q rounds to 0 is refused by the config (the contract
+    cases of LoRA.contract_bad_options); here its q is 0."""
+    keep, q = keep_mask((1000,), 1e-6, torch.device("cpu"))
+    assert q == 1.0 and keep.all()
+    x, weight, bias, lora_A, lora_B = make(False, True)
+    torch.testing.assert_close(fused_lora_linear(x, weight, bias, lora_A, lora_B, 0.7, 1e-6, False),
+                               fused_lora_linear(x, weight, bias, lora_A, lora_B, 0.7, 0.0, False), rtol=0, atol=0)
+    assert keep_probability(0.999999) == 0.0
 
-def test_lora_layer_uses_fused_path_and_composed_path_agrees():
+
     """The same LoRA model through the fused function and through the composed path (forced by autocast off →
     a trainable base weight) gives the same outputs and adapter gradients."""
     torch.manual_seed(0)

@@ -163,6 +163,21 @@ def test_bitfit_trains_biases_and_head_only():
         assert param.requires_grad == (name.endswith(".bias") or family.is_head(name)), name
 
 
+def test_bitfit_refuses_a_model_without_biases_rather_than_training_only_the_new_head():
+    """A Llama classifier has no bias at all, only its new `score` head would train: a linear probe, not BitFit."""
+    from transformers import LlamaForSequenceClassification
+
+    config = tiny_llama().config  # attention_bias and mlp_bias are off, as in Llama
+    config.num_labels = 3
+    model = LlamaForSequenceClassification(config)
+    tensors, trainable = snapshot(model), {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(UserError, match="bitfit found no bias parameters outside the task head") as error:
+        apply_default("bitfit", model)
+    assert "\n" not in str(error.value)
+    assert_unchanged(model, tensors)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+
+
 def test_freeze_last_blocks_and_patterns():
     from deltatune.methods.selective.freeze import Freeze, FreezeConfig
 

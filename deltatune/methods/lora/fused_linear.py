@@ -47,11 +47,26 @@ def keep_mask(shape: torch.Size | tuple[int, ...], dropout: float, device: torch
     is kept as bool (one byte per element between forward and backward) and turned into a float factor only where
     it multiplies (`as_factor`).
     """
+    threshold = _keep_threshold(dropout)
+    if threshold == 1 << MASK_BITS:
+        # p < 2⁻¹⁷ rounds to keeping everything, and the int16 comparison below cannot say so: its bound would be
+        # 2¹⁵, which wraps to -2¹⁵ and drops every element.
+        return torch.ones(shape, dtype=torch.bool, device=device), 1.0
     count = math.prod(shape)
-    threshold = round((1.0 - dropout) * (1 << MASK_BITS))
     words = random_words((count + 3) // 4, device).view(torch.int16)[:count]
     keep = words < threshold - (1 << (MASK_BITS - 1))
     return keep.view(shape), threshold / (1 << MASK_BITS)
+
+
+def keep_probability(dropout: float) -> float:
+    """The q `keep_mask` uses for dropout p. It is 0 when 1-p < 2⁻¹⁷, and no 1/q rescale survives that, so
+    configs refuse such a p."""
+    return _keep_threshold(dropout) / (1 << MASK_BITS)
+
+
+def _keep_threshold(dropout: float) -> int:
+    """q·2¹⁶, in [0, 2¹⁶]."""
+    return min(max(round((1.0 - dropout) * (1 << MASK_BITS)), 0), 1 << MASK_BITS)
 
 
 def random_words(count: int, device: torch.device) -> Tensor:

@@ -29,9 +29,9 @@ from deltatune.methods import register_method
 from deltatune.methods.base import Method, set_trainable
 from deltatune.methods.lora import peft_format
 from deltatune.methods.lora.layers_per_type import SUPPORTED_TYPES, LoRALinear, layer_class_for, wrap
-from deltatune.methods.lora.lora_layer import LoRALayer, LoRASettings
+from deltatune.methods.lora.lora_layer import LoRALayer, LoRASettings, check_dropout
 from deltatune.methods.shared.layer_selection import LayerSelectionConfig, SelectsLayers
-from deltatune.methods.shared.model_surgery import base_modules, check_new_name, set_adapter
+from deltatune.methods.shared.model_surgery import base_modules, check_new_name, check_unmerged, set_adapter
 from deltatune.methods.shared.modules_to_save import ModulesToSaveLayer, add_copies, choose_modules_to_save
 from deltatune.methods.shared.protocol import AdapterLayer
 from deltatune.methods.shared.targets import TargetRule, choose_targets
@@ -72,7 +72,7 @@ class LoRA(SelectsLayers, Method):
 
     @classmethod
     def contract_bad_options(cls) -> list[tuple[str, Any]]:
-        return [("r", 0), ("lora_alpha", -1), ("lora_dropout", 1.0), ("bias", "some"),
+        return [("r", 0), ("lora_alpha", -1), ("lora_dropout", 1.0), ("lora_dropout", 0.999999), ("bias", "some"),
                 ("init_lora_weights", "orthogonal"), ("rank_pattern", {"q_proj": 0}), ("alpha_pattern", {"(": 4}),
                 ("target_modules", ["no_such_module"]), ("modules_to_save", ["no_such_head"])]
 
@@ -80,6 +80,7 @@ class LoRA(SelectsLayers, Method):
         config: LoRAConfig = self.config  # type: ignore[assignment]
         validate(config)
         check_new_name(model, self.adapter_name)
+        check_unmerged(model, self.adapter_name)
         saved = choose_modules_to_save(model, family, config.modules_to_save)
         targets = target_modules(model, family, config, excluded=saved)
         targets = self.prepare_targets(model, family, targets, saved)
@@ -118,8 +119,7 @@ def validate(config: LoRAConfig) -> None:
     for pattern, value in config.alpha_pattern.items():
         _check_regex("method.alpha_pattern", pattern)
         _check_alpha(f"method.alpha_pattern[{pattern!r}]", value)
-    if not 0.0 <= config.lora_dropout < 1.0:
-        raise UserError(f"method.lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    check_dropout("method.lora_dropout", config.lora_dropout)
     if config.bias not in ("none", "all", "lora_only"):
         raise UserError(f"method.bias must be none, all or lora_only, got {config.bias!r}")
     if config.init_lora_weights not in (True, False, "gaussian"):

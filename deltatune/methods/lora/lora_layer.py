@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import UserError
 from deltatune.methods.base import WrapperLayer
+from deltatune.methods.lora.fused_linear import keep_probability
 from deltatune.methods.shared.switch import MergeableSwitch
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
@@ -53,6 +54,15 @@ class LoRASettings:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+def check_dropout(key: str, value: float) -> None:
+    """A one-line UserError unless `value` is a usable lora_dropout: in [0, 1), and not so close to 1 that the keep
+    probability, drawn to 16 bits (`fused_linear.keep_mask`), rounds to 0 and the 1/q rescale divides by it."""
+    in_range = not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value < 1.0
+    if not in_range or keep_probability(value) == 0.0:
+        raise UserError(f"{key} must be in [0, 1) with 1 - p at least 2^-17 (some inputs kept), got {value!r}; "
+                        f"e.g. 0.05")
+
+
 class LoRALayer(MergeableSwitch, WrapperLayer):
     """Shared bookkeeping, forward, DoRA, merge and combination; subclasses supply the base-type specifics."""
 
@@ -65,7 +75,10 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.settings: dict[str, LoRASettings] = {}
         self.merged: str | None = None  # the adapter currently folded into the base weight
-        self._merged_ratio: Tensor | None = None  # DoRA: m/‖W+ΔW‖ at merge time, needed to unmerge exactly
+        # DoRA: m/‖W+ΔW‖ at merge time, needed to unmerge exactly. A buffer so that it follows `.to()` / `.cpu()`
+        # with the weight it divides; non-persistent so that state_dict and saved files never hold it.
+        self._merged_ratio: Tensor | None
+        self.register_buffer("_merged_ratio", None, persistent=False)
 
     # ---- per base type -------------------------------------------------------------------------------------
     @classmethod
@@ -129,7 +142,12 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
                 lora_B.copy_(tensors[self.factor_keys[1]])
             if settings.use_dora:
                 # m starts at ‖W + s·B·A‖, so the layer's output is exactly the plain LoRA output at init.
-                magnitude = self._weight_norm(name) if tensors is None else tensors[MAGNITUDE_KEY].reshape(-1)
+                if tensors is None:
+                    magnitude = self._weight_norm(name)
+                else:
+                    # A file's tensor comes in the file's dtype, on the CPU (safetensors): give it the layer's, as
+                    # copy_ gives A and B, or it trains in fp16 or meets CUDA tensors in the first forward.
+                    magnitude = tensors[MAGNITUDE_KEY].reshape(-1).to(device=lora_A.device, dtype=lora_A.dtype)
                 self.lora_magnitude_vector[name] = nn.Parameter(magnitude.clone())
 
     def adapter_names(self) -> list[str]:
@@ -257,6 +275,10 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
         settings = replace(first, r=rank, lora_alpha=float(rank), use_rslora=False, use_dora=False)
         self.add_adapter(new_name, settings, {self.factor_keys[0]: torch.cat(factors_A, 0),
                                               self.factor_keys[1]: torch.cat(factors_B, 1)})
+        # Frozen, like a loaded adapter (and like the other layers' combinations): a combination is a result to
+        # use, not a start that an optimizer over all trainable parameters should silently move.
+        for param in self.adapter_parameters(new_name):
+            param.requires_grad_(False)
 
     def extra_repr(self) -> str:
         described = ", ".join(f"{name}: r={s.r}{' dora' if s.use_dora else ''}" for name, s in self.settings.items())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from deltatune.errors import UserError, closest_names
 from deltatune.methods.lora.layers_per_type import SUPPORTED_TYPES, layer_class_for, wrap
-from deltatune.methods.lora.lora_layer import MAGNITUDE_KEY, LoRALayer, LoRASettings
+from deltatune.methods.lora.lora_layer import MAGNITUDE_KEY, LoRALayer, LoRASettings, check_dropout
 from deltatune.methods.shared.model_surgery import base_modules
 from deltatune.methods.shared.protocol import AdapterLayer
 
@@ -146,11 +146,13 @@ def _plan_module(modules: dict[str, nn.Module], module_name: str, parts: dict[st
             want = expected.get(key, "no such tensor")
             raise UserError(f"{module_name}.{key}: the adapter's shape {tuple(tensor.shape)} does not fit the "
                             f"model's {want}; it was saved for a different base model")
+    dropout = float(config.get("lora_dropout") or 0.0)
+    check_dropout("the adapter's lora_dropout", dropout)  # the file is input too: training with it divides by 1-p
     settings = LoRASettings(
         r=int(parts[key_A].shape[0]),
         lora_alpha=float(pattern_value(config.get("alpha_pattern") or {}, module_name, config.get("lora_alpha", 8))),
         use_rslora=bool(config.get("use_rslora", False)),
-        lora_dropout=float(config.get("lora_dropout") or 0.0),
+        lora_dropout=dropout,
         use_dora=MAGNITUDE_KEY in parts,
     )
     return module_name, module, settings, parts

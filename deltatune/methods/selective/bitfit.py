@@ -36,8 +36,13 @@ class BitFit(Method):
 
     def apply(self, model: nn.Module, family: Family) -> None:
         config: BitFitConfig = self.config  # type: ignore[assignment]
-        trained = set_trainable(
-            model, lambda name: name.endswith(".bias") or (config.train_head and family.is_head(name))
-        )
-        if trained == 0:
-            raise UserError("method bitfit found no bias parameters in this model; choose another method")
+        # Counted apart from the head: on a model without biases (Llama, Qwen2) but with a new head, the head alone
+        # would train, a linear probe rather than BitFit. Checked before anything is frozen.
+        if not any(_is_bias(name) and not family.is_head(name) for name, _ in model.named_parameters()):
+            raise UserError("method bitfit found no bias parameters outside the task head in this model (e.g. "
+                            "Llama has none); choose another method, e.g. lora")
+        set_trainable(model, lambda name: _is_bias(name) or (config.train_head and family.is_head(name)))
+
+
+def _is_bias(name: str) -> bool:
+    return name.endswith(".bias")

@@ -62,7 +62,7 @@ from deltatune.methods import register_method
 from deltatune.methods.base import LossFunction, Method, set_trainable
 from deltatune.methods.selective.sparse_layer import SparseDelta, SparseDeltaLayer, wrap
 from deltatune.methods.shared.gradient_scores import calibration_scores
-from deltatune.methods.shared.model_surgery import adapter_layers, check_new_name, set_adapter
+from deltatune.methods.shared.model_surgery import adapter_layers, check_new_name, check_unmerged, set_adapter
 from deltatune.methods.shared.modules_to_save import add_copies, choose_modules_to_save
 from deltatune.methods.shared.protocol import AdapterLayer
 from deltatune.methods.shared.targets import TargetRule, choose_targets, is_conv1d
@@ -114,6 +114,7 @@ class Sparse(Method):
         config: SparseConfig = self.config  # type: ignore[assignment]
         validate(config)
         check_new_name(model, self.adapter_name)
+        check_unmerged(model, self.adapter_name)
         saved = choose_modules_to_save(model, family, config.modules_to_save)
         targets = target_modules(model, family, config, excluded=saved)
         set_trainable(model, lambda name: False)  # the base and earlier adapters stay frozen

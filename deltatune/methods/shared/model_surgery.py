@@ -12,6 +12,7 @@ from torch import nn
 
 from deltatune.errors import UserError
 from deltatune.methods.shared.protocol import AdapterLayer
+from deltatune.methods.shared.switch import MergeableSwitch
 
 
 def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -52,6 +53,18 @@ def check_new_name(model: nn.Module, name: str) -> None:
         raise UserError(f"adapter name {name!r} is not valid; use a non-empty name without dots (e.g. 'default')")
     if name in adapter_names(model):
         raise UserError(f"the model already has an adapter named {name!r}; choose another name or delete_adapter it")
+
+
+def check_unmerged(model: nn.Module, name: str) -> None:
+    """A UserError if an adapter is merged into `model`'s weights, before new adapter `name` is applied: activating
+    it would keep the layers merged (the new adapter outside the graph, so it never trains) or unmerge them
+    (dropping the merged adapter's effect), both silently."""
+    merged = [module for module, layer in adapter_layers(model).items()
+              if isinstance(layer, MergeableSwitch) and layer.merged is not None]
+    if merged:
+        raise UserError(f"cannot add adapter {name!r}: adapters are merged into this model's weights (e.g. at "
+                        f"{merged[0]}); call deltatune.unmerge(model) first, or merge_and_unload it to adapt the "
+                        f"merged model")
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -67,7 +67,7 @@ def run_task(config: RunConfig) -> Task:
 def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
     from deltatune.models import load_processor
-    from deltatune.models.positions import check_max_length
+    from deltatune.models.positions import check_max_length, virtual_token_count
     from deltatune.tasks import build_datasets
 
     start_seeded(config)
@@ -82,7 +82,7 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
                         f"raise model.num_labels or leave it unset")
     model, method = build_model(config, task, num_labels)
-    check_max_length(model, config.data.max_length, processor)
+    check_max_length(model, config.data.max_length, processor, virtual_token_count(method.config))
     device = resolve_device(config.train.device)
     return Prepared(config, model.to(device), method, objective, task.name, data, device, processor, num_labels)
 
@@ -147,7 +147,8 @@ def metrics_on_splits(model: nn.Module, objective: Objective, data: Any, train_c
     for split in ("validation", "test"):
         examples = getattr(data, split)
         if examples:
-            results[split] = evaluate(model, objective, Batches(examples, data.collate), train_config, device)
+            results[split] = evaluate(model, objective, Batches(examples, data.collate, split=split), train_config,
+                                      device)
     return results
 
 
@@ -155,5 +156,5 @@ def metrics_on_splits(model: nn.Module, objective: Objective, data: Any, train_c
 def format_metrics(label: str, metrics: dict[str, dict[str, float]]) -> str:
     # A metric saved as null (non-finite, see run_dir) reads back as None.
     parts = [f"{split} " + " ".join(f"{k}={v if v is None else format(v, '.4f')}" for k, v in values.items())
-             for split, values in metrics.items()]
+             for split, values in metrics.items() if values]  # {}: a split the objective could not score
     return f"{label}: " + " | ".join(parts)

@@ -18,7 +18,7 @@ def tiny_config(root: Path) -> str:
                                                 for i in range(80)])
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({"model": {"name": "tests.tiny_models:tiny_bert", "task": "classification"},
-                                      "data": {"name": str(data)},
+                                      "data": {"name": str(data), "max_length": 64},  # room for virtual tokens
                                       "train": {"epochs": 2, "batch_size": 8, "num_threads": 1}}))
     return str(config)
 

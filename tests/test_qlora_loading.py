@@ -1,10 +1,14 @@
 """QLoRA quantising while loading (`deltatune.models.streaming`): the same model as loading fp32 then quantising,
 built one Linear at a time, and the fallbacks when the checkpoint does not fit the streaming path."""
 
+import json
+
+import pytest
 import torch
 from torch import nn
 
 from deltatune.config.schema import ModelConfig
+from deltatune.errors import UserError
 from deltatune.methods.lora.qlora import QLoRA, QLoRAConfig
 from deltatune.methods.lora.qlora_layers import NF4Linear
 from deltatune.models import load_model, streaming
@@ -87,3 +91,52 @@ def test_layer_selection_quantises_after_loading(tmp_path):
     _saved(tmp_path)
     skeleton = tiny_llama()
     assert QLoRA(QLoRAConfig(layers=[1])).convert_while_loading(skeleton, family_of(skeleton)) == {}
+
+
+def _quantised(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, NF4Linear)}
+
+
+def test_a_tied_lm_head_chosen_as_a_target_stays_tied_and_unquantised_on_both_paths(tmp_path):
+    # The skeleton is built without init_weights (which ties the head): untied, lm_head would look like any
+    # other frozen Linear and be quantised on this path only.
+    config = _saved(tmp_path)
+    targets = ["q_proj", "v_proj", "lm_head"]
+    streamed = _build(config, QLoRA(QLoRAConfig(r=4, target_modules=targets)))
+    loaded = _build(config, QLoRA(QLoRAConfig(r=4, target_modules=targets)), stream=False)
+    assert _quantised(streamed) == _quantised(loaded) and len(_quantised(streamed)) == 14
+    assert "lm_head" not in _quantised(streamed)
+    assert streamed.lm_head.base_layer.weight is streamed.model.embed_tokens.weight
+
+
+def test_a_config_tying_a_head_the_checkpoint_stores_apart_loads_as_from_pretrained(tmp_path):
+    # from_pretrained keeps a stored head that differs from the embeddings; tying it would replace the loaded head.
+    config = _saved(tmp_path, tie_word_embeddings=False)
+    settings = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**settings, "tie_word_embeddings": True}))
+    streamed = _build(config, QLoRA(QLoRAConfig(r=4, lora_dropout=0.0)))
+    loaded = _build(config, QLoRA(QLoRAConfig(r=4, lora_dropout=0.0)), stream=False)
+    assert streamed.lm_head.weight is not streamed.model.embed_tokens.weight
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    streamed.eval(), loaded.eval()
+    assert torch.equal(streamed(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_the_streaming_path_refuses_an_adapter_inside_the_model_directory(tmp_path):
+    config = _saved(tmp_path)
+    (tmp_path / "model" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="also holds adapter_config.json"):
+        _build(config, QLoRA(QLoRAConfig(r=4)))
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{not json", "cannot read"),
+    (json.dumps({"metadata": {}}), "has no weight_map"),
+    (json.dumps({"weight_map": {"lm_head.weight": "../model.safetensors"}}), "outside its folder"),
+])
+def test_the_streaming_path_refuses_a_bad_shard_index(tmp_path, index, message):
+    config = _saved(tmp_path)
+    (tmp_path / "model" / "model.safetensors").rename(tmp_path / "model" / "model-00001-of-00001.safetensors")
+    (tmp_path / "model" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(UserError, match=message):
+        _build(config, QLoRA(QLoRAConfig(r=4)))

@@ -67,13 +67,14 @@ def load_transformers_model(
     # use_safetensors=True: transformers must never fall back to a pickle on its own
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": pickle_file is None, "weights_only": True}
     if task.labelled:
-        # A checkpoint fine-tuned for another label count gets a fresh head instead of a size-mismatch crash.
-        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+        # A checkpoint fine-tuned for another label count gets a fresh head instead of a size-mismatch crash; the
+        # loading info says what was re-initialised, so anything outside the head is refused below.
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True)
     try:
         with quiet_transformers(), warnings.catch_warnings():
             # torch warns on stderr about pickle protocols it did not write; the refusal below says what matters
             warnings.filterwarnings("ignore", module="torch._weights_only_unpickler")
-            model = auto.from_pretrained(directory, **kwargs)
+            loaded = auto.from_pretrained(directory, **kwargs)
     except Exception as exc:
         if pickle_file is None:
             raise  # safetensors were checked up front: a failure here is not the file's fault
@@ -81,7 +82,31 @@ def load_transformers_model(
         raise UserError(f"torch's weights-only loader refused {pickle_file} ({type(exc).__name__}: {brief(exc)}); "
                         f"it is damaged or holds more than tensors: do not use it, get the weights as "
                         f"safetensors") from None
+    if not task.labelled:
+        return loaded
+    model, info = loaded
+    _check_mismatched_sizes(model, info.get("mismatched_keys", ()), directory)
     return model
+
+
+def _check_mismatched_sizes(model: nn.Module, mismatched: Any, directory: Path) -> None:
+    """UserError when a tensor outside the task head (the family table's `head` patterns) had another shape in the
+    checkpoint than the config gives it: `ignore_mismatched_sizes` re-initialised it at random, which is right for a
+    head sized to other labels and silently wrong anywhere else (e.g. a raised max_position_embeddings).
+
+    `mismatched`: transformers' loading info, (name, checkpoint shape, model shape) per tensor.
+    """
+    from deltatune.models.families import family_of
+
+    family = family_of(model)
+    outside = sorted((str(name), tuple(saved), tuple(wanted)) for name, saved, wanted, *_ in mismatched
+                     if not family.is_head(str(name)))
+    if outside:
+        name, saved, wanted = outside[0]
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise UserError(f"{name} has shape {saved} in the checkpoint in {directory} but {wanted} under its "
+                        f"config.json{more}; only the task head may differ: restore config.json's sizes to the "
+                        f"checkpoint's (e.g. max_position_embeddings) or use a checkpoint of those sizes")
 
 
 def load_tokenizer(directory: Path, **kwargs: Any) -> Any:

@@ -5,6 +5,10 @@ an index error in the middle of training (or, on CUDA, a device-side assert), at
 models (Llama) do not crash but were never trained at those distances. The tokenizer's `model_max_length` can be
 stricter than the table (RoBERTa keeps 2 of its 514 rows for padding offsets and says 512), so the smaller of the
 two sane values is the limit.
+
+Virtual tokens count against it: prompt tuning and P-tuning put them before the input (n + L positions), prefix
+tuning and P-tuning v2 start the real tokens at position L; either way the last real token sits at position n + L.
+A dual encoder's limit is its text tower's, with the text tokenizer's.
 """
 
 from __future__ import annotations
@@ -36,15 +40,40 @@ def position_limit(model: nn.Module, tokenizer: Any = None) -> tuple[int, str] |
     return min(candidates) if candidates else None
 
 
-def check_max_length(model: nn.Module, max_length: int, tokenizer: Any = None) -> None:
-    """UserError when `max_length` (data.max_length) exceeds what the model takes (see `position_limit`).
+def check_max_length(model: nn.Module, max_length: int, tokenizer: Any = None, virtual_tokens: int = 0) -> None:
+    """UserError when `max_length` (data.max_length) plus the method's `virtual_tokens` exceeds what the model takes
+    (see `position_limit`).
 
     Called once the model is loaded; image models and models that state no limit pass.
     """
+    model, tokenizer = _text_side(model, tokenizer)
     limit = position_limit(model, tokenizer)
-    if limit is not None and max_length > limit[0]:
+    if limit is None or max_length + virtual_tokens <= limit[0]:
+        return
+    if not virtual_tokens:
         raise UserError(f"data.max_length={max_length} is longer than this model takes ({limit[1]} = {limit[0]}); "
                         f"set data.max_length to at most {limit[0]}")
+    room = limit[0] - virtual_tokens
+    fix = (f"set data.max_length to at most {room} or lower method.num_virtual_tokens" if room > 0 else
+           f"lower method.num_virtual_tokens below {limit[0]}")
+    raise UserError(f"data.max_length={max_length} plus method.num_virtual_tokens={virtual_tokens} is longer than "
+                    f"this model takes ({limit[1]} = {limit[0]}); {fix}")
+
+
+def virtual_token_count(method_config: Any) -> int:
+    """How many virtual tokens a method adds to every sequence: its config's `num_virtual_tokens` (prompt, prefix,
+    P-tuning and P-tuning v2 have one), 0 for every other method."""
+    count = getattr(method_config, "num_virtual_tokens", 0)
+    return count if _sane(count) else 0  # a bad value is the method's own check to report
+
+
+def _text_side(model: nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """A dual encoder's text tower and its tokenizer (only text has positions); any other model as it is. The dual
+    encoder itself has no config and its processor no model_max_length, so checking it would find no limit."""
+    towers = model.towers() if callable(getattr(model, "towers", None)) else None
+    if isinstance(towers, dict) and isinstance(towers.get("text"), nn.Module):
+        return towers["text"], getattr(tokenizer, "text", None)
+    return model, tokenizer
 
 
 def _sane(value: Any) -> bool:

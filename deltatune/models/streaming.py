@@ -10,31 +10,33 @@ fp32 model never exists whole (QLoRA: each frozen Linear is quantised to 4 bits 
 
 Peak memory is then the unconverted weights + the converted ones + one fp32 weight, instead of the whole fp32
 model first. Anything this path cannot do exactly as `from_pretrained` would (a checkpoint missing a tensor the
-model has, other than tied ones; a tensor name the model does not have; no safetensors) returns None and the caller
-loads the usual way, so results never depend on which path ran.
+model has, other than tied ones; a tensor name the model does not have; an LM head the config ties but the
+checkpoint stores separately; no safetensors) returns None and the caller loads the usual way, so results never
+depend on which path ran. The directory gets the same checks as on the usual path first
+(`weight_files.check_model_directory`), so what is refused there is refused here.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from deltatune.models.weight_files import SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS, check_safetensors_file
+from deltatune.models.weight_files import SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS, check_model_directory, index_shards
 
 Converter = Callable[[nn.Module], nn.Module]
 Converting = Callable[[nn.Module], "dict[str, Converter] | None"]
 
 
 def weight_files(directory: Path) -> list[Path] | None:
-    """The directory's safetensors files (one, or the shards its index names); None when it has none."""
+    """The directory's safetensors files (one, or the shards its index names); None when it has none.
+    The index is read as `check_model_directory` reads it: a malformed one, or a shard name leading outside the
+    directory, is a UserError."""
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / shard for shard in shards]
+        return [directory / shard for shard in index_shards(index)]
     single = directory / SAFETENSORS_WEIGHTS
     return [single] if single.is_file() else None
 
@@ -48,13 +50,18 @@ def load_converting(directory: Path, auto_class: str, num_labels: int | None,
 
     from deltatune.models.hf import quiet_transformers
 
+    # The usual path's checks (an adapter inside, a bad index, damaged safetensors). allow_pickle=True: a
+    # pickle-only directory is not refused here but handed back to the usual loader, which applies model.allow_pickle.
+    if check_model_directory(directory, allow_pickle=True) is not None:
+        return None
     files = weight_files(directory)
     if files is None:
         return None
-    for path in files:
-        check_safetensors_file(path)
-    with quiet_transformers():
-        config = transformers.AutoConfig.from_pretrained(directory)
+    try:
+        with quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the usual loader turns an unreadable config into a UserError saying what to fix
     if num_labels is not None:
         config.num_labels = num_labels
     auto = getattr(transformers, auto_class)
@@ -62,6 +69,9 @@ def load_converting(directory: Path, auto_class: str, num_labels: int | None,
         return None
     with no_init_weights(), quiet_transformers():
         model = auto.from_config(config, dtype=torch.float32)
+    # no_init_weights skips init_weights, which is what ties the LM head to the embeddings: tie now, so `converting`
+    # sees a tied head as `from_pretrained` would give it (and leaves it in full precision, as it is shared).
+    model.tie_weights()
     converters = converting(model) or {}
     if not converters or not _checkpoint_fits(model, files):
         return None
@@ -106,8 +116,12 @@ def _checkpoint_fits(model: nn.Module, files: list[Path]) -> bool:
     tied_elsewhere = {name for names in owners.values() if names & in_file for name in names}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None and getattr(model.config, "tie_word_embeddings", False):  # tied by `tie_weights` below
-        tied_elsewhere |= {name for name, module in model.named_modules() if module is output
-                           for name in [f"{name}.weight"]}
+        output_names = {f"{name}.weight" for name, module in model.named_modules() if module is output}
+        if output_names & in_file:
+            # The config ties, yet the file stores the head too: from_pretrained ties it only when both are equal,
+            # and keeps a different head apart. That comparison is the usual path's to make, not ours.
+            return False
+        tied_elsewhere |= output_names
     return not (wanted - in_file - tied_elsewhere)
 
 

@@ -59,6 +59,7 @@ def keep_blocks(model: nn.Module, family: Family, config: StudentConfig) -> nn.M
     """`model` with only the blocks `config` keeps, in their order, each with its trained weights; in place."""
     parent, attribute, blocks = block_list(model, family)
     keep = kept_indices(config, len(blocks))
+    check_blocks_chain(list(blocks), keep)  # before anything changes, so a refusal leaves the model whole
     kept = [blocks[index] for index in keep]
     setattr(parent, attribute, nn.Sequential(*kept) if isinstance(blocks, nn.Sequential) else nn.ModuleList(kept))
     for new_index, block in enumerate(getattr(parent, attribute)):
@@ -67,6 +68,47 @@ def keep_blocks(model: nn.Module, family: Family, config: StudentConfig) -> nn.M
                 module.layer_idx = new_index  # the KV cache is indexed by position in the list
     _shrink_config(getattr(model, "config", None), keep)
     return model
+
+
+def check_blocks_chain(blocks: list[nn.Module], keep: list[int]) -> None:
+    """UserError when a kept block would receive another width than it takes.
+
+    A transformer's blocks all keep one width, but a CNN's stages widen (EfficientNet: 16, 24, 40... channels), so
+    cutting the blocks between two of them builds a model that crashes at its first forward, mid-training. What
+    reaches a kept block has the width the teacher's block after the previous kept one took (the stem's output
+    for the first: what block 0 took); what leaves the last kept block must have the teacher's last block's width.
+    """
+    widths = [_widths(block) for block in blocks]
+    if any(given != taken for (_, given), (taken, _) in zip(widths, widths[1:])):
+        # The teacher's own blocks do not chain by this reading (e.g. a MoE block whose last Linear is its router):
+        # the widths read here do not describe its data flow, so they cannot condemn a student either.
+        return
+    # (what feeds, the width it gives, what takes it, the width that takes)
+    links: list[tuple[str, int | None, str, int | None]] = []
+    for position, index in enumerate(keep):
+        before = keep[position - 1] if position else None
+        feeder = 0 if before is None else before + 1
+        source = "the layers before the blocks" if before is None else f"block {before}"
+        links.append((source, widths[feeder][0], f"block {index}", widths[index][0]))
+    links.append((f"block {keep[-1]}", widths[keep[-1]][1], "the layers after the blocks", widths[-1][1]))
+    for source, given, target, taken in links:
+        if given is not None and taken is not None and given != taken:
+            raise UserError(f"model.student keeps blocks {keep}, but {source} would give width {given} to {target}, "
+                            f"which takes {taken} (the blocks cut between them change the width); keep blocks "
+                            f"whose neighbours share a width, or cut a model whose blocks keep one width")
+
+
+def _widths(block: nn.Module) -> tuple[int | None, int | None]:
+    """(input width, output width) of a block: its first Linear/Conv layer's input and its last one's output, in
+    registration order, which follows the data in the blocks of BERT, Llama and EfficientNet; None where it has
+    neither (nothing to compare, so nothing is refused)."""
+    layers = [module for module in block.modules() if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not layers:
+        return None, None
+    first, last = layers[0], layers[-1]
+    taken = first.in_features if isinstance(first, nn.Linear) else first.in_channels
+    given = last.out_features if isinstance(last, nn.Linear) else last.out_channels
+    return taken, given
 
 
 def _shrink_config(config, keep: list[int]) -> None:

@@ -70,7 +70,7 @@ def check_model_directory(directory: Path, allow_pickle: bool) -> Path | None:
                         f"silently; keep the base model and the adapter in separate folders and load the adapter "
                         f"with deltatune.load_adapter")
     if (directory / SAFETENSORS_INDEX).is_file():
-        for shard in _index_shards(directory / SAFETENSORS_INDEX):
+        for shard in index_shards(directory / SAFETENSORS_INDEX):
             check_safetensors_file(directory / shard)
         return None
     if (directory / SAFETENSORS_WEIGHTS).exists():
@@ -100,7 +100,7 @@ def read_json_object(path: Path, fix: str) -> dict[str, Any]:
     return content
 
 
-def _index_shards(index: Path) -> list[str]:
+def index_shards(index: Path) -> list[str]:
     """The shard file names a sharded checkpoint's index lists; each must be a plain name inside the directory."""
     weight_map = read_json_object(index, "re-save the model with save_pretrained").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

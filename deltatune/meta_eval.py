@@ -7,7 +7,8 @@ set by the run's inner steps and inner learning rate (`objective.inner_steps`, `
 result is the mean query accuracy over E episodes with a 95% confidence interval (1.96 standard errors), and the same
 for the per-episode difference (the starts share their episodes, so this paired interval is the sharper one), written to
 `RUN_DIR/meta_eval.json`. The pretrained start is the run's model before training: the same seeded head and method
-initialisation the meta-training started from.
+initialisation the meta-training started from, and with `model.init_from` that run's weights loaded over them, so
+the difference measures meta-training alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def meta_evaluate(path: str | Path, episodes: int = 100, queries: int | str | No
 
     from deltatune.data.episodes import check_disjoint
     from deltatune.objectives.meta_learning import MetaLearning
-    from deltatune.preparation import build_model
+    from deltatune.preparation import build_model, start_from_run
     from deltatune.runs import open_run
 
     if episodes < 2:
@@ -56,7 +57,10 @@ def meta_evaluate(path: str | Path, episodes: int = 100, queries: int | str | No
     config = objective.config
     per_class = query_count(queries, episode_pools, config.queries)
     num_labels = run.config.model.num_labels or data.num_labels
-    pretrained = build_model(run.config, run.task, num_labels)[0].to(run.device).eval()
+    pretrained, method = build_model(run.config, run.task, num_labels)
+    if run.config.model.init_from is not None:  # meta-training started from that run's weights, not the bare base
+        start_from_run(pretrained, method, run.config)
+    pretrained = pretrained.to(run.device).eval()
     starts = {"meta-learned": run.model.eval(), "pretrained": pretrained}
     accuracies: dict[str, list[float]] = {name: [] for name in starts}
     for number in range(episodes):

@@ -121,3 +121,29 @@ def test_image_task_errors(tmp_path: Path) -> None:
         build_datasets(DataConfig(name="digits"), "image-classification", object())
     with pytest.raises(UserError, match=r"column 'text' \(data.columns.text\) not found.*'image', 'label'"):
         build_datasets(DataConfig(name="digits"), "classification", lambda *a, **k: None)
+
+
+def test_pil_images_in_any_mode_become_what_they_show() -> None:
+    import io
+
+    from PIL import Image
+
+    from deltatune.data.images import decode_file, prepare_image_value
+
+    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    rgb[..., 0] = 200  # red
+    red = Image.fromarray(rgb)
+    assert prepare_image_value(red.convert("CMYK"), None)[:, 0, 0].tolist() == [200, 0, 0]  # K not lost
+    palette = prepare_image_value(red.convert("P"), None)  # the palette's colour, not its index read as grey
+    assert palette.shape[0] == 3 and palette[0, 0, 0] > 150 and palette[1:, 0, 0].tolist() == [0, 0]
+    assert prepare_image_value(red.convert("LA"), None).shape[0] == 2  # grey + alpha kept for the collator
+    grey16 = Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16))  # mode I;16: scaled by its range, not clipped
+    assert prepare_image_value(grey16, None)[:, 0, 0].tolist() == [117]
+    encoded = io.BytesIO()
+    grey16.save(encoded, format="PNG")
+    assert decode_file(encoded.getvalue(), 3)[:, 0, 0].tolist() == [117, 117, 117]
+    assert prepare_image_value(Image.fromarray(np.full((4, 4), 30000, dtype=np.int32)), None)[0, 0, 0] == 117
+    with pytest.raises(UserError, match=r"outside 0\.\.65535; save it as an 8- or 16-bit image"):
+        prepare_image_value(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)), None)
+    with pytest.raises(UserError, match=r"32-bit float pixels \(mode F\)"):
+        prepare_image_value(Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), None)

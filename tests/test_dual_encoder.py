@@ -154,3 +154,60 @@ def test_an_image_folder_of_classes_trains_with_captions_from_its_folder_names(t
     assert main(["train", str(config), "run_name=folder"]) == 0
     after = json.loads((tmp_path / "runs" / "folder" / "summary.json").read_text())["after"]["test"]
     assert after["zero_shot_accuracy"] > 0.9  # captions such as "a middle band", from the subfolder names
+
+
+def test_an_image_folder_reads_its_labels_without_data_columns(tmp_path) -> None:
+    from deltatune.config.schema import DataConfig, SplitConfig
+    from deltatune.models.dual_encoder import DualProcessor
+    from deltatune.models.image import ImageProcessor
+    from deltatune.tasks import build_datasets
+    from tests.tiny_models import tiny_bert_processor
+
+    for label, shape in enumerate(["top", "bottom"]):
+        (tmp_path / "folder" / shape).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(bar_image(2 * label, i)).save(tmp_path / "folder" / shape / f"{i}.png")
+    data = DataConfig(name=str(tmp_path / "folder"), split=SplitConfig(validation=0.25, test=0.25))
+    processor = DualProcessor(ImageProcessor(16, (0.5,), (0.5,)), tiny_bert_processor())
+    bundle = build_datasets(data, "image-text", processor)
+    assert bundle.label_names == ["bottom", "top"]  # the subfolders, sorted
+    assert {example["labels"] for example in bundle.train} <= {0, 1}
+
+
+def test_template_captions_keep_their_tokens_with_a_left_padding_tokenizer() -> None:
+    from types import SimpleNamespace
+
+    from deltatune.objectives.contrastive import Contrastive, ContrastiveConfig
+    from tests.tiny_models import tiny_bert_processor
+
+    tokenizer = tiny_bert_processor()
+    tokenizer.padding_side = "left"
+    objective = Contrastive(ContrastiveConfig(templates=["a {label}"]))
+    objective.processor, objective.label_names = SimpleNamespace(text=tokenizer), ["dog", "very large striped cat"]
+    ids, mask = objective.captions({"labels": torch.tensor([0, 1])}, torch.tensor([0, 0]))
+    assert ids[0, : int(mask[0].sum())].tolist() == tokenizer("a dog")["input_ids"]  # right-padded, as data captions
+    assert ids[1].tolist() == tokenizer("a very large striped cat")["input_ids"] and bool(mask[1].all())
+
+
+def test_recall_metrics_score_a_split_a_chunk_of_queries_at_a_time(monkeypatch) -> None:
+    from deltatune.objectives import contrastive
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(10, 4, generator=generator), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(10, 4, generator=generator), dim=-1)
+    groups = caption_groups([(i % 4,) for i in range(10)])  # repeated captions, as template captions are
+    expected = {k: (retrieval_recall(images @ texts.T, groups, groups, k),
+                    retrieval_recall(texts @ images.T, groups, groups, k)) for k in (1, 5)}
+    shapes: list[tuple[int, ...]] = []
+
+    def spy(similarity, *args):
+        shapes.append(tuple(similarity.shape))
+        return retrieval_recall(similarity, *args)
+
+    monkeypatch.setattr(contrastive, "retrieval_recall", spy)
+    metrics = contrastive.recall_metrics(images, texts, groups, chunk=3)
+    assert shapes and max(rows for rows, _ in shapes) == 3  # never the whole 10 x 10 matrix
+    for k, (image_to_text, text_to_image) in expected.items():
+        assert metrics[f"image_to_text_recall_at_{k}"] == pytest.approx(image_to_text)
+        assert metrics[f"text_to_image_recall_at_{k}"] == pytest.approx(text_to_image)
+        assert metrics[f"recall_at_{k}"] == pytest.approx((image_to_text + text_to_image) / 2)

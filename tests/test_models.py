@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,6 +217,32 @@ def test_transformers_image_directory(vit_dir: Path) -> None:
     assert processor == ImageProcessor(32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), channels=3)
     model = load_model(cfg(str(vit_dir)), task("image-classification"), 3)  # checkpoint has 5 labels: new head
     assert model(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 3)
+
+
+def test_image_processor_directories_prepare_pixels_as_transformers_does(tmp_path: Path) -> None:
+    from transformers import DeiTImageProcessor, EfficientNetImageProcessor, MobileViTImageProcessor, ViTImageProcessor
+
+    from deltatune.data.images import image_collator
+    from deltatune.models.image import processor_from_directory
+
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)  # already the model's size
+    eight = {"height": 8, "width": 8}
+    same_pixels = {
+        "unnormalised": ViTImageProcessor(size=eight, do_normalize=False),
+        "unrescaled": ViTImageProcessor(size=eight, do_rescale=False, image_mean=[100, 110, 120], image_std=[50, 60, 70]),
+        "offset": EfficientNetImageProcessor(size=eight, rescale_factor=1 / 127.5, rescale_offset=True),
+    }
+    for name, transformers_processor in same_pixels.items():
+        transformers_processor.save_pretrained(tmp_path / name)
+        collate = image_collator(processor_from_directory(tmp_path / name))
+        ours = collate([{"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(), "labels": 0}])
+        expected = transformers_processor(images=image, return_tensors="pt")["pixel_values"]
+        assert torch.allclose(ours["pixel_values"], expected, atol=1e-5), name
+    DeiTImageProcessor(size={"height": 16, "width": 16}, crop_size=eight).save_pretrained(tmp_path / "deit")
+    assert processor_from_directory(tmp_path / "deit").image_size == 8  # the centre crop is what the model sees
+    MobileViTImageProcessor().save_pretrained(tmp_path / "mobilevit")
+    with pytest.raises(UserError, match=r"wants its channels in BGR order \(do_flip_channel_order\)"):
+        processor_from_directory(tmp_path / "mobilevit")
 
 
 def test_decoder_directory_for_classification_gets_pad_token(llama_dir: Path) -> None:

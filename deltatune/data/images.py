@@ -77,14 +77,54 @@ def _undecodable(source: str | bytes, exc: Exception) -> UserError:
 _PIL_FAILURES = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
+# Modes whose pixels are not 8-bit channel values, and the mode that keeps what they show: palettes become their
+# colours (alpha kept when the palette has transparency), CMYK / YCbCr / LAB / HSV become RGB, premultiplied alpha
+# plain alpha. Any mode not listed and not kept as it is becomes RGB.
+_KEPT_MODES = ("L", "LA", "RGB", "RGBA")
+_CONVERTED_MODES = {"1": "L", "La": "LA", "PA": "RGBA", "RGBa": "RGBA"}
+_MAX_16_BIT = 65535
+
+
+def _eight_bit_grey(image: Any, source: str) -> Any:
+    """A 16-bit ("I;16*") or 32-bit integer ("I", as older Pillow opens 16-bit PNGs) grey image as 8-bit "L", scaled
+    by the 16-bit range: PIL's own convert clips at 255, which turns most of such an image white."""
+    from PIL import Image
+
+    values = np.asarray(image)
+    if values.size and (int(values.min()) < 0 or int(values.max()) > _MAX_16_BIT):
+        raise UserError(f"{source} has 32-bit integer pixels outside 0..{_MAX_16_BIT}; save it as an 8- or 16-bit "
+                        "image")
+    return Image.fromarray(np.rint(values.astype(np.float64) * (255 / _MAX_16_BIT)).astype(np.uint8), "L")
+
+
+def pil_to_chw(image: Any, channels: int | None = None, source: str = "an image") -> torch.Tensor:
+    """A PIL image as uint8 (C, H, W) of what it shows: `channels` 3 (RGB) or 1 (grey), or None to keep grey or
+    colour and alpha as they are (the collator matches channels later). Float ("F") pixels have no fixed range to
+    scale from, so they are refused."""
+    if image.mode == "F":
+        raise UserError(f"{source} has 32-bit float pixels (mode F), whose range is unknown; save it as an 8- or "
+                        "16-bit image, or pass it as an array scaled to 0..1")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = _eight_bit_grey(image, source)
+    if channels is not None:
+        target = "RGB" if channels == 3 else "L"
+    elif image.mode in _KEPT_MODES:
+        target = image.mode
+    elif image.mode == "P":
+        target = "RGBA" if "transparency" in image.info else "RGB"
+    else:
+        target = _CONVERTED_MODES.get(image.mode, "RGB")
+    return array_to_chw(np.asarray(image if image.mode == target else image.convert(target)))
+
+
 def decode_file(source: str | bytes, channels: int) -> torch.Tensor:
     """Decode an image file (path or encoded bytes) with PIL into uint8 (channels, H, W)."""
     from PIL import Image
 
+    name = source if isinstance(source, str) else "image bytes"
     try:
         with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
-            image = image.convert("RGB" if channels == 3 else "L")  # also flattens palettes and drops alpha
-            return array_to_chw(np.asarray(image))
+            return pil_to_chw(image, channels, name)  # also flattens palettes and drops alpha
     except (*_PIL_FAILURES, Image.DecompressionBombError) as exc:
         raise _undecodable(source, exc) from None
 
@@ -119,8 +159,8 @@ def prepare_image_value(value: Any, base_dir: Path | None) -> torch.Tensor | str
             raise UserError(f"image file {value} not found; image paths are relative to the data file's folder")
         check_image_file(str(path))
         return str(path)
-    if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
-        return array_to_chw(np.asarray(value))
+    if hasattr(value, "convert") and hasattr(value, "mode"):  # a PIL image
+        return pil_to_chw(value)
     return array_to_chw(value)
 
 

@@ -79,16 +79,53 @@ def load_efficientnet(weights: Path, num_labels: int) -> ImageClassifier:
 
 
 def processor_from_directory(directory: Path) -> ImageProcessor:
-    """An ImageProcessor from a transformers image model's preprocessor_config.json."""
+    """An ImageProcessor from a transformers image model's preprocessor_config.json: the size the model sees (the
+    centre crop's, when it crops) and the mean / std that reproduce its rescaling and normalisation on 0..1 pixels."""
     path = directory / "preprocessor_config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"image model {directory} has no readable preprocessor_config.json ({exc}); save the "
                         f"image processor there with save_pretrained") from exc
-    size = config.get("size", config.get("crop_size", 224))
+    if config.get("do_flip_channel_order"):
+        raise UserError(f"image model {directory} wants its channels in BGR order (do_flip_channel_order), which "
+                        "deltatune does not prepare; use a model that takes RGB images")
+    mean, std = _normalisation(config)
+    return ImageProcessor(image_size=_input_size(config), mean=mean, std=std, channels=len(mean))
+
+
+def _input_size(config: dict) -> int:
+    """The side of the images the model sees: a processor that centre-crops resizes to `size` and then cuts
+    `crop_size` out of it, so the model sees the crop (deltatune resizes to that side directly)."""
+    crops = config.get("do_center_crop", False) and config.get("crop_size") is not None
+    size = config["crop_size"] if crops else config.get("size", config.get("crop_size", 224))
     if isinstance(size, dict):  # {"height": h, "width": w} or {"shortest_edge": s}
         size = size.get("height") or size.get("shortest_edge") or max(size.values())
-    mean = tuple(config.get("image_mean", (0.5, 0.5, 0.5)))
-    std = tuple(config.get("image_std", (0.5, 0.5, 0.5)))
-    return ImageProcessor(image_size=int(size), mean=mean, std=std, channels=len(mean))
+    return int(size)
+
+
+def _normalisation(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on the 0..1 pixels deltatune's collator makes, equal to what the processor feeds the model.
+
+    transformers computes (v·f − offset − mean) / std from 0..255 pixels v, with f = rescale_factor when do_rescale
+    (else 1) and offset 1 with EfficientNet's rescale_offset; with x = v / 255 and g = 255·f that is
+    (x − (mean + offset) / g) / (std / g). A processor without normalisation uses mean 0 and std 1 in it;
+    EfficientNet's include_top divides by image_std once more (after normalising, or in its place)."""
+    image_mean = tuple(float(value) for value in config.get("image_mean", (0.5, 0.5, 0.5)))
+    image_std = tuple(float(value) for value in config.get("image_std", (0.5,) * len(image_mean)))
+    channels = len(image_mean)
+    mean, std = (image_mean, image_std) if _normalises(config) else ((0.0,) * channels, (1.0,) * channels)
+    if config.get("include_top", False):
+        std = tuple(s * extra for s, extra in zip(std, image_std))
+    gain = 255 * float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 255.0
+    offset = 1.0 if config.get("do_rescale", True) and config.get("rescale_offset", False) else 0.0
+    return tuple((m + offset) / gain for m in mean), tuple(s / gain for s in std)
+
+
+def _normalises(config: dict) -> bool:
+    """Its do_normalize; without one, a processor class that has no such step (MobileViT) saves no image_mean
+    either, while a hand-written config with neither keeps the 0.5 / 0.5 default."""
+    if "do_normalize" in config:
+        return bool(config["do_normalize"])
+    saved_by_transformers = "image_processor_type" in config or "feature_extractor_type" in config
+    return "image_mean" in config or not saved_by_transformers

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deltatune.config.schema import ObjectiveConfig
+from deltatune.data.text import ClassificationCollator, pad_token_id
 from deltatune.errors import UserError
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective
@@ -81,7 +82,8 @@ class Contrastive(Objective):
             raise UserError(f"labels go up to {int(labels.max())} but there are {ids.shape[0]} class names; list one "
                             f"name per class in objective.class_names")
         chosen_ids, chosen_mask = ids[labels, templates.to(labels.device)], mask[labels, templates.to(labels.device)]
-        longest = int(chosen_mask.sum(dim=1).max())  # drop the padding every chosen caption shares
+        # The prompts are right-padded (class_prompts), so the padding every chosen caption shares is at the end.
+        longest = int(chosen_mask.sum(dim=1).max())
         return chosen_ids[:, :longest], chosen_mask[:, :longest]
 
     def class_prompts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +97,12 @@ class Contrastive(Objective):
             if tokenizer is None:
                 raise UserError("objective contrastive trains a dual encoder; set model.name=dual-encoder")
             texts = [template.format(label=name) for name in names for template in self.config.templates]
-            encoded = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            encoded = tokenizer(texts, truncation=True, max_length=128)
+            # Padded on the right whatever the tokenizer's own side, as the data's captions are (the image-text
+            # task's collator): the same text then gets the same positions, and `captions` can cut the shared end.
+            rows = [{"input_ids": ids, "attention_mask": mask, "labels": 0}
+                    for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+            encoded = ClassificationCollator(pad_token_id(tokenizer), padding_side="right")(rows)
             shape = (len(names), len(self.config.templates), -1)
             self._prompts = (encoded["input_ids"].view(shape), encoded["attention_mask"].view(shape))
         return self._prompts[0].to(device), self._prompts[1].to(device)
@@ -137,13 +144,21 @@ class Contrastive(Objective):
         return batch["pixel_values"].shape[0]
 
 
-def recall_metrics(images: torch.Tensor, texts: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
-    """Image→text and text→image recall@K over a split's matched embeddings, and their means."""
-    similarity = images @ texts.T
+def recall_metrics(images: torch.Tensor, texts: torch.Tensor, groups: torch.Tensor,
+                   chunk: int = 1024) -> dict[str, float]:
+    """Image→text and text→image recall@K over a split's matched embeddings, and their means. Similarities are
+    computed `chunk` queries at a time: a whole split's N×N matrix (40,000 rows: 6.4 GB) need never exist."""
+    hits = {(direction, k): 0 for direction in ("image_to_text", "text_to_image") for k in RECALL_AT}
+    for start in range(0, images.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        for direction, queries, candidates in (("image_to_text", images, texts), ("text_to_image", texts, images)):
+            similarity = queries[rows] @ candidates.T
+            for k in RECALL_AT:
+                hits[direction, k] += round(retrieval_recall(similarity, groups[rows], groups, k) * similarity.shape[0])
     metrics = {}
     for k in RECALL_AT:
-        image_to_text = retrieval_recall(similarity, groups, groups, k)
-        text_to_image = retrieval_recall(similarity.T, groups, groups, k)
+        image_to_text, text_to_image = (hits[direction, k] / images.shape[0]
+                                        for direction in ("image_to_text", "text_to_image"))
         metrics[f"image_to_text_recall_at_{k}"] = image_to_text
         metrics[f"text_to_image_recall_at_{k}"] = text_to_image
         metrics[f"recall_at_{k}"] = (image_to_text + text_to_image) / 2

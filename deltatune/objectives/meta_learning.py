@@ -11,10 +11,15 @@ episode, so the all-reduced gradient is the mean direction of a meta-batch of on
 micro-batch only paces the steps; its rows are not used. Episode label i is read from output unit i of the model's
 head, whatever class it stands for in that episode.
 
-Validation (and the "before" figures) is episode accuracy on `validation_episodes` fixed episodes drawn from the
-validation rows of the meta-train classes (those with enough rows for an episode): unseen examples of seen classes,
-for choosing the best step. How well
-the start adapts to new classes is `deltatune meta-eval`'s question, asked on the meta-test pool only.
+Evaluation is episode accuracy on `validation_episodes` fixed episodes drawn from the rows of the split evaluated
+(validation: for choosing the best step; test: the same measure on rows no step was chosen by), of the meta-train
+classes with enough rows for an episode: unseen examples of seen classes. How well the start adapts to new classes is
+`deltatune meta-eval`'s question, asked on the meta-test pool only.
+
+With SGD (`train.optimizer: sgd`, momentum 0) the loop's outer step is exactly Reptile's θ + ε (φ − θ) only when
+nothing else touches the gradient or the step: `train.max_grad_norm` (1.0 by default) clips the direction θ − φ to
+that norm, `train.weight_decay` (0.01 by default) adds λθ to it, and warm-up or a schedule other than constant vary
+ε. Set `max_grad_norm: null`, `weight_decay: 0`, `schedule: constant` and `warmup_steps: 0` for the paper's update.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ from deltatune.objectives.losses.meta_learning import (
     reptile_direction,
 )
 
+EVALUATED_SPLITS = {"validation": 1, "test": 3}  # split -> its episode stream (0 trains, 2 is meta-eval's)
+Pools = dict[int, dict[int, list[int]]]  # task -> class -> row indices
+
 
 @dataclass
 class MetaLearningConfig(ObjectiveConfig):
@@ -69,19 +77,31 @@ class MetaLearningConfig(ObjectiveConfig):
     seed: int = 0
 
 
+def episode_pool(labels: list[int], meta_train: list[int], config: MetaLearningConfig) -> dict[int, list[int]]:
+    """The meta-train classes with enough of these rows for an episode's support and query sets; evaluation only
+    measures, so a class with too few rows is left out of it rather than refused."""
+    return {label: rows for label, rows in examples_by_class(labels, meta_train).items()
+            if len(rows) >= config.shots + config.queries}
+
+
 def validation_pool(labels: list[int], meta_train: list[int], config: MetaLearningConfig) -> dict[int, list[int]]:
-    """The meta-train classes with enough validation rows for an episode's support and query sets; validation only
-    monitors training, so a class with too few rows is left out of it rather than refused. Empty without a
-    validation split; a UserError when rows exist but fewer than `ways` classes can fill an episode."""
+    """`episode_pool` of the validation rows. Empty without a validation split; a UserError when rows exist but
+    fewer than `ways` classes can fill an episode (the run could not choose its best step)."""
     if not labels:
         return {}
-    pool = {label: rows for label, rows in examples_by_class(labels, meta_train).items()
-            if len(rows) >= config.shots + config.queries}
+    pool = episode_pool(labels, meta_train, config)
     if len(pool) < config.ways:
         raise UserError(f"only {len(pool)} meta-train classes have {config.shots} + {config.queries} validation rows "
                         f"for {config.ways}-way episodes; raise data.split.validation or lower objective.shots or "
                         "objective.queries")
     return pool
+
+
+def label_rows(splits: dict[str, list[dict]]) -> list[dict]:
+    """Every split's rows reduced to their label (and task), in split order: enough to build episode pools from,
+    without holding every example's tokens or pixels at once."""
+    return [{key: example[key] for key in ("labels", "task") if key in example}
+            for examples in splits.values() for example in examples]
 
 
 @register_objective("meta_learning")
@@ -97,10 +117,13 @@ class MetaLearning(Objective):
         self.episodes_drawn = 0
         self.train_examples: list[dict] = []
         # Episode pools: task -> class -> row indices; one task (key 0) when episodes come from the classes alone.
-        self.train_pools: dict[int, dict[int, list[int]]] = {}
+        self.train_pools: Pools = {}
         self.task_names: list[str] | None = None  # the tasks (sorted `task` values) when rows carry a task column
         self.validation_examples: list[dict] = []
-        self.validation_pools: dict[int, dict[int, list[int]]] = {}
+        self.validation_pools: Pools = {}
+        # The test rows' episode pools; empty when they cannot fill an episode (no test metrics then).
+        self.test_examples: list[dict] = []
+        self.test_pools: Pools = {}
         self.batches_of: Callable[[list[dict]], dict[str, Any]] | None = None
         self.pools: dict[str, list[int]] = {}
 
@@ -119,10 +142,20 @@ class MetaLearning(Objective):
         them, and keep the rows to draw from."""
         self.train_examples = splits.get("train", [])
         self.validation_examples = splits.get("validation", [])
+        self.test_examples = splits.get("test", [])
         self.batches_of = batches_of
         if any("task" in example for examples in splits.values() for example in examples[:1]):
             self._pools_of_tasks(splits)
-            return
+        else:
+            self._pools_of_classes()
+        # Meta-eval draws from the meta-test pool's rows in every split: refuse now a pool it would refuse, rather
+        # than after a whole meta-training run.
+        meta_test = self.pools["meta_test_tasks" if self.task_names is not None else "meta_test_classes"]
+        self.meta_test_pools(label_rows(splits), meta_test)
+
+    def _pools_of_classes(self) -> None:
+        """Classes as the unit of meta-training: the meta-test pool is `meta_test_classes` or `meta_test_count` of
+        them."""
         config = self.config
         if config.meta_test_tasks:
             raise UserError("objective.meta_test_tasks needs rows with a task: set data.columns.task to the column "
@@ -135,6 +168,8 @@ class MetaLearning(Objective):
         validation_labels = [int(example["labels"]) for example in self.validation_examples]
         pool = validation_pool(validation_labels, meta_train, config)
         self.validation_pools = {0: pool} if pool else {}
+        test_pool = episode_pool([int(example["labels"]) for example in self.test_examples], meta_train, config)
+        self.test_pools = {0: test_pool} if len(test_pool) >= config.ways else {}
         self.pools = {"meta_train_classes": meta_train, "meta_test_classes": meta_test_classes}
 
     def _pools_of_tasks(self, splits: dict[str, list[dict]]) -> None:
@@ -156,6 +191,7 @@ class MetaLearning(Objective):
             raise UserError(f"no meta-train task has {config.ways} classes with {config.shots} + {config.queries} "
                             "validation rows each for validation episodes; raise data.split.validation or lower "
                             "objective.shots or objective.queries")
+        self.test_pools = self.task_pools(self.test_examples, meta_train)
         self.pools = {"meta_train_tasks": meta_train, "meta_test_tasks": meta_test_tasks}
 
     def task_ids(self, examples: list[dict]) -> list[int]:
@@ -239,8 +275,8 @@ class MetaLearning(Objective):
 
     def next_episode(self, pools: dict[int, dict[int, list[int]]], stream: int, number: int,
                      queries: int | None = None) -> Episode:
-        """Episode `number` of a seeded stream (0: training, a rank's own; 1: validation, the same every time;
-        2: meta-eval): with tasks, one task drawn first, then N of its classes; `queries` per class (at most) in
+        """Episode `number` of a seeded stream (0: training, a rank's own; 1: validation and 3: test, the same every
+        time; 2: meta-eval): with tasks, one task drawn first, then N of its classes; `queries` per class (at most) in
         place of the run's `objective.queries`."""
         generator = np.random.default_rng([self.config.seed, stream, number])
         if self.task_names is not None:
@@ -266,14 +302,20 @@ class MetaLearning(Objective):
         return as_surrogate_loss(start, direction), {"query_loss": query_loss, "query_accuracy": query_accuracy}
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Mean query accuracy and loss after adaptation over the fixed validation episodes."""
-        if not self.validation_pools:
+        """Mean query accuracy and loss after adaptation over `validation_episodes` fixed episodes of the split the
+        batches come from (`self.evaluating`); {} when its rows cannot fill an episode."""
+        split = self.evaluating  # set by the loop's evaluate(): the batches are not read, the episodes are drawn
+        if split not in EVALUATED_SPLITS:
+            return {}
+        pools = self.validation_pools if split == "validation" else self.test_pools
+        examples = self.validation_examples if split == "validation" else self.test_examples
+        if not pools:
             return {}
         losses, accuracies = [], []
         with torch.enable_grad():
             for number in range(self.config.validation_episodes):
-                episode = self.next_episode(self.validation_pools, 1, number)
-                support, query = self.episode_batches(self.validation_examples, episode)
+                episode = self.next_episode(pools, EVALUATED_SPLITS[split], number)
+                support, query = self.episode_batches(examples, episode)
                 _, adapted = self.adapted(model, support)
                 loss, accuracy = self.query_scores(model, adapted, query)
                 losses.append(loss)

@@ -3,7 +3,7 @@
 Roles: `image` (default column "image": an array, a file path relative to the data file, or encoded bytes), and at
 least one of `caption` (the image's text; name its column in data.columns) and `label` (a class; the objective then
 makes captions from its templates and the class names, and measures zero-shot accuracy). An image folder with one
-subfolder per class reads as images with labels.
+subfolder per class reads as images with labels, without data.columns naming the label.
 
 This task also assembles the model: `model.image` is loaded as an image classifier whose head is then dropped
 (the family table names it), `model.text` as a text encoder without its pooler; `deltatune.models.dual_encoder`
@@ -22,6 +22,7 @@ import torch
 
 from deltatune.config.schema import DataConfig, ModelConfig
 from deltatune.data import DatasetBundle
+from deltatune.data.aliases import ALIASES
 from deltatune.data.images import ImageCollator, encode_images, image_collator
 from deltatune.data.splits import SPLIT_NAMES
 from deltatune.data.table import Table
@@ -56,6 +57,14 @@ class ImageText(Task):
     description = "images paired with captions (or class labels) for a dual encoder"
     roles = {"image": "image", "caption": None, "label": None}
     default_objective = "contrastive"
+
+    def columns(self, data: DataConfig) -> dict[str, str]:
+        """The task's columns; an image folder's rows always carry their class (the subfolder name) under the label
+        column, so there the label role is read without data.columns naming it."""
+        chosen = super().columns(data)
+        if "label" not in chosen and data.name not in ALIASES and Path(data.name).expanduser().is_dir():
+            chosen["label"] = "label"  # the column `load_image_folder` writes the class to by default
+        return chosen
 
     def encode(self, table: Table, splits: dict[str, list[int]], data: DataConfig, processor: Any,
                num_labels: int | None) -> DatasetBundle:

@@ -194,3 +194,36 @@ def test_fusing_one_pfeiffer_adapter_twice_equals_it_alone(tmp_path):
     sites = [layer for layer in adapter_layers(fused).values() if isinstance(layer, BottleneckLayer)]
     assert len(sites) == 2 and all(type(layer).__name__ == "NormBottleneckLayer" for layer in sites)
     assert torch.allclose(encoder_output(fused, batch), alone, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pfeiffer_stage1(tmp_path_factory):
+    """Two Pfeiffer-placed adapters (feed-forward, post-norm) saved with save_adapter."""
+    root = tmp_path_factory.mktemp("pfeiffer")
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = tiny_bert(2)
+        deltatune.apply(model, {"name": "adapter", "placement": "pfeiffer", "reduction_factor": 8})
+        train_steps(model, *batch_and_labels(seed, 2), steps=2)
+        deltatune.save_adapter(model, root / f"pfeiffer{seed}")
+    return root
+
+
+def test_new_adapters_sit_where_the_loaded_ones_do_and_every_fusion_weighs_them_all(pfeiffer_stage1):
+    model = seeded(tiny_bert, 3)
+    deltatune.apply(model, {"name": "adapter_fusion", "num_new_adapters": 1,
+                            "adapters": [str(pfeiffer_stage1 / "pfeiffer1"), str(pfeiffer_stage1 / "pfeiffer2")]})
+    fusions = [layer for layer in adapter_layers(model).values() if isinstance(layer, BottleneckLayer)]
+    assert fusions and all(sorted(layer.bottlenecks) == ["new_0", "pfeiffer1", "pfeiffer2"] for layer in fusions)
+    assert all(layer.bottlenecks["new_0"].adapter_down.out_features ==
+               layer.bottlenecks["pfeiffer1"].adapter_down.out_features for layer in fusions)
+
+
+def test_adapters_of_different_placements_are_refused_before_anything_changes(stage1, pfeiffer_stage1):
+    model = seeded(tiny_bert, 3)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(UserError, match=r"only .* adapts .*, so nothing would be fused there; fuse adapters trained "
+                                        r"with the same placement"):
+        deltatune.apply(model, {"name": "adapter_fusion",
+                                "adapters": [str(stage1 / "sentiment"), str(pfeiffer_stage1 / "pfeiffer1")]})
+    assert model.state_dict().keys() == before.keys() and not adapter_layers(model)

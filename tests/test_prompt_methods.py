@@ -292,3 +292,24 @@ def test_sft_run_counts_saves_and_generates(tmp_path, name):
     results = generate_from_run(summary["run_dir"], ["what is 1 plus 2"], compare=True, max_new_tokens=4,
                                 echo=lambda *_: None)
     assert "tuned" in results[0] and "base" in results[0]
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_a_decoder_classifier_reads_each_rows_last_real_token_under_a_prompt(method) -> None:
+    """LlamaForSequenceClassification pools the last non-pad token, found from input_ids: the prompt goes into the
+    inner model, so a right-padded row scores as it does unpadded (hooked on the outer model it read a pad)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    deltatune.apply(model, {"name": method, "num_virtual_tokens": 4})
+    ids, padded = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[5, 6, 7, 8, 9, 10, 0, 0]])
+    with torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        in_a_batch = model(input_ids=padded, attention_mask=(padded != 0).long()).logits
+        with deltatune.disabled(model):
+            plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(alone, in_a_batch, atol=1e-5)
+    assert not torch.allclose(alone, plain, atol=1e-4)  # the prompt is in effect

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from deltatune.config.schema import MethodConfig
 from deltatune.errors import UserError
 from deltatune.methods import register_method
-from deltatune.methods.adapters.adapter import Adapter, AdapterConfig
+from deltatune.methods.adapters.adapter import Adapter, AdapterConfig, bottleneck_size
 from deltatune.methods.adapters.bottleneck_layers import (
     PEFT_TYPE,
     BottleneckLayer,
@@ -128,10 +128,13 @@ class AdapterFusion(Method):
         # Every file is checked against the model before anything changes; a bad one leaves the model as it was.
         steps = [Adapter.plan_peft_load(model, adapter.config, adapter.tensors, name, trainable=False)[0]
                  for adapter, name in zip(loaded, names)]
-        for name in names[len(loaded):]:
-            Adapter(AdapterConfig(modules_to_save=[]), adapter_name=name).apply(model, family)
+        check_every_site_fuses_two(loaded, config.num_new_adapters)
         for step in steps:
             step()
+        if loaded:  # new adapters sit where the loaded ones do, shaped like them, so each fusion weighs them all
+            add_beside(model, names[:len(loaded)], names[len(loaded):], loaded[0].config)
+        for name in names[len(loaded):] if not loaded else []:
+            Adapter(AdapterConfig(modules_to_save=[]), adapter_name=name).apply(model, family)
         set_trainable(model, lambda name: False)  # the loaded adapters and the base stay frozen
         new = set(names[len(loaded):])
         for layer in adapter_layers(model).values():
@@ -143,6 +146,33 @@ class AdapterFusion(Method):
                     layer.add_composition(self.adapter_name, FusionAttention(layer.size, fused, layer.base_weight))
         add_copies(model, saved, self.adapter_name)
         set_adapter(model, self.adapter_name)
+
+
+def adapted_modules(adapter: SavedAdapter) -> set[str]:
+    """The modules a saved adapter's bottlenecks wrap (file keys `<module>.adapter_down.weight`, ...)."""
+    return {key.split(".adapter_down.")[0] for key in adapter.tensors if ".adapter_down." in key}
+
+
+def check_every_site_fuses_two(loaded: list[SavedAdapter], new: int) -> None:
+    """A UserError when some adapted module would fuse fewer than two adapters: adapters trained with different
+    placements (Houlsby's attention and feed-forward outputs, Pfeiffer's feed-forward norm) sit on different
+    modules, and a fusion over one adapter learns nothing."""
+    sites = [adapted_modules(adapter) for adapter in loaded]
+    for module in set().union(*sites):
+        present = [adapter.name for adapter, modules in zip(loaded, sites) if module in modules]
+        if len(present) + new < 2:
+            raise UserError(f"method.adapters: only {present[0]} adapts {module}, so nothing would be fused there; "
+                            "fuse adapters trained with the same placement (or add method.num_new_adapters)")
+
+
+def add_beside(model: nn.Module, loaded: list[str], new: list[str], config: dict[str, Any]) -> None:
+    """Bottlenecks `new`, near-identity, on every module holding one of the `loaded` adapters, with the first loaded
+    adapter's reduction factor and non-linearity."""
+    factor, non_linearity = int(config.get("reduction_factor", 16)), str(config.get("non_linearity", "relu"))
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, BottleneckLayer) and any(name in layer.bottlenecks for name in loaded):
+            for name in new:
+                layer.add_bottleneck(name, bottleneck_size(layer.size, factor), non_linearity)
 
 
 def validate(config: AdapterFusionConfig) -> None:

@@ -35,6 +35,17 @@ class InputPromptLayer(VirtualTokenLayer):
         self.prompted: Tensor | None = None  # the inputs_embeds this layer built for the call in flight
 
     @classmethod
+    def hook_target(cls, model: nn.Module) -> nn.Module:
+        """A model with a task head that does not generate (a classifier) gets the virtual tokens in its inner
+        transformer (`base_model`), whose per-token outputs come back to the head at their real length: a decoder
+        classifier then finds each row's last real token from the caller's input_ids, as without a prompt. Hooked
+        on the outer model it would see only inputs_embeds and read the last position, a pad token on every
+        right-padded row (PEFT has that flaw). Causal LMs keep the outer hook (labels, logits_to_keep)."""
+        inner = getattr(model, "base_model", model)
+        generates = callable(getattr(model, "can_generate", None)) and bool(model.can_generate())
+        return model if generates or not isinstance(inner, nn.Module) else inner
+
+    @classmethod
     def token_width(cls, model: nn.Module) -> int:
         return input_embeddings(model, "prompt").embedding_dim
 

@@ -54,8 +54,14 @@ class VirtualTokenLayer(AdapterSwitch, nn.Module):
         self.peft_type = peft_type
         self.encoders = nn.ModuleDict()
         # Bound methods of this module, so a deepcopy of the model carries hooks bound to the copied layer.
-        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        model.register_forward_hook(self._after_forward, with_kwargs=True)
+        target = self.hook_target(model)
+        target.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        target.register_forward_hook(self._after_forward, with_kwargs=True)
+
+    @classmethod
+    def hook_target(cls, model: nn.Module) -> nn.Module:
+        """The module whose calls get the virtual tokens: the model itself."""
+        return model
 
     @classmethod
     def attach(cls, model: nn.Module, peft_type: str) -> VirtualTokenLayer:

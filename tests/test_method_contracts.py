@@ -190,6 +190,19 @@ def test_freeze_last_blocks_and_patterns():
         assert param.requires_grad == expected, name
 
 
+def test_freeze_last_blocks_trains_a_gpt2_final_norm_with_them():
+    """GPT-2 falls to the generic family, whose final pre-norm (transformer.ln_f) trains with the last blocks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from deltatune.methods.selective.freeze import Freeze, FreezeConfig
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=120, n_positions=32))
+    Freeze(FreezeConfig(last_n_blocks=1, train_head=False)).apply(model, family_of(model))
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert {"transformer.ln_f.weight", "transformer.ln_f.bias"} <= trained
+    assert all(name.startswith(("transformer.h.1.", "transformer.ln_f.")) for name in trained)
+
+
 def test_freeze_rejects_bad_choices():
     from deltatune.methods.selective.freeze import Freeze, FreezeConfig
 

@@ -313,3 +313,16 @@ def test_a_decoder_classifier_reads_each_rows_last_real_token_under_a_prompt(met
             plain = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert torch.allclose(alone, in_a_batch, atol=1e-5)
     assert not torch.allclose(alone, plain, atol=1e-4)  # the prompt is in effect
+
+
+def test_prompts_inserted_at_different_places_do_not_combine() -> None:
+    from deltatune.methods.virtual_tokens.prompt import PromptTuning
+    from deltatune.models.families import family_of
+
+    model = seeded(tiny_bert, 2)
+    deltatune.apply(model, {"name": "prompt", "num_virtual_tokens": 4, "keep_first_token": True})
+    first = PromptTuning(PromptTuning.config_class(num_virtual_tokens=4, keep_first_token=False), adapter_name="first")
+    first.apply(model, family_of(model))
+    with pytest.raises(UserError, match=r"inserted at different places \[0, 1\]; train them with the same "
+                                        r"method\.keep_first_token"):
+        deltatune.add_weighted_adapter(model, ["default", "first"], [0.5, 0.5], "mix")

@@ -67,7 +67,7 @@ def test_a_method_that_adds_modules_reports_hidden_state_change_instead(tmp_path
 
 
 def test_a_prompt_tuned_classifier_lines_its_positions_up_with_the_input(tmp_path) -> None:
-    run = classifier_run(tmp_path, ["method.name=prompt", "method.num_virtual_tokens=3"])
+    run = classifier_run(tmp_path, ["method.name=prompt", "method.num_virtual_tokens=3", "data.max_length=64"])
     numbers = report_of(run)["numbers"]
     assert numbers["weights"] is None and len(numbers["cka"]["diagonal"]) == 2
 

@@ -168,7 +168,7 @@ class TrainConfig:
     early_stopping_patience: int | None = field(default=None, metadata=at_least(1))
     seed: int = field(default=0, metadata=SEED_RANGE)
     device: str = field(default="auto", metadata=matching(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N, mps"))
-    # auto (fp32 on CPU, bf16 on CUDA if supported) | fp32 | bf16 | fp16
+    # auto (fp32 on CPU, bf16 on GPUs that have it natively) | fp32 | bf16 | fp16 (with a loss scaler: GradScaler)
     dtype: str = field(default="auto", metadata=one_of(*DTYPES))
     # torch intra-op threads on CPU; None leaves torch's choice
     num_threads: int | None = field(default=None, metadata=at_least(1))

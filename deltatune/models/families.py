@@ -146,6 +146,9 @@ FAMILIES: dict[str, Family] = {
             attention=(r"(q_proj|k_proj|v_proj|o_proj|query|key|value|c_attn|qkv)$",),
             mlp=(r"(fc1|fc2|up_proj|down_proj|gate_proj|c_fc|c_proj|dense)$",),
             head=(r"(?:^|\.)(classifier|head|score|fc)\.",),
+            # The final norm of pre-norm decoders (GPT-2/Falcon ln_f, OPT/NeoX final_layer_norm, Phi final_layernorm):
+            # it normalises what the last blocks produce, so it trains with them (freeze.last_n_blocks).
+            after_blocks=(r"(?:^|\.)(?:ln_f|final_layer_norm|final_layernorm|norm_f)\.",),
             # BERT-likes (attention.output.dense), Llama/OPT/BART (o_proj/out_proj), GPT-2 (attn.c_proj / mlp.c_proj).
             attention_output=(r"(?:attn|attention)\.(?:o_proj|out_proj|c_proj|proj|dense)$",
                               r"attention\.output\.dense$"),

@@ -128,7 +128,7 @@ class MetaLearning(Objective):
         self.pools: dict[str, list[int]] = {}
 
     def attach_task(self, task: Any) -> None:
-        if not task.labelled:
+        if not task.labelled or "label" not in task.roles:  # reward-pairs is labelled (its scalar head), not classes
             raise UserError(f"objective 'meta_learning' draws episodes of classes, and task {task.name!r} has none; "
                             "use it with classification or image-classification")
 

@@ -302,7 +302,9 @@ class TrainingLoop:
         return TrainingDiverged(f"training diverged: {problem} at step {step}; {fix} and run again")
 
     def _check_weights_finite(self) -> None:
-        for name, param in self.model.named_parameters():
+        # The objective's own parameters (PPO's value head) reach checkpoints too.
+        owned = ((f"{self.objective.name} parameter", param) for param in self.objective.trainable_parameters())
+        for name, param in [*self.model.named_parameters(), *owned]:
             if param.requires_grad and not bool(torch.isfinite(param).all()):
                 raise self._diverged(f"weight {name} is not finite", self.state.step)
 

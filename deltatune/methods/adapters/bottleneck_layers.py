@@ -126,8 +126,12 @@ class BottleneckLayer(AdapterSwitch, WrapperLayer):
 
     @property
     def base_weight(self) -> Tensor | None:
+        """What new bottlenecks take their device and dtype from: the wrapped module's weight, or any tensor of it
+        (a LayerNorm without affine parameters has no weight, and a model on the GPU must not get CPU adapters)."""
         weight = getattr(self.base_layer, "weight", None)
-        return weight if isinstance(weight, Tensor) else None
+        if isinstance(weight, Tensor):
+            return weight
+        return next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()]), None)
 
     # ---- adapters --------------------------------------------------------------------------------------------
     def add_bottleneck(self, name: str, bottleneck_size: int, non_linearity: str,

@@ -143,6 +143,10 @@ class VirtualTokenLayer(AdapterSwitch, nn.Module):
             return
         with torch.no_grad():
             present = [(self.encoders[name]().detach().float(), weight) for name, weight in chosen]
+        places = {self.encoders[name].insert_at for name, _ in chosen}
+        if len(places) > 1:  # a prompt after [CLS] and one before it are not the same input
+            raise UserError(f"cannot combine virtual-token adapters inserted at different places {sorted(places)}; "
+                            "train them with the same method.keep_first_token")
         shapes = {tuple(tokens.shape) for tokens, _ in present}
         if len(shapes) > 1:
             raise UserError(f"cannot combine virtual-token adapters of different shapes {sorted(shapes)}; give them "

@@ -14,8 +14,8 @@ tasks of a meta-batch.
 
 `as_surrogate_loss` turns a direction into a loss whose gradient with respect to θ is exactly that direction, so
 the one training loop's backward pass, gradient all-reduce across ranks, clipping and optimizer apply the outer
-update like any other step (with SGD at lr ε, Reptile's update exactly; with Adam, its adaptive variant, which the
-Reptile paper also uses).
+update like any other step (with SGD at lr ε and nothing else acting on the step, i.e. no clipping, weight decay,
+momentum or schedule, Reptile's update exactly; with Adam, its adaptive variant, which the Reptile paper also uses).
 """
 
 from __future__ import annotations

@@ -108,6 +108,22 @@ def test_resume_extends_a_finished_run_from_its_last_step(tmp_path, monkeypatch,
     assert_same_weights(last_checkpoint_weights(tmp_path / "runs" / "straight"), last_checkpoint_weights(run))
 
 
+def ctrl_c_after_step(monkeypatch, step: int):
+    """Make the training loop receive Ctrl-C (a real SIGINT) right after optimizer step `step`; returns the loop's
+    own `_after_step`, to put back for the resumed run."""
+    from deltatune.training.loop import TrainingLoop
+
+    real_after_step = TrainingLoop._after_step
+
+    def interrupted(self, loss, stats):
+        real_after_step(self, loss, stats)
+        if self.state.step == step:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TrainingLoop, "_after_step", interrupted)
+    return real_after_step
+
+
 def test_ctrl_c_exits_130_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     from deltatune.cli import main
     from deltatune.training.loop import TrainingLoop
@@ -115,14 +131,7 @@ def test_ctrl_c_exits_130_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     short_workspace(tmp_path)
     assert main(["train", "config.yaml", "run_name=reference", "train.max_steps=6"]) == 0
-    real_after_step = TrainingLoop._after_step
-
-    def ctrl_c_at_step_5(self, loss, stats):
-        real_after_step(self, loss, stats)
-        if self.state.step == 5:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(TrainingLoop, "_after_step", ctrl_c_at_step_5)
+    real_after_step = ctrl_c_after_step(monkeypatch, 5)
     capsys.readouterr()
     assert main(["train", "config.yaml", "run_name=victim", "train.max_steps=6"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["interrupted; continue with --resume"]
@@ -140,14 +149,7 @@ def test_resume_after_ctrl_c_before_the_first_checkpoint_logs_each_step_once(tmp
 
     monkeypatch.chdir(tmp_path)
     short_workspace(tmp_path)
-    real_after_step = TrainingLoop._after_step
-
-    def ctrl_c_at_step_1(self, loss, stats):
-        real_after_step(self, loss, stats)
-        if self.state.step == 1:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(TrainingLoop, "_after_step", ctrl_c_at_step_1)
+    real_after_step = ctrl_c_after_step(monkeypatch, 1)
     assert main(["train", "config.yaml", "run_name=early", "train.max_steps=4"]) == 130
     run = tmp_path / "runs" / "early"
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())

@@ -134,8 +134,11 @@ class Contrastive(Objective):
         device = next(model.parameters()).device
         ids, mask = self.class_prompts(device)
         classes, templates = ids.shape[:2]
-        prompts = model(input_ids=ids.flatten(0, 1), attention_mask=mask.flatten(0, 1)).text_embeds
-        centres = class_embeddings(prompts.float().cpu().view(classes, templates, -1))
+        ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)
+        # A few hundred prompts at a time: ImageNet's 1,000 classes × 80 templates in one forward would not fit.
+        prompts = torch.cat([model(input_ids=ids[start:start + 256], attention_mask=mask[start:start + 256])
+                             .text_embeds.float().cpu() for start in range(0, ids.shape[0], 256)])
+        centres = class_embeddings(prompts.view(classes, templates, -1))
         known = labels != UNLABELLED
         predicted = zero_shot_predictions(images[known], centres)
         return float((predicted == labels[known]).float().mean())

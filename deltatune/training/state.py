@@ -187,8 +187,11 @@ def _restore(
 ) -> LoopState:
     load_weights(model, method, dict(tensors["model"]))
     device = next(model.parameters()).device
+    # AdamW's `step` counters stay on the CPU, where a fresh optimizer keeps them (torch's load_state_dict leaves
+    # them where they are): on a GPU they would cost a host sync per parameter and step.
     optimizer_state = optimizer_from_tensors(
-        {k: v.to(device) for k, v in tensors.get("optimizer", {}).items()}, state["optimizer"]
+        {k: v if k.endswith(".step") else v.to(device) for k, v in tensors.get("optimizer", {}).items()},
+        state["optimizer"],
     )
     ordered = [param for group in optimizer.param_groups for param in group["params"]]
     for index, entries in optimizer_state["state"].items():  # AdamW's moments of a sharded parameter: sharded too

@@ -163,8 +163,10 @@ def probe(config_path: str, overrides: list[str]) -> dict[str, Any]:
         step_times.append(time.perf_counter() - started)
     validation = data.validation or data.test
     sample = validation[: EVAL_BATCHES * train_config.eval_batch_size]
+    split = "validation" if data.validation else "test"  # what an objective drawing its own rows evaluates on
     started = time.perf_counter()
-    evaluate(prepared.model, prepared.objective, Batches(sample, data.collate), train_config, prepared.device)
+    evaluate(prepared.model, prepared.objective, Batches(sample, data.collate, split=split), train_config,
+             prepared.device)
     per_example = (time.perf_counter() - started) / max(1, len(sample))
     evaluations = max(1, math.ceil(loop.total_steps / loop.eval_every))  # the loop also evaluates at its last step
     read = evaluations * len(data.validation) + 2 * (len(data.validation) + len(data.test))

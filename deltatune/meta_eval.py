@@ -59,7 +59,11 @@ def meta_evaluate(path: str | Path, episodes: int = 100, queries: int | str | No
     num_labels = run.config.model.num_labels or data.num_labels
     pretrained, method = build_model(run.config, run.task, num_labels)
     if run.config.model.init_from is not None:  # meta-training started from that run's weights, not the bare base
-        start_from_run(pretrained, method, run.config)
+        try:
+            start_from_run(pretrained, method, run.config)
+        except UserError as error:
+            raise UserError(f"meta-eval compares with the start this run trained from, model.init_from="
+                            f"{run.config.model.init_from}, which it cannot read now: {error}") from None
     pretrained = pretrained.to(run.device).eval()
     starts = {"meta-learned": run.model.eval(), "pretrained": pretrained}
     accuracies: dict[str, list[float]] = {name: [] for name in starts}

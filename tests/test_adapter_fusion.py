@@ -222,8 +222,21 @@ def test_new_adapters_sit_where_the_loaded_ones_do_and_every_fusion_weighs_them_
 def test_adapters_of_different_placements_are_refused_before_anything_changes(stage1, pfeiffer_stage1):
     model = seeded(tiny_bert, 3)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with pytest.raises(UserError, match=r"only .* adapts .*, so nothing would be fused there; fuse adapters trained "
-                                        r"with the same placement"):
+    with pytest.raises(UserError, match=r"sentiment, pfeiffer1 adapt no module in common, so nothing would be "
+                                        r"fused; fuse adapters trained with the same placement"):
         deltatune.apply(model, {"name": "adapter_fusion",
                                 "adapters": [str(stage1 / "sentiment"), str(pfeiffer_stage1 / "pfeiffer1")]})
     assert model.state_dict().keys() == before.keys() and not adapter_layers(model)
+
+
+def test_adapters_on_different_layers_fuse_where_they_overlap(stage1, tmp_path):
+    torch.manual_seed(3)
+    model = tiny_bert(2)
+    deltatune.apply(model, {"name": "adapter", "reduction_factor": 8, "layers": [1]})
+    deltatune.save_adapter(model, tmp_path / "upper")
+    fused = seeded(tiny_bert, 3)
+    deltatune.apply(fused, {"name": "adapter_fusion", "adapters": [str(stage1 / "sentiment"), str(tmp_path / "upper")]})
+    fusions = {name: sorted(layer.bottlenecks) for name, layer in adapter_layers(fused).items()
+               if isinstance(layer, BottleneckLayer)}
+    assert any(names == ["sentiment", "upper"] for names in fusions.values())
+    assert any(names == ["sentiment"] for names in fusions.values())

@@ -317,3 +317,17 @@ def test_meta_train_takes_overrides_after_its_flags(workspace, capsys):
     """Overrides after --resume reach meta-train as they reach train (its objective check answers, not argparse)."""
     assert_refused(["meta-train", "config.yaml", "--resume", "train.max_steps=4"], r"meta-train needs objective\.name: "
                    r"meta_learning", capsys, workspace)
+
+
+def test_a_new_run_claims_its_directory_where_hard_links_are_refused(workspace, capsys, monkeypatch):
+    """FAT and some network mounts refuse hard links (EPERM / EOPNOTSUPP): the claim falls back to an exclusive
+    create and the run trains as anywhere else."""
+    import errno as errors
+    import os
+
+    def no_links(*_):
+        raise OSError(errors.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert main(["train", "config.yaml", "run_name=on-fat"]) == 0, capsys.readouterr().err
+    assert (workspace / "runs" / "on-fat" / "config.yaml").read_text().startswith("model:")

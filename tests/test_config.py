@@ -183,3 +183,5 @@ def test_string_fields_keep_override_text_that_yaml_would_read_as_another_scalar
     assert yaml.safe_dump(config_to_dict(config))  # the saved config holds plain strings
     with pytest.raises(UserError, match=r"data\.name must be a string, got nothing"):
         load_config(None, ["data.name="])
+    nested = load_config(None, ["extra.notes.id=0123"])  # free-form: the YAML value, at every depth
+    assert parse_config(config_to_dict(nested)).extra == {"notes": {"id": 83}}

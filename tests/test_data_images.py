@@ -145,5 +145,23 @@ def test_pil_images_in_any_mode_become_what_they_show() -> None:
     assert prepare_image_value(Image.fromarray(np.full((4, 4), 30000, dtype=np.int32)), None)[0, 0, 0] == 117
     with pytest.raises(UserError, match=r"outside 0\.\.65535; save it as an 8- or 16-bit image"):
         prepare_image_value(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)), None)
-    with pytest.raises(UserError, match=r"32-bit float pixels \(mode F\)"):
-        prepare_image_value(Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), None)
+
+
+def test_eight_bit_int_pixels_sixteen_bit_arrays_float_images_and_exif_orientation() -> None:
+    import io
+
+    from PIL import Image
+
+    from deltatune.data.images import array_to_chw, decode_file, pil_to_chw
+
+    eight_bit_as_int32 = Image.fromarray(np.arange(0, 253, dtype=np.int32).reshape(11, 23))  # mode "I"
+    assert int(pil_to_chw(eight_bit_as_int32).max()) == 252  # 8-bit data, not divided by 257
+    assert int(array_to_chw(np.full((4, 4), 30000, dtype=np.uint16)).max()) == 117  # scaled like a 16-bit PNG
+    half = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))  # mode "F": 0..1, as an array would be read
+    assert int(pil_to_chw(half).max()) == 128 and pil_to_chw(half, 3).shape == (3, 4, 4)
+    landscape = Image.new("RGB", (20, 10))
+    exif = landscape.getexif()
+    exif[0x0112] = 6  # "rotate 90° to display": the camera held upright
+    encoded = io.BytesIO()
+    landscape.save(encoded, "JPEG", exif=exif)
+    assert decode_file(encoded.getvalue(), 3).shape == (3, 20, 10)  # as it is shown: 10 wide, 20 high

@@ -134,3 +134,14 @@ def test_block_features_pool_real_tokens_and_a_model_is_identical_to_itself() ->
     assert torch.allclose(features[0], again[0], atol=1e-5)
     assert relative_feature_change(features, features) == [0.0] * len(features)
     assert linear_cka(features[-1], features[-1]) == pytest.approx(1.0)
+
+
+def test_pooled_features_leave_out_virtual_tokens_where_they_were_inserted() -> None:
+    """A prompt after [CLS] (insert_at 1): the 2 virtual positions sit at 1 and 2, not at the start."""
+    from deltatune.insight.representations import pooled
+
+    real = torch.randn(1, 4, 3)
+    with_prompt = torch.cat([real[:, :1], torch.full((1, 2, 3), 100.0), real[:, 1:]], dim=1)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    assert torch.allclose(pooled(with_prompt, mask, insert_at=1), real.mean(dim=1))
+    assert torch.allclose(pooled(torch.cat([torch.full((1, 2, 3), 100.0), real], 1), mask), real.mean(dim=1))

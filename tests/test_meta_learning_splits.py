@@ -70,7 +70,7 @@ def test_meta_training_refuses_a_meta_test_pool_too_small_for_an_episode():
     rows = [{"labels": index % 12} for index in range(12 * 10)]
     objective = MetaLearning(MetaLearningConfig(ways=10, shots=1, queries=1, meta_test_count=2))
     with pytest.raises(UserError, match=r"10-way episodes need 10 classes but the meta-test pool has 2"):
-        objective.attach_examples({"train": rows, "validation": [], "test": []}, lambda chosen: chosen)
+        objective.precompute({"train": rows, "validation": [], "test": []}, lambda chosen: chosen, 4)
 
 
 def test_meta_training_refuses_meta_test_tasks_too_small_for_an_episode():
@@ -79,7 +79,7 @@ def test_meta_training_refuses_meta_test_tasks_too_small_for_an_episode():
     rows += [{"labels": 0, "task": "c"} for _ in range(4)]
     objective = MetaLearning(MetaLearningConfig(ways=2, shots=1, queries=1, meta_test_tasks=["c"]))
     with pytest.raises(UserError, match=r"no meta-test task has 2 classes with 1 \+ 1 rows each"):
-        objective.attach_examples({"train": rows, "validation": [], "test": []}, lambda chosen: chosen)
+        objective.precompute({"train": rows, "validation": [], "test": []}, lambda chosen: chosen, 4)
 
 
 def test_meta_eval_starts_the_pretrained_side_from_the_init_from_run(tmp_path, monkeypatch):

@@ -231,6 +231,9 @@ def test_image_processor_directories_prepare_pixels_as_transformers_does(tmp_pat
         "unnormalised": ViTImageProcessor(size=eight, do_normalize=False),
         "unrescaled": ViTImageProcessor(size=eight, do_rescale=False, image_mean=[100, 110, 120], image_std=[50, 60, 70]),
         "offset": EfficientNetImageProcessor(size=eight, rescale_factor=1 / 127.5, rescale_offset=True),
+        # no normalisation step at all: saved without do_normalize, though with an image_mean
+        "no normalise step": MobileViTImageProcessor(size={"shortest_edge": 8}, crop_size=eight,
+                                                     do_flip_channel_order=False),
     }
     for name, transformers_processor in same_pixels.items():
         transformers_processor.save_pretrained(tmp_path / name)

@@ -40,6 +40,23 @@ def test_a_head_of_another_label_count_is_replaced_and_the_rest_loaded(tmp_path:
     assert all(torch.equal(state[key], value) for key, value in _state(name).items() if "classifier" not in key)
 
 
+def test_heads_the_family_table_does_not_name_are_replaced_too(tmp_path: Path) -> None:
+    """BART's classification_head and XLNet's logits_proj lie outside the inner transformer: a head of another
+    label count there is new, as transformers makes it, not a refused checkpoint."""
+    from transformers import BartConfig, BartForSequenceClassification, XLNetConfig, XLNetForSequenceClassification
+
+    models = {"bart": BartForSequenceClassification(BartConfig(
+                  vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_labels=3,
+                  max_position_embeddings=64)),
+              "xlnet": XLNetForSequenceClassification(XLNetConfig(vocab_size=100, d_model=16, n_layer=1, n_head=2,
+                                                                  d_inner=32, num_labels=3))}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        loaded = load_model(ModelConfig(name=str(tmp_path / name), task="classification"), task("classification"), 2)
+        assert loaded.config.num_labels == 2, name
+
+
 def _state(directory: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -285,3 +285,16 @@ def test_adaptive_kl_coefficient_moves_towards_the_target_by_at_most_20_percent(
 def test_kl_controller_rejects_impossible_settings(options: dict) -> None:
     with pytest.raises(UserError):
         KLController(**options)
+
+
+def test_next_token_loss_of_a_batch_without_response_tokens_is_zero_not_nan() -> None:
+    """Such a micro-batch weighs 0 in a step (its loss units); nan × 0 would still be nan and stop the run."""
+    from deltatune.objectives.causal_lm import next_token_loss
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    loss = next_token_loss(logits, torch.full((2, 5), -100))
+    (loss * 0.0).backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    labels = torch.randint(0, 11, (2, 5))
+    assert next_token_loss(logits, labels).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1)).item(), rel=1e-6)

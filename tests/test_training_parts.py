@@ -384,13 +384,20 @@ def test_a_nan_validation_score_is_never_the_best(tmp_path, monkeypatch):
     assert loop.run().best_step == 3
 
 
-def test_batch_norm_without_affine_parameters_trains_its_statistics():
+def test_batch_norm_without_affine_parameters_trains_and_saves_its_statistics_where_its_parent_trains():
     from deltatune.training.loop import set_train_mode
+    from deltatune.training.state import weights_to_save
 
-    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, affine=False), nn.BatchNorm1d(2))
-    model[2].requires_grad_(False)
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, affine=False)),  # a block that trains
+                          nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, affine=False)),  # a frozen block
+                          nn.BatchNorm1d(2))
+    for frozen in (model[1], model[2]):
+        frozen.requires_grad_(False)
     set_train_mode(model)
-    assert model[1].training and not model[2].training  # frozen affine parameters freeze their statistics too
+    assert model[0][1].training and not model[1][1].training and not model[2].training
+    method = FullFineTuning(FullConfig())
+    saved = weights_to_save(model, method)
+    assert "0.1.running_mean" in saved and "1.1.running_mean" not in saved and "2.running_mean" not in saved
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")

@@ -88,9 +88,18 @@ class OverrideText(str):
         made.parsed = parsed
         return made
 
+    def __getnewargs__(self) -> tuple[str, bool | int | float]:  # copy, deepcopy and pickle rebuild it whole
+        return str(self), self.parsed
+
 
 def _plain(value: Any, hint: Any) -> Any:
-    """An OverrideText as the text for a string field, as its YAML value otherwise (left for a union to decide)."""
+    """An OverrideText as the text for a string field, as its YAML value otherwise (left for a union to decide);
+    inside a free-form value (hint Any: `extra`), every level is made plain."""
+    if hint is Any:
+        if isinstance(value, dict):
+            return {key: _plain(item, Any) for key, item in value.items()}
+        if isinstance(value, list):
+            return [_plain(item, Any) for item in value]
     if not isinstance(value, OverrideText) or typing.get_origin(hint) in (typing.Union, types.UnionType):
         return value
     return str(value) if hint is str else value.parsed
@@ -248,7 +257,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{path} must be a mapping, got {value!r}")
         if not args or args[1] is Any:  # free-form mappings (`extra`) keep what they were given
-            return {key: _plain(item, Any) for key, item in value.items()}
+            return _plain(dict(value), Any)
         return {_coerce(key, args[0], path): _coerce_entry(item, args[1], f"{path}.{key}")
                 for key, item in value.items()}
     return _coerce_scalar(value, hint, path)

@@ -57,6 +57,8 @@ def array_to_chw(value: Any) -> torch.Tensor:
         raise UserError(f"image array has shape {array.shape}; use (H, W) or (H, W, C) with C in 1..4")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:  # 16-bit pixels (medical, scientific data): scaled, not clipped to white
+        array = (array.astype(np.int64) * 255 + _MAX_16_BIT // 2) // _MAX_16_BIT
     elif np.issubdtype(array.dtype, np.floating) and array.size and float(array.max()) <= 1.0:
         array = array * 255.0
     if array.dtype != np.uint8:
@@ -86,26 +88,35 @@ _MAX_16_BIT = 65535
 
 
 def _eight_bit_grey(image: Any, source: str) -> Any:
-    """A 16-bit ("I;16*") or 32-bit integer ("I", as older Pillow opens 16-bit PNGs) grey image as 8-bit "L", scaled
-    by the 16-bit range: PIL's own convert clips at 255, which turns most of such an image white."""
+    """A 16-bit grey image ("I;16*", or "I" as Pillow opens 16-bit PNGs) as 8-bit "L", scaled by the 16-bit range:
+    PIL's own convert clips at 255, which turns most of such an image white. An "I" image whose values already fit
+    0..255 (Image.fromarray of int32 pixels) is 8-bit data and kept as it is."""
     from PIL import Image
 
     values = np.asarray(image)
-    if values.size and (int(values.min()) < 0 or int(values.max()) > _MAX_16_BIT):
+    top = int(values.max()) if values.size else 0
+    if values.size and (int(values.min()) < 0 or top > _MAX_16_BIT):
         raise UserError(f"{source} has 32-bit integer pixels outside 0..{_MAX_16_BIT}; save it as an 8- or 16-bit "
                         "image")
-    return Image.fromarray(np.rint(values.astype(np.float64) * (255 / _MAX_16_BIT)).astype(np.uint8), "L")
+    if image.mode == "I" and top <= 255:
+        return Image.fromarray(values.astype(np.uint8), "L")
+    # (v·255 + 32767) // 65535 rounds v·255/65535 in integers: no float64 copy of a large image
+    return Image.fromarray(((values.astype(np.int64) * 255 + _MAX_16_BIT // 2) // _MAX_16_BIT).astype(np.uint8), "L")
 
 
 def pil_to_chw(image: Any, channels: int | None = None, source: str = "an image") -> torch.Tensor:
-    """A PIL image as uint8 (C, H, W) of what it shows: `channels` 3 (RGB) or 1 (grey), or None to keep grey or
-    colour and alpha as they are (the collator matches channels later). Float ("F") pixels have no fixed range to
-    scale from, so they are refused."""
+    """A PIL image as uint8 (C, H, W) of what it shows, turned upright by its EXIF orientation (as transformers'
+    load_image does): `channels` 3 (RGB) or 1 (grey), or None to keep grey or colour and alpha as they are (the
+    collator matches channels later). Float ("F") pixels are read as an array is: 0..1 scaled to 0..255."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
     if image.mode == "F":
-        raise UserError(f"{source} has 32-bit float pixels (mode F), whose range is unknown; save it as an 8- or "
-                        "16-bit image, or pass it as an array scaled to 0..1")
+        return array_to_chw(np.asarray(image)) if channels is None else _channels_of(np.asarray(image), channels)
     if image.mode == "I" or image.mode.startswith("I;16"):
         image = _eight_bit_grey(image, source)
+    if image.mode == "La":
+        image = image.convert("LA")  # premultiplied alpha: PIL converts it to L only by way of LA
     if channels is not None:
         target = "RGB" if channels == 3 else "L"
     elif image.mode in _KEPT_MODES:
@@ -115,6 +126,12 @@ def pil_to_chw(image: Any, channels: int | None = None, source: str = "an image"
     else:
         target = _CONVERTED_MODES.get(image.mode, "RGB")
     return array_to_chw(np.asarray(image if image.mode == target else image.convert(target)))
+
+
+def _channels_of(grey: np.ndarray, channels: int) -> torch.Tensor:
+    """A float grey array as `channels` uint8 channels (1, or 3 equal ones)."""
+    chw = array_to_chw(grey)
+    return chw.expand(channels, -1, -1).contiguous() if channels == 3 else chw
 
 
 def decode_file(source: str | bytes, channels: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Each block's representation of a set of inputs, for comparing a base model with its fine-tuned copy: one
 feature row per example (the mean over its real tokens for text, over positions for images), read by forward
 hooks on the blocks the family table finds, so it works for every architecture and every method (methods that
-prepend virtual tokens add leading positions, which are cut off so that positions line up with the input).
+insert virtual tokens add positions, which are cut out where they were inserted so positions line up with the
+input).
 """
 
 from __future__ import annotations
@@ -35,23 +36,36 @@ def block_features(model: nn.Module, batches: Iterable[dict[str, Any]], family_n
             latest.clear()
             model_logits(model, batch)
             for index in range(len(blocks)):
-                features[index].append(pooled(latest[index], batch.get("attention_mask")))
+                features[index].append(pooled(latest[index], batch.get("attention_mask"), virtual_at(model)))
     finally:
         for handle in handles:
             handle.remove()
     return [torch.cat(rows) for rows in features]
 
 
-def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """One row per example: (B, C, H, W) → mean over H, W; (B, T', d) → mean over the real tokens of the last T
-    positions (T = the input's length); (B, d) as it is."""
+def virtual_at(model: nn.Module) -> int:
+    """Where the active prompt-type adapter puts its virtual tokens in the sequence (0 without one): at the start,
+    or after an encoder's first token ([CLS])."""
+    for module in model.modules():
+        current = getattr(module, "current", None)
+        encoder = current() if callable(current) and hasattr(module, "encoders") else None
+        if encoder is not None and hasattr(encoder, "insert_at"):
+            return int(encoder.insert_at)
+    return 0
+
+
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None, insert_at: int = 0) -> torch.Tensor:
+    """One row per example: (B, C, H, W) → mean over H, W; (B, T', d) → mean over the real tokens, T' − T virtual
+    positions at `insert_at` left out (T = the input's length); (B, d) as it is."""
     hidden = hidden.detach().float()
     if hidden.dim() == 4:
         return hidden.mean(dim=(2, 3)).cpu()
     if hidden.dim() == 3:
         if attention_mask is None:
             return hidden.mean(dim=1).cpu()
-        hidden = hidden[:, -attention_mask.shape[1]:]
+        added = hidden.shape[1] - attention_mask.shape[1]
+        if added > 0:
+            hidden = torch.cat([hidden[:, :insert_at], hidden[:, insert_at + added:]], dim=1)
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)).cpu()
     return hidden.reshape(hidden.shape[0], -1).cpu()

@@ -90,17 +90,20 @@ def load_transformers_model(
 
 
 def _check_mismatched_sizes(model: nn.Module, mismatched: Any, directory: Path) -> None:
-    """UserError when a tensor outside the task head (the family table's `head` patterns) had another shape in the
-    checkpoint than the config gives it: `ignore_mismatched_sizes` re-initialised it at random, which is right for a
-    head sized to other labels and silently wrong anywhere else (e.g. a raised max_position_embeddings).
+    """UserError when a tensor inside the pretrained body had another shape in the checkpoint than the config gives
+    it: `ignore_mismatched_sizes` re-initialised it at random, which is right for a head sized to other labels and
+    silently wrong anywhere else (e.g. a raised max_position_embeddings). The head is what lies outside the inner
+    transformer (`base_model_prefix`: BART's classification_head, XLNet's logits_proj) or what the family table
+    calls the head.
 
     `mismatched`: transformers' loading info, (name, checkpoint shape, model shape) per tensor.
     """
     from deltatune.models.families import family_of
 
     family = family_of(model)
+    body = getattr(model, "base_model_prefix", "")
     outside = sorted((str(name), tuple(saved), tuple(wanted)) for name, saved, wanted, *_ in mismatched
-                     if not family.is_head(str(name)))
+                     if not family.is_head(str(name)) and body and str(name).startswith(body + "."))
     if outside:
         name, saved, wanted = outside[0]
         more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""

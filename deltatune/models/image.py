@@ -123,9 +123,15 @@ def _normalisation(config: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _normalises(config: dict) -> bool:
-    """Its do_normalize; without one, a processor class that has no such step (MobileViT) saves no image_mean
-    either, while a hand-written config with neither keeps the 0.5 / 0.5 default."""
+    """Its do_normalize; without one, the default of the transformers class that saved it (MobileViT's processor
+    has no normalisation step and leaves do_normalize out, though it saves an image_mean), and for a hand-written
+    config without a class, True (the 0.5 / 0.5 default)."""
     if "do_normalize" in config:
         return bool(config["do_normalize"])
-    saved_by_transformers = "image_processor_type" in config or "feature_extractor_type" in config
-    return "image_mean" in config or not saved_by_transformers
+    name = config.get("image_processor_type") or config.get("feature_extractor_type")
+    if not name:
+        return True
+    import transformers
+
+    processor_class = getattr(transformers, str(name).removesuffix("Fast"), None)
+    return bool(getattr(processor_class, "do_normalize", "image_mean" in config))

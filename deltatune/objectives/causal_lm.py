@@ -31,10 +31,15 @@ def lm_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits[:, t] against labels[:, t+1], skipping IGNORE_INDEX positions."""
+    """Cross-entropy of logits[:, t] against labels[:, t+1], skipping IGNORE_INDEX positions. "mean" over the kept
+    positions is 0, not nan, when there are none (a micro-batch of rows cut before their response): it then weighs
+    nothing in a step and must not turn the step's gradients into nan."""
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shifted_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    if reduction != "mean":
+        return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:

@@ -160,7 +160,7 @@ def recall_metrics(images: torch.Tensor, texts: torch.Tensor, groups: torch.Tens
                 hits[direction, k] += round(retrieval_recall(similarity, groups[rows], groups, k) * similarity.shape[0])
     metrics = {}
     for k in RECALL_AT:
-        image_to_text, text_to_image = (hits[direction, k] / images.shape[0]
+        image_to_text, text_to_image = (hits[direction, k] / images.shape[0] if images.shape[0] else float("nan")
                                         for direction in ("image_to_text", "text_to_image"))
         metrics[f"image_to_text_recall_at_{k}"] = image_to_text
         metrics[f"text_to_image_recall_at_{k}"] = text_to_image

@@ -97,13 +97,6 @@ def validation_pool(labels: list[int], meta_train: list[int], config: MetaLearni
     return pool
 
 
-def label_rows(splits: dict[str, list[dict]]) -> list[dict]:
-    """Every split's rows reduced to their label (and task), in split order: enough to build episode pools from,
-    without holding every example's tokens or pixels at once."""
-    return [{key: example[key] for key in ("labels", "task") if key in example}
-            for examples in splits.values() for example in examples]
-
-
 @register_objective("meta_learning")
 class MetaLearning(Objective):
     description = "Reptile / first-order MAML: a start that adapts to new classes from a few examples"
@@ -133,8 +126,12 @@ class MetaLearning(Objective):
                             "use it with classification or image-classification")
 
     def precompute(self, splits: dict[str, list[dict]], batches_of: Any, batch_size: int) -> dict[str, torch.Tensor]:
-        """The pools, saved with the run (`precomputed/meta_{train,test}_classes.safetensors`)."""
+        """The pools, saved with the run (`precomputed/meta_{train,test}_classes.safetensors`). Meta-eval draws from
+        the meta-test pool's rows in every split: a pool it would refuse is refused here, when training starts, not
+        after a whole meta-training run (nor when a finished run is evaluated)."""
         self.attach_examples(splits, batches_of)
+        meta_test = self.pools["meta_test_tasks" if self.task_names is not None else "meta_test_classes"]
+        self.meta_test_pools([example for examples in splits.values() for example in examples], meta_test)
         return {name: torch.tensor(classes) for name, classes in self.pools.items()}
 
     def attach_examples(self, splits: dict[str, list[dict]], batches_of: Any) -> None:
@@ -148,10 +145,6 @@ class MetaLearning(Objective):
             self._pools_of_tasks(splits)
         else:
             self._pools_of_classes()
-        # Meta-eval draws from the meta-test pool's rows in every split: refuse now a pool it would refuse, rather
-        # than after a whole meta-training run.
-        meta_test = self.pools["meta_test_tasks" if self.task_names is not None else "meta_test_classes"]
-        self.meta_test_pools(label_rows(splits), meta_test)
 
     def _pools_of_classes(self) -> None:
         """Classes as the unit of meta-training: the meta-test pool is `meta_test_classes` or `meta_test_count` of
@@ -321,6 +314,10 @@ class MetaLearning(Objective):
                 losses.append(loss)
                 accuracies.append(accuracy)
         return {"episode_accuracy": float(np.mean(accuracies)), "loss": float(np.mean(losses))}
+
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        """One episode per micro-batch, whatever rows pace it: episodes count equally in a meta-batch."""
+        return 1
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"episodes_drawn": torch.tensor(self.episodes_drawn)}

@@ -29,6 +29,7 @@ from deltatune.config.constraints import above, at_least, between, one_of
 from deltatune.config.schema import ObjectiveConfig
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import BASE, ModelRole, Objective, disable_dropout
+from deltatune.objectives.causal_lm import response_positions
 from deltatune.objectives.losses import (
     KL_ESTIMATORS,
     KLController,
@@ -152,6 +153,10 @@ class ProximalPolicyOptimisation(Objective):
         self.kl.update(float(kl_per_response.mean()), len(scores))
 
     # ---- the optimisation phase -------------------------------------------------------------------------------
+    def loss_units(self, batch: dict[str, Any]) -> int:
+        """The clipped losses are masked means over the response tokens."""
+        return int(response_positions(batch["labels"]).sum())
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         logits, hidden = policy_outputs(model, batch, hidden=True)
         logprobs, mask = token_logprobs(logits / self.config.temperature, batch["labels"])

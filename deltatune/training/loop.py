@@ -34,6 +34,7 @@ from deltatune.training.state import (
     LoopState,
     every_rank_steps,
     load_training_checkpoint,
+    modules_updating_statistics,
     rng_states,
     save_training_checkpoint,
     this_rank_steps,
@@ -44,12 +45,12 @@ KEEP_CHECKPOINTS = 2
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """Train mode, except BatchNorm layers whose parameters are frozen: "frozen" must also freeze their running
-    statistics, or a head-only CNN run would silently change the backbone."""
+    """Train mode, except BatchNorm layers whose statistics must not move (`modules_updating_statistics`): frozen
+    ones, or a head-only CNN run would silently change the backbone."""
     model.train()
-    for module in model.modules():
-        parameters = list(module.parameters()) if isinstance(module, nn.modules.batchnorm._BatchNorm) else []
-        if parameters and not any(p.requires_grad for p in parameters):  # affine=False has none: it trains
+    updating = modules_updating_statistics(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name not in updating:
             module.eval()
 
 
@@ -242,7 +243,7 @@ class TrainingLoop:
         exactly the step training takes (state.seconds and state.tokens count it); it neither evaluates nor
         checkpoints."""
         started = time.perf_counter()
-        total_loss, stats, tokens = 0.0, {}, 0
+        total_loss, stats, weights, tokens = 0.0, {}, {}, 0
         batches, shares = [], []
         for item in group:
             if isinstance(item, dict):
@@ -258,9 +259,10 @@ class TrainingLoop:
                 loss, batch_stats = self.objective.loss(self.model, batch)
             self.scaler.scale(loss * (weight / len(group))).backward()
             total_loss += loss.item() * weight / len(group)
-            for key, value in batch_stats.items():  # weighted like the loss: the whole step's figure
-                stats[key] = stats.get(key, 0.0) + value * weight / len(group)
+            for key, value in batch_stats.items():  # weighted like the loss, over the micro-batches reporting it
+                stats[key], weights[key] = stats.get(key, 0.0) + value * weight, weights.get(key, 0.0) + weight
             tokens += self.objective.tokens_in(batch) if weight else 0
+        stats = {key: value / weights[key] for key, value in stats.items() if weights[key]}  # this rank's mean
         params = self._trainable()
         # FSDP already averaged its shards' gradients in backward (reduce-scatter); the rest are averaged here.
         total_loss, tokens = distributed.average_gradients([p for p in params if not sharding.is_sharded(p)],
@@ -275,6 +277,8 @@ class TrainingLoop:
                 raise self._diverged(f"the gradient norm is {stats['grad_norm']}", self.state.step + 1)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < 1.0:  # every step for a while skipped as overflowing
+            raise self._diverged("the gradients overflow fp16 even unscaled", self.state.step + 1)
         stats["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step: the next's)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ Every JSON file here is strict JSON: a non-finite number (a nan or inf metric) i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,23 @@ from deltatune.training.checkpoint import (
     strict_json,
     write_json_atomic,
 )
+
+
+def _claim(tmp: Path, target: Path, text: str) -> None:
+    """Create `target` with `text` only if it does not exist (FileExistsError otherwise): a hard link of the written
+    file, so the name appears complete; on filesystems without hard links (FAT, some network and FUSE mounts) an
+    exclusive create, which claims as surely but could be cut off mid-write."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK):
+            raise
+        with open(target, "x") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 class RunDirTaken(UserError):
@@ -58,7 +76,7 @@ class RunDir:
             tmp.write_text(text)
             try:
                 if claim:
-                    os.link(tmp, self.path / "config.yaml")
+                    _claim(tmp, self.path / "config.yaml", text)
                 else:
                     os.replace(tmp, self.path / "config.yaml")
             except FileExistsError:

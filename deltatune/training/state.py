@@ -37,12 +37,28 @@ class LoopState:
     update: int = 0  # optimizer steps already taken of the current rollout (objectives with a rollout phase)
 
 
+def modules_updating_statistics(model: nn.Module) -> set[str]:
+    """Names of the modules whose buffers change in training: those with a trainable parameter of their own, and
+    BatchNorms without affine parameters whose parent module trains (full fine-tuning moves their running
+    statistics; in a frozen backbone they stay as they are, as "frozen" promises)."""
+    modules, names = dict(model.named_modules()), set()
+    for name, module in modules.items():
+        own = list(module.parameters(recurse=False))
+        if any(param.requires_grad for param in own):
+            names.add(name)
+        elif not own and isinstance(module, nn.modules.batchnorm._BatchNorm) and name:
+            if any(param.requires_grad for param in modules[name.rpartition(".")[0]].parameters()):
+                names.add(name)
+    return names
+
+
 def weights_to_save(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
     """The method's trainable weights plus the buffers of modules that train (e.g. BatchNorm running stats),
     which change during training just like parameters do."""
     weights = dict(method.trainable_state(model))
+    updating = modules_updating_statistics(model)
     for module_name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
+        if module_name in updating:
             for buffer_name, buffer in module.named_buffers(recurse=False):
                 if buffer_name not in module._non_persistent_buffers_set:
                     weights[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer

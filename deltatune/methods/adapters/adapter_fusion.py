@@ -128,7 +128,7 @@ class AdapterFusion(Method):
         # Every file is checked against the model before anything changes; a bad one leaves the model as it was.
         steps = [Adapter.plan_peft_load(model, adapter.config, adapter.tensors, name, trainable=False)[0]
                  for adapter, name in zip(loaded, names)]
-        check_every_site_fuses_two(loaded, config.num_new_adapters)
+        check_some_site_fuses_two(loaded, config.num_new_adapters)
         for step in steps:
             step()
         if loaded:  # new adapters sit where the loaded ones do, shaped like them, so each fusion weighs them all
@@ -153,16 +153,19 @@ def adapted_modules(adapter: SavedAdapter) -> set[str]:
     return {key.split(".adapter_down.")[0] for key in adapter.tensors if ".adapter_down." in key}
 
 
-def check_every_site_fuses_two(loaded: list[SavedAdapter], new: int) -> None:
-    """A UserError when some adapted module would fuse fewer than two adapters: adapters trained with different
-    placements (Houlsby's attention and feed-forward outputs, Pfeiffer's feed-forward norm) sit on different
-    modules, and a fusion over one adapter learns nothing."""
+def check_some_site_fuses_two(loaded: list[SavedAdapter], new: int) -> None:
+    """A UserError when no adapted module would fuse two adapters: adapters trained with different placements
+    (Houlsby's attention and feed-forward outputs, Pfeiffer's feed-forward norm) sit on disjoint modules, and the
+    fusion would then weigh each alone. Adapters of one placement on different layers still fuse where they
+    overlap (a module some of them do not adapt fuses the others)."""
+    if new or len(loaded) < 2:
+        return
     sites = [adapted_modules(adapter) for adapter in loaded]
-    for module in set().union(*sites):
-        present = [adapter.name for adapter, modules in zip(loaded, sites) if module in modules]
-        if len(present) + new < 2:
-            raise UserError(f"method.adapters: only {present[0]} adapts {module}, so nothing would be fused there; "
-                            "fuse adapters trained with the same placement (or add method.num_new_adapters)")
+    shared = any(len([modules for modules in sites if module in modules]) >= 2 for module in set().union(*sites))
+    if not shared:
+        raise UserError(f"method.adapters: {', '.join(adapter.name for adapter in loaded)} adapt no module in common, "
+                        "so nothing would be fused; fuse adapters trained with the same placement (or add "
+                        "method.num_new_adapters)")
 
 
 def add_beside(model: nn.Module, loaded: list[str], new: list[str], config: dict[str, Any]) -> None:

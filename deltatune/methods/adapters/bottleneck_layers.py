@@ -126,8 +126,9 @@ class BottleneckLayer(AdapterSwitch, WrapperLayer):
 
     @property
     def base_weight(self) -> Tensor | None:
-        """What new bottlenecks take their device and dtype from: the wrapped module's weight, or any tensor of it
-        (a LayerNorm without affine parameters has no weight, and a model on the GPU must not get CPU adapters)."""
+        """What new bottlenecks take their device and dtype from: the wrapped module's weight, else any tensor it
+        holds. A module with none (LayerNorm without affine parameters) gives fp32 on the CPU, which is right where
+        deltatune applies methods, before the model moves to its device."""
         weight = getattr(self.base_layer, "weight", None)
         if isinstance(weight, Tensor):
             return weight

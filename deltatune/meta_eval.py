@@ -30,6 +30,7 @@ def meta_evaluate(path: str | Path, episodes: int = 100, queries: int | str | No
     from safetensors.torch import load_file
 
     from deltatune.data.episodes import check_disjoint
+    from deltatune.models.hf import align_padding
     from deltatune.objectives.meta_learning import MetaLearning
     from deltatune.preparation import build_model, start_from_run
     from deltatune.runs import open_run
@@ -58,6 +59,7 @@ def meta_evaluate(path: str | Path, episodes: int = 100, queries: int | str | No
     per_class = query_count(queries, episode_pools, config.queries)
     num_labels = run.config.model.num_labels or data.num_labels
     pretrained, method = build_model(run.config, run.task, num_labels)
+    align_padding(pretrained, run.processor)
     if run.config.model.init_from is not None:  # meta-training started from that run's weights, not the bare base
         try:
             start_from_run(pretrained, method, run.config)
@@ -118,6 +120,7 @@ def require_meta_learning(config: Any, message: str) -> None:
     """A UserError with `message` unless the config's objective is meta-learning (checked by its class, so a
     registered variant of it counts too)."""
     from deltatune.objectives import get_objective
+    from deltatune.models.hf import align_padding
     from deltatune.objectives.meta_learning import MetaLearning
     from deltatune.preparation import run_task
 

@@ -67,6 +67,8 @@ def run_task(config: RunConfig) -> Task:
 def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
     """Load data and model and apply the method, seeded so the same config always builds the same start."""
     from deltatune.models import load_processor
+    from deltatune.data.sft import check_packing_keeps_examples_apart
+    from deltatune.models.hf import align_padding
     from deltatune.models.positions import check_max_length, virtual_token_count
     from deltatune.tasks import build_datasets
 
@@ -82,7 +84,10 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
         raise UserError(f"model.num_labels={num_labels} but the data has {data.num_labels} labels; "
                         f"raise model.num_labels or leave it unset")
     model, method = build_model(config, task, num_labels)
+    align_padding(model, processor)
     check_max_length(model, config.data.max_length, processor, virtual_token_count(method.config))
+    if getattr(data, "packed", False):  # the task packed its train split
+        check_packing_keeps_examples_apart(model)
     device = resolve_device(config.train.device)
     return Prepared(config, model.to(device), method, objective, task.name, data, device, processor, num_labels)
 

@@ -97,11 +97,13 @@ class SavedRun:
     def _load_without_data(self) -> LoadedRun:
         """Model, method and processor built as `prepare` builds them, skipping the dataset."""
         from deltatune.models import load_processor
+        from deltatune.models.hf import align_padding
 
         start_seeded(self.config)
         objective = build_objective(self.config.objective, self.task)
         processor = load_processor(self.config.model, self.task)
         model, method = build_model(self.config, self.task, self.config.model.num_labels)
+        align_padding(model, processor)
         device = resolve_device(self.config.train.device)
         return LoadedRun(self.run_dir, self.config, self.task, model.to(device), method, objective, processor, device)
 
@@ -167,6 +169,14 @@ def _role_model(config: RunConfig, objective: Objective, role: str, spec: ModelR
     source = role_source(config, objective, role, spec)
     if spec.scores_text:
         return load_scorer(source, f"objective.{ModelRole.config_key(role)}")
+    if source in (POLICY_DISABLED, BASE) and config.model.init_from is not None:
+        # The policy starts from that run's weights (an SFT stage): the reference is that start, as TRL keeps a
+        # "ref" copy of a re-trained adapter; switching the adapters off would leave the model before that stage.
+        if source == POLICY_DISABLED:
+            raise UserError(f"objective.{ModelRole.config_key(role)}={POLICY_DISABLED} switches the adapters off, "
+                            f"which leaves the model before model.init_from={config.model.init_from}; set it to "
+                            f"{BASE} (the run's start) or to a run directory")
+        return load_run(config.model.init_from).model
     if source in (POLICY_DISABLED, BASE):
         if switches_off_fully(policy_model):
             return AdaptersDisabled(policy_model)

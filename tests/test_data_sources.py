@@ -186,3 +186,21 @@ def test_nan_and_bytes_cells(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="row 1 of data holds bytes in text column 'text'"):
         text_values(rows, [0, 1], "text", "data")
     assert text_values([{"text": 3}], [0], "text", "data") == ["3"]  # numbers still read as their text
+
+
+def test_text_pairs_keep_a_boundary_on_tokenizers_that_mark_none() -> None:
+    """GPT-2-style tokenizers add nothing between a pair's segments: the two texts are joined by a newline, not run
+    together; BERT-style ones keep [SEP] and token_type_ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from deltatune.data.text import encode_classification, joined_pairs
+    from tests.tiny_models import tiny_bert_processor
+
+    bert = encode_classification(tiny_bert_processor(), ["great movie"], ["i loved it"], [1], 32)[0]
+    assert set(bert["token_type_ids"]) == {0, 1}
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                   unk_token="[UNK]")
+    assert bare.num_special_tokens_to_add(pair=True) == 0
+    assert joined_pairs(bare, ["Great movie"], ["I loved it"]) == (["Great movie\nI loved it"], None)
+    assert joined_pairs(tiny_bert_processor(), ["a"], ["b"]) == (["a"], ["b"])

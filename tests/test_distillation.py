@@ -26,6 +26,11 @@ def other_vocabulary_llama():
     return tiny_llama(vocab_size=1000)
 
 
+def wider_bert(num_labels: int = 2):
+    """A teacher twice the student's width (64 against tiny_bert's 32), same vocabulary and labels."""
+    return tiny_bert(num_labels=num_labels, hidden_size=64)
+
+
 def three_label_bert(num_labels: int = 2):
     """A teacher trained for three classes, whatever the student's data has."""
     return tiny_bert(num_labels=3)
@@ -115,6 +120,9 @@ CASES = {
                                               ":tiny_bert", "objective.lmbda=0.5"], r"set objective\.lmbda=0"),
     "layer map outside the blocks": (RUN, [*DISTILL, "objective.alpha_cos=1", "objective.layer_map={0: 7}"],
                                      r"teacher block 7, but .* teacher 2; map blocks"),
+    "cosine to a wider teacher": (BERT_RUN, ["objective.name=distill", f"objective.teacher_model={__name__}:wider_bert",
+                                             "objective.alpha_cos=1"],
+                                  r"the student's are 32 wide and the teacher's 64; set objective\.alpha_cos=0"),
 }
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deltatune.errors import UserError
 from deltatune.objectives.causal_lm import SupervisedFineTuning, SupervisedFineTuningConfig
 from deltatune.objectives.losses.linear_cross_entropy import linear_cross_entropy
 from tests.tiny_models import tiny_llama
@@ -167,3 +168,23 @@ def test_a_model_that_caps_its_logits_after_the_output_layer_trains_on_its_own_l
     insisted = SupervisedFineTuning(SupervisedFineTuningConfig(name="sft", chunked_loss=True))
     with pytest.raises(UserError, match=r"changes its logits after the output layer \(config\.final_logit_softcapping"):
         insisted.loss(model, batch)
+
+
+@pytest.mark.parametrize("build, kept_apart", [("llama", True), ("opt", False)])
+def test_packing_is_refused_for_a_model_that_lets_packed_examples_attend_to_each_other(build, kept_apart) -> None:
+    """OPT builds its causal mask without position_ids: packed examples would see each other, silently."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from deltatune.data.sft import check_packing_keeps_examples_apart
+    from tests.tiny_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama() if build == "llama" else OPTForCausalLM(OPTConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        word_embed_proj_dim=16, max_position_embeddings=32))
+    if kept_apart:
+        check_packing_keeps_examples_apart(model)
+    else:
+        with pytest.raises(UserError, match=r"OPTForCausalLM lets packed examples attend to each other .*set "
+                                            r"data\.packing=false"):
+            check_packing_keeps_examples_apart(model)

@@ -164,3 +164,24 @@ def test_a_run_with_virtual_tokens_is_refused_when_they_do_not_fit(tmp_path: Pat
     assert prepare(_prompt_run(tmp_path, 124, method)).model is not None
     with pytest.raises(UserError, match=r"method\.num_virtual_tokens=4"):
         prepare(_prompt_run(tmp_path, 128, method))
+
+
+def test_a_decoder_classifier_reads_padding_as_its_tokenizer_pads() -> None:
+    """A config without pad_token_id gets eos from transformers' defaults; a tokenizer padding with its own token
+    would then be read as content: the config takes the tokenizer's pad id."""
+    import types
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from deltatune.models.hf import align_padding
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       num_key_value_heads=1, num_labels=2, eos_token_id=2)).eval()
+    model.config.pad_token_id = 2  # what pad_with_eos sets when the config has none
+    align_padding(model, types.SimpleNamespace(pad_token_id=0))
+    alone, padded = torch.tensor([[5, 6, 7]]), torch.tensor([[5, 6, 7, 0, 0]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=alone).logits,
+                              model(input_ids=padded, attention_mask=(padded != 0).long()).logits, atol=1e-6)

@@ -190,3 +190,78 @@ def test_prompts_are_kept_once_per_split_and_left_padded(tmp_path) -> None:
     batch = data.collate(data.train[:2] + [{"input_ids": [7], "prompt": "x"}])
     assert batch["attention_mask"][-1].tolist()[-1] == 1 and batch["attention_mask"][-1].tolist()[0] == 0
     assert batch["prompt"][-1] == "x"
+
+
+def test_rollouts_sample_from_softmax_alone_whatever_the_checkpoint_generation_config_says() -> None:
+    """A checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size) must not shape PPO's samples:
+    the ratios and KL assume softmax(logits / T)."""
+    import types
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from deltatune.objectives.rollouts import generate_responses
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=8, n_positions=64,
+                                       bos_token_id=0, eos_token_id=7)).eval()
+    tokenizer = types.SimpleNamespace(eos_token_id=7, pad_token_id=7, decode=lambda ids, **_: str(ids.tolist()))
+    options = types.SimpleNamespace(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0)
+    batch = {"input_ids": torch.tensor([[1, 2]] * 32), "attention_mask": torch.ones(32, 2, dtype=torch.long)}
+
+    def sampled() -> torch.Tensor:
+        torch.manual_seed(1)
+        return generate_responses(model, batch, tokenizer, options).inputs["input_ids"]
+
+    plain = sampled()
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1e4, 1
+    assert torch.equal(sampled(), plain)
+
+
+def test_disable_dropout_also_turns_off_the_dropout_on_lora_inputs() -> None:
+    """LoRA's dropout is functional, not an nn.Dropout: a policy compared with its reference (DPO, PPO) must compute
+    the same log-probabilities twice in train mode."""
+    import deltatune
+    from deltatune.objectives.base import disable_dropout
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    deltatune.apply(model, {"name": "lora", "r": 4, "lora_dropout": 0.5})
+    with torch.no_grad():  # B starts at zero, which would hide any dropout on the LoRA branch
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    model.train()
+    ids = torch.randint(0, 50, (2, 6))
+    disable_dropout(model)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_dpo_from_an_init_from_run_takes_that_start_as_its_reference(tmp_path) -> None:
+    """The policy starts with the SFT run's adapters: the reference is that start, so the first DPO loss is ln 2
+    (policy = reference), not a comparison with the model before SFT."""
+    rows = [{"prompt": f"Review film {i % 6}.", "response": "a fine film", "chosen": "great moving film",
+             "rejected": "dull " * (1 + i % 3)} for i in range(24)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["model.name=tests.tiny_models:tiny_llama", "method.name=lora", f"data.name={data}", "train.batch_size=4",
+              "train.progress=false", "train.num_threads=1", "train.log_every=1", f"output_dir={tmp_path / 'runs'}"]
+    sft = train(load_config(None, [*common, "model.task=causal-lm", "run_name=sft", "train.max_steps=3",
+                                   "train.lr=5e-2"]), echo=lambda *_: None)
+    dpo = train(load_config(None, [*common, "objective.name=dpo", "run_name=dpo", "train.max_steps=1",
+                                   f"model.init_from={sft['run_dir']}"]), echo=lambda *_: None)
+    first = next(json.loads(line) for line in open(Path(dpo["run_dir"]) / "metrics.jsonl") if '"train"' in line)
+    assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-5)
+    with pytest.raises(UserError, match=r"policy-disabled switches the adapters off, which leaves the model before "
+                                        r"model\.init_from"):
+        train(load_config(None, [*common, "objective.name=dpo", "run_name=dpo2", "train.max_steps=1",
+                                 f"model.init_from={sft['run_dir']}", "objective.reference_model=policy-disabled"]),
+              echo=lambda *_: None)
+
+
+def test_ppo_values_stay_float32_under_bf16_autocast() -> None:
+    from deltatune.objectives.ppo import ProximalPolicyOptimisation
+
+    objective = ProximalPolicyOptimisation()
+    objective.value_head = torch.nn.Linear(8, 1)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        values = objective._values(torch.randn(2, 5, 8))
+    assert values.dtype == torch.float32 and values.shape == (2, 4)

@@ -27,6 +27,7 @@ import torch
 from deltatune.data.sft import IGNORE_INDEX, encode_sft, encode_sft_pairs, has_chat_template
 from deltatune.data.splits import SPLIT_NAMES
 from deltatune.data.table import Table
+from deltatune.data.text import joined_pairs
 from deltatune.errors import UserError
 
 Example = dict[str, Any]
@@ -107,7 +108,7 @@ def scored_half(tokenizer: Any, prompts: list[str], responses: list[str], max_le
         raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 128 or 256)")
     if not prompts:  # a split of fraction 0; fast tokenizers refuse an empty batch
         return []
-    encoded = tokenizer(prompts, responses, truncation=True, max_length=max_length)
+    encoded = tokenizer(*joined_pairs(tokenizer, prompts, responses), truncation=True, max_length=max_length)
     keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
     return [{key: list(encoded[key][i]) for key in keys} for i in range(len(prompts))]
 

@@ -215,3 +215,27 @@ class CausalLMCollator:
 def sft_collator(tokenizer: Any) -> CausalLMCollator:
     """The collate function for SFT batches from this tokenizer."""
     return CausalLMCollator(pad_token_id(tokenizer))
+
+
+@torch.no_grad()
+def check_packing_keeps_examples_apart(model: Any) -> None:
+    """A UserError unless `model` keeps packed examples apart. Packed rows carry no attention mask: transformers
+    derives a block-diagonal one from the restarting position_ids, which only some architectures read (Llama,
+    GPT-2, NeoX do; OPT and BLOOM do not, nor flash attention on batches of several rows). Probed once on two
+    rows: the second example's logits packed behind another must equal its logits alone."""
+    device = next(model.parameters()).device
+    packed = torch.tensor([[1, 2, 3, 4, 5]] * 2, device=device)
+    positions = torch.tensor([[0, 1, 2, 0, 1]] * 2, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 3:]
+        alone = model(input_ids=packed[:1, 3:], position_ids=positions[:1, 3:], use_cache=False).logits[0]
+        kept_apart = torch.allclose(together.float(), alone.float(), atol=1e-4, rtol=1e-3)
+    except TypeError:  # a forward without position_ids
+        kept_apart = False
+    finally:
+        model.train(was_training)
+    if not kept_apart:
+        raise UserError(f"{type(model).__name__} lets packed examples attend to each other (its attention does not "
+                        "restart at each example's position_ids); set data.packing=false")

@@ -42,7 +42,7 @@ def encode_classification(
         raise UserError(f"data.max_length is {max_length}; use at least 2 (typical: 128 or 256)")
     if not texts:  # a split of fraction 0; fast tokenizers refuse an empty batch
         return []
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    encoded = tokenizer(*joined_pairs(tokenizer, texts, pairs), truncation=True, max_length=max_length)
     keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
     examples: list[Example] = []
     for i, label in enumerate(labels):
@@ -80,3 +80,13 @@ class ClassificationCollator:
         """Pad on the tokenizer's side (left-padding matters for decoder models that read the last token)."""
         filler = [value] * (length - len(sequence))
         return filler + list(sequence) if self.padding_side == "left" else list(sequence) + filler
+
+
+def joined_pairs(tokenizer: Any, texts: list[str], pairs: list[str] | None) -> tuple[list[str], list[str] | None]:
+    """The (texts, pairs) to tokenise. A tokenizer that marks no boundary between a pair's segments (GPT-2- and
+    SmolLM2-style ones add no special tokens to pairs and make no token_type_ids) would run them together, "Great
+    movie" + "I loved it" read as "Great movieI loved it": such pairs are joined by a newline instead."""
+    counts = getattr(tokenizer, "num_special_tokens_to_add", None)
+    if pairs is None or not callable(counts) or counts(pair=True) > 0:
+        return texts, pairs
+    return [f"{text}\n{pair}" for text, pair in zip(texts, pairs)], None

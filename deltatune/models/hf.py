@@ -138,3 +138,12 @@ def takes_logits_to_keep(model_class: type) -> bool:
         return "logits_to_keep" in inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def align_padding(model: nn.Module, processor: Any) -> None:
+    """Give the model's config the pad id its batches are padded with (the tokenizer's): a decoder classifier takes
+    each row's last token that is not config.pad_token_id as the one it reads, so another id there (a config
+    without one gets eos, a tokenizer may pad with its own token) would read padding in every shorter row."""
+    config, pad = getattr(model, "config", None), getattr(processor, "pad_token_id", None)
+    if isinstance(pad, int) and config is not None and hasattr(config, "pad_token_id") and config.pad_token_id != pad:
+        config.pad_token_id = pad

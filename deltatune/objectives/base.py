@@ -16,7 +16,8 @@ The runner resolves each role's source (the field `<role>_model`, else the role'
 transformers directory, a `.gguf` file, `package.module:function`), a finished run directory, or one of two names
 for the policy's own base: POLICY_DISABLED (the policy run with its adapters switched off, no second copy in
 memory; a method that trains weights outside adapter layers cannot do that and is refused before training) and
-BASE (that view when the method allows it, otherwise a frozen copy of `model.name` loaded again).
+BASE (that view when the method allows it, otherwise a frozen copy of `model.name` loaded again). A policy that
+starts from `model.init_from` has that run's model as its BASE (a frozen copy: its start, not the model before it).
 """
 
 from __future__ import annotations
@@ -237,3 +238,5 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        elif callable(getattr(type(module), "disable_dropout", None)):  # functional dropout: LoRA's on its input
+            module.disable_dropout()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,6 +101,7 @@ class Distillation(Objective):
         self.teacher: nn.Module | None = None
         self.cache: TeacherLogitCache | CacheChain | None = None
         self.layer_pairs: list[tuple[int, int]] = []
+        self.coin_draws = 0  # on-policy coins drawn: the same sequence on every rank, continued on resume
         if self.config.precompute_teacher and (self.config.lmbda or self.config.alpha_cos):
             raise UserError("objective.precompute_teacher stores the teacher's logits only, but on-policy steps "
                             "(lmbda) and the cosine term (alpha_cos) need the live teacher; set one of them to 0")
@@ -131,6 +133,11 @@ class Distillation(Objective):
         if None in counts:
             raise UserError("objective.alpha_cos needs transformers models that report their hidden states; set "
                             "objective.alpha_cos=0 for this model")
+        widths = [getattr(model.config, "hidden_size", None) for model in (student, self.teacher)]
+        if widths[0] != widths[1]:  # DistilBERT's cosine compares hidden states of one width
+            raise UserError(f"objective.alpha_cos compares hidden states, but the student's are {widths[0]} wide and "
+                            f"the teacher's {widths[1]}; set objective.alpha_cos=0 (or distil into a student of the "
+                            "teacher's width)")
         pairs = sorted((self.config.layer_map or {counts[0] - 1: counts[1] - 1}).items())
         for student_block, teacher_block in pairs:
             if not (0 <= student_block < counts[0] and 0 <= teacher_block < counts[1]):
@@ -248,7 +255,7 @@ class Distillation(Objective):
 
     # ---- training and evaluation -----------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        on_policy = bool(self.config.lmbda) and float(torch.rand(())) < self.config.lmbda
+        on_policy = bool(self.config.lmbda) and self._coin() < self.config.lmbda
         if on_policy:
             batch = self._on_policy(model, batch)
         hidden = bool(self.layer_pairs)
@@ -279,6 +286,18 @@ class Distillation(Objective):
             loss, stats["cosine"] = loss + config.alpha_cos * cosine, cosine.item()
         return loss, stats
 
+    def _coin(self) -> float:
+        """The next on-policy coin in [0, 1): from its own seeded stream, not torch's (each rank reseeds that for its
+        dropout), so every rank takes an on-policy step together, as FSDP's shared generation needs."""
+        self.coin_draws += 1
+        return float(np.random.default_rng([1_000_003, self.coin_draws]).random())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"coin_draws": torch.tensor(self.coin_draws)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.coin_draws = int(tensors.get("coin_draws", 0))
+
     def _on_policy(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch's prompts with responses the student samples now (GKD's on-policy data)."""
         if "position_ids" in batch:
@@ -293,7 +312,10 @@ class Distillation(Objective):
             rollout = generate_responses(model, prompts, self.processor,
                                          _OnPolicySampling(self.config.max_new_tokens))
         finally:
-            model.train(was_training)
+            if was_training:
+                from deltatune.training.loop import set_train_mode  # frozen BatchNorms stay in eval mode
+
+                set_train_mode(model)
         return rollout.inputs
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from deltatune import distributed
 from deltatune.config.constraints import above, at_least, between, one_of
 from deltatune.config.schema import ObjectiveConfig
 from deltatune.objectives import register_objective
@@ -128,7 +129,7 @@ class ProximalPolicyOptimisation(Objective):
         logits, hidden = policy_outputs(model, rollout.inputs, hidden=True)
         logits = logits / self.config.temperature
         logprobs, mask = token_logprobs(logits, rollout.inputs["labels"])
-        values = self.value_head(hidden[:, :-1].float()).squeeze(-1)
+        values = self._values(hidden)
         reference_logits = policy_outputs(self.reference, rollout.inputs)[0] / self.config.temperature
         reference_logprobs, _ = token_logprobs(reference_logits, rollout.inputs["labels"])
         rewards, kl = kl_penalised_rewards(scores, logprobs, reference_logprobs, mask, self.kl.coefficient,
@@ -141,6 +142,12 @@ class ProximalPolicyOptimisation(Objective):
         return {**rollout.inputs, "old_logprobs": logprobs, "old_values": values, "advantages": advantages,
                 "returns": returns}
 
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s_t) per position, in fp32 whatever the loop's autocast: advantages and returns are built from them
+        (and whitened), where bf16's 8 bits would round a score of 3.14 by 0.01."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden[:, :-1].float()).squeeze(-1)
+
     def _record(self, rollout: Rollout, scores: torch.Tensor, kl: torch.Tensor, logits: torch.Tensor,
                 mask: torch.Tensor) -> None:
         """The rollout's statistics, logged with every step taken on it; then the KL coefficient adapts."""
@@ -150,7 +157,11 @@ class ProximalPolicyOptimisation(Objective):
             "kl": float(kl_per_response.mean()), "entropy": float(masked_mean(entropy_from_logits(logits[:, :-1]),
                                                                              mask)),
             "response_length": float(mask.sum(dim=1).float().mean()), "kl_coef": self.kl.coefficient}
-        self.kl.update(float(kl_per_response.mean()), len(scores))
+        # Every rank adapts the coefficient from every rank's responses, so the ranks keep one coefficient (only rank
+        # 0's is checkpointed) and the horizon counts the whole rollout, as one process would.
+        total = distributed.sum_across_ranks(float(kl_per_response.sum()))
+        count = distributed.sum_across_ranks(len(scores))
+        self.kl.update(total / max(count, 1.0), int(count))
 
     # ---- the optimisation phase -------------------------------------------------------------------------------
     def loss_units(self, batch: dict[str, Any]) -> int:
@@ -160,7 +171,7 @@ class ProximalPolicyOptimisation(Objective):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         logits, hidden = policy_outputs(model, batch, hidden=True)
         logprobs, mask = token_logprobs(logits / self.config.temperature, batch["labels"])
-        values = self.value_head(hidden[:, :-1].float()).squeeze(-1)
+        values = self._values(hidden)
         policy = clipped_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, self.config.cliprange)
         value = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, self.config.cliprange_value)
         loss = policy.loss + self.config.vf_coef * value.loss

@@ -18,6 +18,7 @@ from torch import nn
 from deltatune.data.sft import IGNORE_INDEX
 from deltatune.data.text import pad_token_id
 from deltatune.objectives.losses import token_logprobs
+from deltatune.training import sharding
 
 
 @dataclass
@@ -45,11 +46,22 @@ def response_mask(responses: torch.Tensor, eos: int | None) -> torch.Tensor:
 @torch.no_grad()
 def generate_responses(model: nn.Module, batch: dict[str, Any], tokenizer: Any, options: Any) -> Rollout:
     """Sample one response per prompt of `batch` with `options`' max_new_tokens, temperature, top_k and top_p."""
+    from transformers import GenerationConfig
+
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     pad, eos = pad_token_id(tokenizer), end_of_sequence_id(tokenizer)
-    output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                            max_new_tokens=options.max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True)
+    # The checkpoint's own generation_config.json (a repetition_penalty, a min_new_tokens, suppressed tokens) must not
+    # shape the samples: PPO's ratios and KL assume they come from softmax(logits / T) alone, as TRL's do. transformers
+    # fills every setting a passed config leaves unset from model.generation_config, so that one is set aside too.
+    sampling = GenerationConfig(do_sample=True, temperature=options.temperature, top_k=options.top_k,
+                                top_p=options.top_p, max_new_tokens=options.max_new_tokens, pad_token_id=pad,
+                                eos_token_id=eos, use_cache=True)
+    checkpoint_settings, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=sampling,
+                                synced_gpus=sharding.model_is_sharded(model))  # FSDP ranks gather blocks together
+    finally:
+        model.generation_config = checkpoint_settings
     responses = output[:, prompt_ids.shape[1]:]
     keep = response_mask(responses, eos)
     rows = [(prompt_ids[row][prompt_mask[row].bool()], responses[row][keep[row]]) for row in range(len(responses))]

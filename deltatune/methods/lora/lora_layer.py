@@ -150,6 +150,11 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
                     magnitude = tensors[MAGNITUDE_KEY].reshape(-1).to(device=lora_A.device, dtype=lora_A.dtype)
                 self.lora_magnitude_vector[name] = nn.Parameter(magnitude.clone())
 
+    def disable_dropout(self) -> None:
+        """lora_dropout 0 for every adapter of the layer (`objectives.base.disable_dropout`): DPO and PPO compare
+        log-probabilities the policy computes in train mode with ones computed without dropout."""
+        self.settings = {name: replace(settings, lora_dropout=0.0) for name, settings in self.settings.items()}
+
     def adapter_names(self) -> list[str]:
         return list(self.settings)
 

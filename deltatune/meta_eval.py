@@ -120,7 +120,6 @@ def require_meta_learning(config: Any, message: str) -> None:
     """A UserError with `message` unless the config's objective is meta-learning (checked by its class, so a
     registered variant of it counts too)."""
     from deltatune.objectives import get_objective
-    from deltatune.models.hf import align_padding
     from deltatune.objectives.meta_learning import MetaLearning
     from deltatune.preparation import run_task
 

@@ -64,8 +64,9 @@ def run_task(config: RunConfig) -> Task:
     return get_task(name)()
 
 
-def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Prepared:
-    """Load data and model and apply the method, seeded so the same config always builds the same start."""
+def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None, training: bool = True) -> Prepared:
+    """Load data and model and apply the method, seeded so the same config always builds the same start. With
+    `training` false (a finished run read back) what only training needs is not checked."""
     from deltatune.models import load_processor
     from deltatune.data.sft import check_packing_keeps_examples_apart
     from deltatune.models.hf import align_padding
@@ -86,7 +87,7 @@ def prepare(config: RunConfig, splits: dict[str, list[int]] | None = None) -> Pr
     model, method = build_model(config, task, num_labels)
     align_padding(model, processor)
     check_max_length(model, config.data.max_length, processor, virtual_token_count(method.config))
-    if getattr(data, "packed", False):  # the task packed its train split
+    if training and getattr(data, "packed", False):  # the task packed its train split
         check_packing_keeps_examples_apart(model)
     device = resolve_device(config.train.device)
     return Prepared(config, model.to(device), method, objective, task.name, data, device, processor, num_labels)

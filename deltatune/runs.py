@@ -34,6 +34,7 @@ from deltatune.preparation import build_model, format_metrics, metrics_on_splits
 from deltatune.resume import read_saved_config
 from deltatune.tasks import get_task
 from deltatune.tasks.base import Task
+from deltatune.models.hf import align_padding
 from deltatune.training.device import to_device
 from deltatune.training.checkpoint import fsync_dir
 from deltatune.training.loop import Batches, resolve_device
@@ -72,7 +73,7 @@ class SavedRun:
         """
         weights, _ = self.run_dir.read_final_weights()
         if with_data or (self.task.labelled and self.config.model.num_labels is None):
-            prepared = prepare(self.config, self.run_dir.read_splits())
+            prepared = prepare(self.config, self.run_dir.read_splits(), training=False)
             run = LoadedRun(self.run_dir, self.config, self.task, prepared.model, prepared.method,
                             prepared.objective, prepared.processor, prepared.device,
                             prepared.data if with_data else None)
@@ -88,16 +89,16 @@ class SavedRun:
         Seeded like training, so a freshly initialised head starts as it did there; `num_labels` sizes that head
         when the config leaves it to the data.
         """
-        from deltatune.models import load_model
+        from deltatune.models import load_model, load_processor
 
         start_seeded(self.config)
         model = load_model(self.config.model, self.task, self.config.model.num_labels or num_labels)
+        align_padding(model, load_processor(self.config.model, self.task))  # it reads the run's batches
         return model.to(resolve_device(self.config.train.device)).eval()
 
     def _load_without_data(self) -> LoadedRun:
         """Model, method and processor built as `prepare` builds them, skipping the dataset."""
         from deltatune.models import load_processor
-        from deltatune.models.hf import align_padding
 
         start_seeded(self.config)
         objective = build_objective(self.config.objective, self.task)
@@ -148,6 +149,8 @@ def setup_objective(config: RunConfig, objective: Objective, policy_model: nn.Mo
     with torch.random.fork_rng(devices=[]):
         for role, spec in type(objective).models.items():
             model = _role_model(config, objective, role, spec, policy_model, method, num_labels)
+            if not spec.scores_text:  # a teacher or reference reads the policy's batches, padded as they are
+                align_padding(model, processor)
             models[role] = _frozen(model).to(device)
     objective.setup(models, policy_model, method)
 

@@ -202,5 +202,5 @@ def test_text_pairs_keep_a_boundary_on_tokenizers_that_mark_none() -> None:
     bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
                                    unk_token="[UNK]")
     assert bare.num_special_tokens_to_add(pair=True) == 0
-    assert joined_pairs(bare, ["Great movie"], ["I loved it"]) == (["Great movie\nI loved it"], None)
+    assert joined_pairs(bare, ["Great movie"], ["I loved it"]) == (["Great movie"], ["\nI loved it"])
     assert joined_pairs(tiny_bert_processor(), ["a"], ["b"]) == (["a"], ["b"])

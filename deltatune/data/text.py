@@ -85,8 +85,9 @@ class ClassificationCollator:
 def joined_pairs(tokenizer: Any, texts: list[str], pairs: list[str] | None) -> tuple[list[str], list[str] | None]:
     """The (texts, pairs) to tokenise. A tokenizer that marks no boundary between a pair's segments (GPT-2- and
     SmolLM2-style ones add no special tokens to pairs and make no token_type_ids) would run them together, "Great
-    movie" + "I loved it" read as "Great movieI loved it": such pairs are joined by a newline instead."""
+    movie" + "I loved it" read as "Great movieI loved it": the second segment then starts with a newline. It stays a
+    pair, so truncation still trims the longer segment first (a long prompt never cuts its response away)."""
     counts = getattr(tokenizer, "num_special_tokens_to_add", None)
     if pairs is None or not callable(counts) or counts(pair=True) > 0:
         return texts, pairs
-    return [f"{text}\n{pair}" for text, pair in zip(texts, pairs)], None
+    return texts, [f"\n{pair}" for pair in pairs]

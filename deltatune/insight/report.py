@@ -109,7 +109,8 @@ def _base_model(saved: Any, source: str | None, num_labels: int | None) -> nn.Mo
         return saved.load_base_model(num_labels)
     import dataclasses
 
-    from deltatune.models import load_model
+    from deltatune.models import load_model, load_processor
+    from deltatune.models.hf import align_padding
     from deltatune.preparation import start_seeded
     from deltatune.training.loop import resolve_device
 
@@ -117,6 +118,7 @@ def _base_model(saved: Any, source: str | None, num_labels: int | None) -> nn.Mo
         saved.config.model.student, keep_layers=None, every_other=False))
     start_seeded(saved.config)  # a new head starts as the run's did, as load_base_model does
     model = load_model(config, saved.task, saved.config.model.num_labels or num_labels)
+    align_padding(model, load_processor(saved.config.model, saved.task))  # it reads the run's batches
     return model.to(resolve_device(saved.config.train.device)).eval()
 
 

@@ -56,7 +56,8 @@ def generate_responses(model: nn.Module, batch: dict[str, Any], tokenizer: Any, 
     sampling = GenerationConfig(do_sample=True, temperature=options.temperature, top_k=options.top_k,
                                 top_p=options.top_p, max_new_tokens=options.max_new_tokens, pad_token_id=pad,
                                 eos_token_id=eos, use_cache=True)
-    checkpoint_settings, model.generation_config = model.generation_config, GenerationConfig()
+    checkpoint_settings = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
     try:
         output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=sampling,
                                 synced_gpus=sharding.model_is_sharded(model))  # FSDP ranks gather blocks together

@@ -164,6 +164,9 @@ def probe(config_path: str, overrides: list[str]) -> dict[str, Any]:
     validation = data.validation or data.test
     sample = validation[: EVAL_BATCHES * train_config.eval_batch_size]
     split = "validation" if data.validation else "test"  # what an objective drawing its own rows evaluates on
+    warm_up = sample[: train_config.eval_batch_size]  # untimed: first-call costs are not paid by every evaluation
+    evaluate(prepared.model, prepared.objective, Batches(warm_up, data.collate, split=split), train_config,
+             prepared.device)
     started = time.perf_counter()
     evaluate(prepared.model, prepared.objective, Batches(sample, data.collate, split=split), train_config,
              prepared.device)

@@ -275,7 +275,10 @@ def queue_recipe(study: Any, recipe: dict[str, Any]) -> None:
     state = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
     waiting = any(t.state == state.WAITING for t in trials)
-    tried = any(t.params == recipe and t.state in (state.COMPLETE, state.PRUNED) for t in trials)
+    # The recipe may fix only some of the searched keys (a config value outside the space is left to the sampler):
+    # a trial ran it when those keys agree.
+    tried = any(all(t.params.get(key) == value for key, value in recipe.items())
+                and t.state in (state.COMPLETE, state.PRUNED) for t in trials)
     if recipe and not (waiting or tried):
         study.enqueue_trial(recipe)
 

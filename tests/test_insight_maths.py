@@ -145,3 +145,23 @@ def test_pooled_features_leave_out_virtual_tokens_where_they_were_inserted() -> 
     mask = torch.ones(1, 4, dtype=torch.long)
     assert torch.allclose(pooled(with_prompt, mask, insert_at=1), real.mean(dim=1))
     assert torch.allclose(pooled(torch.cat([torch.full((1, 2, 3), 100.0), real], 1), mask), real.mean(dim=1))
+
+
+def test_intruder_dimensions_of_a_gpt2_conv1d_are_counted_on_its_output_side() -> None:
+    """Conv1D stores (in, out): its intruders must equal those of the Linear holding the transposed weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    from deltatune.insight.changes import weight_changes
+    from deltatune.models.families import FAMILIES
+
+    torch.manual_seed(0)
+    before, delta = torch.randn(16, 48), 3 * torch.randn(16, 2) @ torch.randn(2, 48)
+    models = {}
+    for kind in ("conv1d", "linear"):
+        pair = []
+        for weight in (before, before + delta):
+            layer = Conv1D(48, 16) if kind == "conv1d" else torch.nn.Linear(16, 48, bias=False)
+            layer.weight.data = weight.clone() if kind == "conv1d" else weight.T.clone()
+            pair.append(torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.ModuleDict({"proj": layer})])}))
+        models[kind] = weight_changes(*pair, FAMILIES["generic"], top_k=4)[0].intruders
+    assert models["conv1d"] == models["linear"]

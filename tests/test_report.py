@@ -141,3 +141,10 @@ def test_the_report_of_an_image_classifier_and_its_forgetting_on_other_images(tm
     assert changed_blocks == {len(numbers["cka"]["diagonal"]) - 1}  # only the last block trained
     assert numbers["cka"]["diagonal"][0] == pytest.approx(1.0)  # frozen early blocks represent as before
     assert set(numbers["forgetting"]["tuned"]) == {"probe_accuracy", "probe_loss"}
+
+
+def test_a_qlora_report_counts_biases_trained_in_place(tmp_path) -> None:
+    """bias="all" trains the biases of the 4-bit linears in place: measured against the held copy they would read
+    as unchanged; against the pretrained biases they change."""
+    numbers = report_of(classifier_run(tmp_path, ["method.name=qlora", "method.r=4", "method.bias=all"]))["numbers"]
+    assert any(t["name"].endswith(".bias") and t["block"] is not None for t in numbers["weights"]["tensors"])

@@ -243,3 +243,19 @@ def test_a_study_continues_only_with_the_setup_it_started_with(tmp_path, monkeyp
                    capsys, tmp_path)
     assert main(["tune", *args, "train.progress=false", "--trials", "2"]) == 0  # a display setting is no new setup
     assert len(trials_of(tmp_path)) == 2
+
+
+def test_a_partial_recipe_is_queued_once_across_resumed_sessions() -> None:
+    """A config whose value lies outside the space (batch_size 8, choices 16/32) gives a recipe of the other keys
+    only; once a trial ran it, a resumed study must not queue it again."""
+    import optuna
+
+    from deltatune.tune import queue_recipe
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):  # three sessions of one trial each
+        queue_recipe(study, {"train.batch_size": 16})
+        study.optimize(lambda trial: trial.suggest_float("train.lr", 1e-5, 1e-3, log=True)
+                       + trial.suggest_categorical("train.batch_size", [16, 32]), n_trials=1)
+    assert sum(trial.system_attrs.get("fixed_params") is not None for trial in study.trials) == 1

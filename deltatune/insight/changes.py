@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from deltatune.insight.weights import as_matrix, effective_rank, intruder_dimensions, relative_change
+from deltatune.methods.shared.targets import is_conv1d
 from deltatune.models.families import Family
 
 
@@ -39,10 +40,13 @@ def weight_changes(base: nn.Module, tuned: nn.Module, family: Family, top_k: int
         block = family.block_index(name)
         spectral = block is not None and after.dim() >= 2 and min(as_matrix(after).shape) > 1
         delta = after.double() - before.double()
+        # Intruder dimensions are singular vectors of the output side: GPT-2's Conv1D stores (in, out), so turn it.
+        owner = tuned.get_submodule(name.rpartition(".")[0]) if "." in name else tuned
+        oriented = (before.T, after.T) if spectral and after.dim() == 2 and is_conv1d(owner) else (before, after)
         changes.append(WeightChange(
             name, block, tuple(after.shape), relative_change(before, after),
             effective_rank(delta) if spectral else None,
-            intruder_dimensions(before, after, top_k) if spectral else None))
+            intruder_dimensions(*oriented, top_k) if spectral else None))
     return changes
 
 

@@ -150,7 +150,7 @@ def _weights(base: nn.Module, tuned: nn.Module, family: Any, num_blocks: int, nu
         numbers["weights"] = None
         return section.text(f"This method adds modules rather than changing weights ({error}); the next section "
                             "shows how each block's hidden states moved instead.")
-    changes = weight_changes(_held_base(tuned) or base, folded, family)
+    changes = weight_changes(_held_base(tuned, base) or base, folded, family)
     del folded
     per_block = change_by_block(changes, num_blocks)
     numbers["weights"] = {"per_block": per_block, "changed_tensors": len(changes),
@@ -259,10 +259,12 @@ def _forgetting(run: Any, base: nn.Module, options: ReportOptions, numbers: dict
             .text(f"Measured with {how}.", note=True))
 
 
-def _held_base(tuned: nn.Module) -> nn.Module | None:
+def _held_base(tuned: nn.Module, base: nn.Module) -> nn.Module | None:
     """The run's frozen weights as it held them, adapters off, when it holds some in another form than the base
     model (a 4-bit stand-in, as QLoRA's): ΔW is then measured against them, so quantisation's rounding (a relative
-    change near 0.1 on every frozen matrix) is not reported as fine-tuning's change. None when it holds none."""
+    change near 0.1 on every frozen matrix) is not reported as fine-tuning's change. What the run trained in place
+    (biases under bias="all", a head) is taken from `base`, or its change would read as zero. None when it holds
+    no stand-in."""
     from deltatune.adapters import disabled, merge_and_unload
 
     if not any(callable(getattr(module, "to_standard_module", None)) for module in tuned.modules()):
@@ -270,6 +272,11 @@ def _held_base(tuned: nn.Module) -> nn.Module | None:
     held = copy.deepcopy(tuned)
     with disabled(held):
         merge_and_unload(held)
+    pretrained = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, param in held.named_parameters():
+            if param.requires_grad and name in pretrained and pretrained[name].shape == param.shape:
+                param.copy_(pretrained[name])
     return held
 
 

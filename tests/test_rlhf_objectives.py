@@ -234,6 +234,8 @@ def test_disable_dropout_also_turns_off_the_dropout_on_lora_inputs() -> None:
     ids = torch.randint(0, 50, (2, 6))
     disable_dropout(model)
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    layer = next(module for module in model.modules() if hasattr(type(module), "disable_dropout"))
+    assert layer.settings["default"].lora_dropout == 0.5  # what a saved adapter says it was configured with
 
 
 def test_dpo_from_an_init_from_run_takes_that_start_as_its_reference(tmp_path) -> None:

@@ -98,7 +98,7 @@ class LoRALinear(LoRALayer):
             return None
         settings = self.settings[name]
         lora_A, lora_B = self.factors(name)
-        dropout = settings.lora_dropout if self.training else 0.0
+        dropout = self.dropout_now(name)
         return fused_lora_linear(x, weight, self.base_layer.bias, lora_A, lora_B, settings.scaling, dropout,
                                  self.fan_in_fan_out)
 

@@ -75,6 +75,7 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.settings: dict[str, LoRASettings] = {}
         self.merged: str | None = None  # the adapter currently folded into the base weight
+        self.dropout_off = False  # `disable_dropout`: the settings (and saved files) keep their lora_dropout
         # DoRA: m/‖W+ΔW‖ at merge time, needed to unmerge exactly. A buffer so that it follows `.to()` / `.cpu()`
         # with the weight it divides; non-persistent so that state_dict and saved files never hold it.
         self._merged_ratio: Tensor | None
@@ -112,10 +113,15 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
         """W x without the bias (DoRA rescales only the weight's part of the output)."""
         raise NotImplementedError
 
+    def dropout_now(self, name: str) -> float:
+        """The dropout adapter `name` applies to its input now: its lora_dropout in training, unless switched off
+        (`disable_dropout`), else 0."""
+        return self.settings[name].lora_dropout if self.training and not self.dropout_off else 0.0
+
     def _dropout(self, x: Tensor, name: str) -> Tensor:
-        p = self.settings[name].lora_dropout
+        p = self.dropout_now(name)
         # At p=0 (and in eval) there is no dropout call at all: no mask and no copy of the input.
-        return F.dropout(x, p, training=True) if p > 0 and self.training else x
+        return F.dropout(x, p, training=True) if p > 0 else x
 
     def _initialise(self, name: str, how: bool | str) -> None:
         """PEFT's choices: True = Kaiming-uniform A and zero B, "gaussian" = N(0, 1/r) A and zero B, False = the
@@ -151,9 +157,10 @@ class LoRALayer(MergeableSwitch, WrapperLayer):
                 self.lora_magnitude_vector[name] = nn.Parameter(magnitude.clone())
 
     def disable_dropout(self) -> None:
-        """lora_dropout 0 for every adapter of the layer (`objectives.base.disable_dropout`): DPO and PPO compare
-        log-probabilities the policy computes in train mode with ones computed without dropout."""
-        self.settings = {name: replace(settings, lora_dropout=0.0) for name, settings in self.settings.items()}
+        """No dropout for any adapter of the layer (`objectives.base.disable_dropout`): DPO and PPO compare
+        log-probabilities the policy computes in train mode with ones computed without dropout. The adapters'
+        lora_dropout stays as configured, as saved files say."""
+        self.dropout_off = True
 
     def adapter_names(self) -> list[str]:
         return list(self.settings)

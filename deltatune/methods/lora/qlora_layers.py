@@ -135,7 +135,7 @@ class QLoRALinear(LoRALinear):
             return None
         settings = self.settings[name]
         lora_A, lora_B = self.factors(name)
-        dropout = settings.lora_dropout if self.training else 0.0
+        dropout = self.dropout_now(name)
         # The weight goes in as its 4-bit rebuild function: dequantised in forward and again in backward.
         return fused_lora_linear(x, base.dequantize, base.bias, lora_A, lora_B, settings.scaling, dropout, False)
 

@@ -6,7 +6,7 @@ This is the only place that wires the pieces; each piece stays ignorant of the o
 from __future__ import annotations
 
 import contextlib
-import glob
+import itertools
 import shutil
 import time
 from pathlib import Path
@@ -143,9 +143,8 @@ def find_run_dir(config: RunConfig, resume: bool) -> RunDir:
     name = f"{source.stem}-{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Another run of the same second (a shell loop) took the name: number this one. Two started at the same
     # instant both pass here; writing config.yaml decides which owns the directory (RunDir.write_config).
-    taken = {path.name for path in root.glob(f"{glob.escape(name)}*")} if root.is_dir() else set()
-    suffix = next(n for n in range(1, len(taken) + 2) if (name if n == 1 else f"{name}-{n}") not in taken)
-    return RunDir(root / (name if suffix == 1 else f"{name}-{suffix}"))
+    names = itertools.chain([name], (f"{name}-{number}" for number in itertools.count(2)))
+    return RunDir(root / next(candidate for candidate in names if not (root / candidate).exists()))
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def array_to_chw(value: Any) -> torch.Tensor:
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype == np.uint16:  # 16-bit pixels (medical, scientific data): scaled, not clipped to white
-        array = (array.astype(np.int64) * 255 + _MAX_16_BIT // 2) // _MAX_16_BIT
+        array = _sixteen_to_eight_bits(array)
     elif np.issubdtype(array.dtype, np.floating) and array.size and float(array.max()) <= 1.0:
         array = array * 255.0
     if array.dtype != np.uint8:
@@ -100,8 +100,12 @@ def _eight_bit_grey(image: Any, source: str) -> Any:
                         "image")
     if image.mode == "I" and top <= 255:
         return Image.fromarray(values.astype(np.uint8), "L")
-    # (v·255 + 32767) // 65535 rounds v·255/65535 in integers: no float64 copy of a large image
-    return Image.fromarray(((values.astype(np.int64) * 255 + _MAX_16_BIT // 2) // _MAX_16_BIT).astype(np.uint8), "L")
+    return Image.fromarray(_sixteen_to_eight_bits(values), "L")
+
+
+def _sixteen_to_eight_bits(values: np.ndarray) -> np.ndarray:
+    """0..65535 as 0..255, rounded: (v·255 + 32767) // 65535 in integers, so no float64 copy of a large image."""
+    return ((values.astype(np.int64) * 255 + _MAX_16_BIT // 2) // _MAX_16_BIT).astype(np.uint8)
 
 
 def pil_to_chw(image: Any, channels: int | None = None, source: str = "an image") -> torch.Tensor:

@@ -293,6 +293,8 @@ class TrainingLoop:
         or the tokens a token-mean loss averages over): the mean of the weighted losses is then the loss of the
         whole step's batch, so accumulation and ranks make the step one big batch makes, however the units fall
         (micro-batches of 5 and 500 response tokens count by their tokens, as in Trainer since 4.46)."""
+        if len(batches) == 1 and distributed.world_size() == 1:
+            return shares  # one micro-batch alone is the whole step: no units to count (the usual step)
         units = [self.objective.loss_units(batch) if share else 0 for batch, share in zip(batches, shares)]
         total = distributed.sum_across_ranks(sum(units))
         count = len(batches) * distributed.world_size()

@@ -2,7 +2,7 @@
 alpha 32 / dropout 0.05 on every attention and MLP linear, chatterbot chat-template rows with the prompt masked,
 lr 1e-3 constant, ~1k real tokens per optimizer step, each run in its own process, rounds alternating the order.
 
-    python benchmarks/sft_vs_trainer.py                 # 3 rounds of deltatune / Trainer / Trainer grouped / TRL packed
+    python benchmarks/sft_vs_trainer.py                 # 3 rounds of deltatune / Trainer / Trainer grouped / TRL packed / floor
     python benchmarks/sft_vs_trainer.py --rounds 1 --tokens 4096
     python benchmarks/sft_vs_trainer.py options         # deltatune with each fast-path choice on and off
 
@@ -13,7 +13,10 @@ Arms (every one trains on the same tokenised rows, made by deltatune's chatterbo
   tokens), its default random order; trainer-grouped: the same with `train_sampling_strategy="group_by_length"`;
 - trl-packed: TRL `SFTTrainer(packing=True)` (its default "bfd" padding-free packing), batch 4 × 256,
   `completion_only_loss`; whether its packed examples attend to each other on this machine is measured (the logits
-  of an example packed behind another against the example alone) and printed.
+  of an example packed behind another against the example alone) and printed;
+- floor: deltatune's arm with LoRA replaced by nothing (only the final norm trains) and backward still through every
+  block: the same packed rows, chunked loss and optimizer step. No LoRA implementation in this loop can beat it, so
+  its ratio to the reference arm is the most any LoRA here could reach.
 
 Each arm takes 2 warm-up steps, then steps until `--tokens` real (unpadded) tokens were trained on; tokens/s counts
 those steps' real tokens over their wall time (data, forward, backward, optimizer). Afterwards each arm's model
@@ -44,7 +47,10 @@ EXAMPLE = "examples/smollm2_chatterbot_lora.yaml"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WARMUP, VALIDATION_ROWS, LR = 2, 128, 1e-3
 TRAINER_BATCH, PACKED_BATCH, PACK_LENGTH = 19, 4, 256
-ARMS = ("deltatune", "trainer", "trainer-grouped", "trl-packed")
+ARMS = ("deltatune", "trainer", "trainer-grouped", "trl-packed", "floor")
+# The floor under any LoRA in deltatune's loop: the same packed rows, loss and optimizer step, with LoRA replaced by
+# nothing (only the final norm's 576 weights train) and backward still through every block (input gradients).
+FLOOR = ['method={name: freeze, train_head: false, patterns: ["^model[.]norm[.]weight$"]}']
 # deltatune's fast-path choices, each measured on and off (`options`); the chunked loss is the objective's default.
 NO_CHUNKED = "objective={name: sft, chunked_loss: false}"
 OPTIONS = {
@@ -116,7 +122,7 @@ def timed(step_ends: list[float], step_tokens: list[int], budget: int) -> tuple[
     return tokens, step_ends[WARMUP + steps - 1] - step_ends[WARMUP - 1], steps
 
 
-def run_deltatune(budget: int, overrides: list[str]) -> dict:
+def run_deltatune(budget: int, overrides: list[str], floor: bool = False) -> dict:
     from deltatune.config.loader import load_config
     from deltatune.runner import _training_loop, prepare
     from deltatune.runs import setup_objective
@@ -127,6 +133,9 @@ def run_deltatune(budget: int, overrides: list[str]) -> dict:
     prepared = prepare(load_config(EXAMPLE, settings))
     setup_objective(prepared.config, prepared.objective, prepared.model, prepared.method, prepared.device,
                     prepared.num_labels, prepared.processor)
+    if floor:  # nothing in the blocks trains, so backward would stop at the norm: make it run through them all
+        prepared.model.get_input_embeddings().register_forward_hook(lambda module, inputs, output:
+                                                                     output.requires_grad_())
     loaded_rss = peak_mib()
     with tempfile.TemporaryDirectory() as scratch:
         loop = _training_loop(prepared, RunDir(scratch))
@@ -280,6 +289,8 @@ def worker(arm: str, budget: int, option: str) -> dict:
     torch.manual_seed(0)
     if arm == "deltatune":
         result = run_deltatune(budget, OPTIONS[option])
+    elif arm == "floor":
+        result = run_deltatune(budget, FLOOR, floor=True)
     elif arm in ("trainer", "trainer-grouped"):
         result = run_trainer(budget, grouped=arm == "trainer-grouped")
     else:

@@ -170,21 +170,43 @@ def test_a_model_that_caps_its_logits_after_the_output_layer_trains_on_its_own_l
         insisted.loss(model, batch)
 
 
-@pytest.mark.parametrize("build, kept_apart", [("llama", True), ("opt", False)])
+@pytest.mark.parametrize("build, kept_apart", [("llama", True), ("llama-large-logits", True), ("llama-bf16", True),
+                                               ("opt", False)])
 def test_packing_is_refused_for_a_model_that_lets_packed_examples_attend_to_each_other(build, kept_apart) -> None:
-    """OPT builds its causal mask without position_ids: packed examples would see each other, silently."""
+    """OPT builds its causal mask without position_ids: packed examples would see each other, silently. A model that
+    keeps them apart passes however large its logits and whatever its dtype: SmolLM2's logits of ±20 carry 1e-4 of
+    rounding between two packings, which a comparison of logits once took for a leak."""
     from transformers import OPTConfig, OPTForCausalLM
 
     from deltatune.data.sft import check_packing_keeps_examples_apart
     from tests.tiny_models import tiny_llama
 
     torch.manual_seed(0)
-    model = tiny_llama() if build == "llama" else OPTForCausalLM(OPTConfig(
+    model = tiny_llama() if build.startswith("llama") else OPTForCausalLM(OPTConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
         word_embed_proj_dim=16, max_position_embeddings=32))
+    if build == "llama-large-logits":
+        model.model.norm.weight.data.mul_(1e3)  # logits ×1000: their rounding noise reaches ~1e-4
+    if build == "llama-bf16":
+        model.to(torch.bfloat16)
     if kept_apart:
         check_packing_keeps_examples_apart(model)
+        assert all(parameter.grad is None for parameter in model.parameters())  # the probe trained nothing
     else:
         with pytest.raises(UserError, match=r"OPTForCausalLM lets packed examples attend to each other .*set "
                                             r"data\.packing=false"):
             check_packing_keeps_examples_apart(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["smollm2_chatterbot_lora.yaml", "smollm2_chatterbot_sft.yaml", "rlhf/1_sft.yaml"])
+def test_the_packed_smollm2_examples_pass_the_packing_probe_on_the_real_model(example) -> None:
+    """The examples that pack SmolLM2's rows get through preparation, probe included, on the real model: a probe
+    that compared logits took SmolLM2's rounding (1e-4 in logits of ±20) for a leak and refused all three."""
+    from deltatune.config.loader import load_config
+    from deltatune.preparation import prepare
+
+    config = load_config(str(Path(__file__).resolve().parents[1] / "examples" / example), [])
+    assert config.data.packing
+    prepared = prepare(config)
+    assert prepared.data.packed

@@ -217,25 +217,42 @@ def sft_collator(tokenizer: Any) -> CausalLMCollator:
     return CausalLMCollator(pad_token_id(tokenizer))
 
 
-@torch.no_grad()
 def check_packing_keeps_examples_apart(model: Any) -> None:
     """A UserError unless `model` keeps packed examples apart. Packed rows carry no attention mask: transformers
     derives a block-diagonal one from the restarting position_ids, which only some architectures read (Llama,
     GPT-2, NeoX do; OPT and BLOOM do not, nor flash attention on batches of several rows). Probed once on two rows
-    of the same shape whose first examples differ: the second example's logits must not see the difference."""
+    of one shape, each holding two examples: the second examples' logits must have exactly zero gradient with
+    respect to the first examples' input embeddings. Exactly zero, not small: a masked attention weight is exactly
+    0 in any dtype, while comparing the logits themselves would have to tell rounding from a leak (two packings of
+    SmolLM2's second example differ by 1e-4 in logits of ±20; a tiny OPT leaks 0.06 in logits of ±0.2)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or not _second_examples_blind_to_first(model, embeddings):
+        raise UserError(f"{type(model).__name__} lets packed examples attend to each other (its attention does not "
+                        "restart at each example's position_ids); set data.packing=false")
+
+
+def _second_examples_blind_to_first(model: Any, embeddings: torch.nn.Module) -> bool:
     vocabulary = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 10)
     device = next(model.parameters()).device
     rows = torch.tensor([[1, 2, 3, 4, 5], [7, 8, 9, 4, 5]], device=device) % vocabulary
     positions = torch.tensor([[0, 1, 2, 0, 1]] * 2, device=device)
+    captured: list[torch.Tensor] = []
+
+    def capture(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        captured.append(output if output.requires_grad else output.requires_grad_())
+
+    handle = embeddings.register_forward_hook(capture)
     was_training = model.training
     model.eval()
     try:
-        logits = model(input_ids=rows, position_ids=positions, use_cache=False).logits[:, 3:].float()
-        kept_apart = torch.allclose(logits[0], logits[1], atol=1e-5, rtol=0)
+        with torch.enable_grad():
+            logits = model(input_ids=rows, position_ids=positions, use_cache=False).logits
+            # autograd.grad, not backward: the trained parameters' .grad stay untouched.
+            (gradient,) = torch.autograd.grad(logits[:, -2:].float().sum(), captured[-1], allow_unused=True)
     except TypeError:  # a forward without position_ids
-        kept_apart = False
+        return False
     finally:
+        handle.remove()
         model.train(was_training)
-    if not kept_apart:
-        raise UserError(f"{type(model).__name__} lets packed examples attend to each other (its attention does not "
-                        "restart at each example's position_ids); set data.packing=false")
+    # Methods may put virtual tokens in front: the first examples are the 3 positions before the last 2.
+    return gradient is not None and bool(gradient[:, -2:].any()) and not bool(gradient[:, -5:-2].any())

@@ -110,8 +110,11 @@ def load(path: str) -> Any:
     if (Path(path) / CONFIG_FILE).is_file():
         from deltatune.tasks.image_text import load_dual_encoder
 
+        from deltatune.runs import exported_data_settings
+
         model, processor = load_dual_encoder(path)
-        return ImageTextEncoder(model, processor)
+        data = exported_data_settings(path)  # encode as the run did; older exports fall back to the defaults
+        return ImageTextEncoder(model, processor, data.get("image_size"), data.get("max_length", 128))
     run = load_run(path)
     if not isinstance(run.model, DualEncoder):
         raise UserError(f"{path} is a run of a single model, not a dual encoder; load it with deltatune.load_run")

@@ -260,6 +260,9 @@ def _frozen(model: nn.Module) -> nn.Module:
 # LoRA update into 30 blocks of fp32 weights moves a 49k-vocabulary LM's logits (|z| ~ 30) by ~1e-4 through
 # rounding alone, while a method that does not fold (virtual tokens) moves them by whole units.
 EXPORT_TOLERANCE = 1e-5
+# The run's resolved config, beside an export: where it came from, and how its inputs were encoded (data.max_length,
+# data.image_size), which `deltatune.load` applies. Not config.yaml: an export is no run directory.
+EXPORT_CONFIG = "deltatune_config.yaml"
 
 
 def write_plain_model(run: LoadedRun, out: Path) -> float:
@@ -279,6 +282,7 @@ def write_plain_model(run: LoadedRun, out: Path) -> float:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _save_plain(run.model, run.task, run.processor, tmp)
+    _save_export_config(run.config, tmp)
     difference = float((_reload_logits(tmp, run.task, run.model, batch) - expected).abs().max())
     if difference > EXPORT_TOLERANCE * max(1.0, float(expected.abs().max())):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,6 +295,22 @@ def write_plain_model(run: LoadedRun, out: Path) -> float:
     os.replace(tmp, out)
     fsync_dir(out.parent)
     return difference
+
+
+def _save_export_config(config: RunConfig, directory: Path) -> None:
+    import yaml
+
+    from deltatune.config.loader import config_to_dict
+
+    (directory / EXPORT_CONFIG).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def exported_data_settings(directory: str | Path) -> dict[str, Any]:
+    """The data section of the run an export came from ({} for exports written before it was saved with them)."""
+    import yaml
+
+    path = Path(directory) / EXPORT_CONFIG
+    return dict((yaml.safe_load(path.read_text()) or {}).get("data") or {}) if path.is_file() else {}
 
 
 def _save_plain(model: nn.Module, task: Task, processor: Any, directory: Path) -> None:

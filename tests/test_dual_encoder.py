@@ -112,6 +112,10 @@ def test_tiny_dual_encoder_learns_zero_shot_and_exports(tmp_path) -> None:
     texts = [f"a {shape}" for shape in SHAPES]
     assert torch.allclose(from_run.encode_image(images), from_export.encode_image(images), atol=1e-5)
     assert torch.allclose(from_run.encode_text(texts), from_export.encode_text(texts), atol=1e-5)
+    # Past data.max_length=16 both truncate where training did (an export once encoded up to 128 tokens).
+    long_text = [" ".join(["a"] + SHAPES * 8)]
+    assert from_export.max_length == from_run.max_length == 16
+    assert torch.allclose(from_run.encode_text(long_text), from_export.encode_text(long_text), atol=1e-5)
     similarity = from_export.encode_image(images) @ from_export.encode_text(texts).T
     assert similarity.argmax(dim=1).tolist() == [0, 1, 2]
 

@@ -51,6 +51,15 @@ def test_entry_is_built_once_and_keyed_by_file_identity(fake_gguf: tuple[Path, l
     assert gguf_cache.ensure_model(gguf) != first and len(builds) == 2
 
 
+def test_a_library_upgrade_builds_a_fresh_entry(fake_gguf: tuple[Path, list[Path]],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers or gguf may convert differently after an upgrade: the old entry is not read."""
+    gguf, builds = fake_gguf
+    first = gguf_cache.ensure_model(gguf)
+    monkeypatch.setattr(gguf_cache, "converter_versions", lambda: "transformers 99.0 gguf 0.1")
+    assert gguf_cache.ensure_model(gguf) != first and len(builds) == 2
+
+
 def test_failed_build_leaves_nothing_that_loads(fake_gguf: tuple[Path, list[Path]],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     gguf, _ = fake_gguf

@@ -36,7 +36,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune").expanduser()
 
 
-def file_key(source: Path, version: int) -> str:
+def file_key(source: Path, version: int | str) -> str:
     """Hash of the file's identity (absolute path, size, mtime in nanoseconds) and the converter's `version`."""
     stat = source.stat()
     identity = f"{version}\0{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"

@@ -34,8 +34,22 @@ CACHE_VERSION = 1
 
 
 def gguf_cache_key(gguf: Path) -> str:
-    """Hash of the file's identity: absolute path, size and mtime (nanoseconds), plus CACHE_VERSION."""
-    return file_key(gguf, CACHE_VERSION)
+    """Hash of the file's identity (absolute path, size and mtime in nanoseconds), CACHE_VERSION and the versions of
+    the libraries that convert it: a transformers or gguf upgrade may dequantise or convert the tokenizer
+    differently, so it builds a fresh entry instead of reading the old one."""
+    return file_key(gguf, f"{CACHE_VERSION} {converter_versions()}")
+
+
+def converter_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "absent"
+
+    return f"transformers {installed('transformers')} gguf {installed('gguf')}"
 
 
 def gguf_cache_dir(gguf: Path, part: str) -> Path:

@@ -93,6 +93,7 @@ def choose_targets(model: nn.Module, family: Family, target_modules: str | list[
         chosen = [name for name in select_modules(model, entries, "method.target_modules") if name in modules]
         for name in chosen:
             rule.check(name, modules[name])
+    chosen = _without_bypassed(model, chosen, explicit=wanted not in (None, "all-linear"))
     if family.selected_blocks is not None:  # method.layers: only inside the chosen blocks
         chosen = [name for name in chosen if family.in_selected_block(f"{name}.")]
     if not chosen:
@@ -100,3 +101,17 @@ def choose_targets(model: nn.Module, family: Family, target_modules: str | list[
                         f"{target_modules!r}; set method.target_modules to module names (e.g. {rule.example}) or "
                         f"all-linear")
     return {name: modules[name] for name in chosen}
+
+
+def _without_bypassed(model: nn.Module, chosen: list[str], explicit: bool) -> list[str]:
+    """`chosen` less the Linears whose parent never calls them: nn.MultiheadAttention hands `out_proj.weight` to
+    F.multi_head_attention_forward, so a layer wrapped around out_proj would never run (PEFT has the same trap). A
+    UserError when target_modules named one; left out of the defaults and all-linear."""
+    bypassed = {f"{name}.out_proj" if name else "out_proj" for name, module in model.named_modules()
+                if isinstance(module, nn.MultiheadAttention)}
+    named = [name for name in chosen if name in bypassed]
+    if named and explicit:
+        raise UserError(f"method.target_modules: {named[0]} is the out_proj of an nn.MultiheadAttention, which reads "
+                        f"its weight directly and would never run an adapter around it; leave it out of "
+                        f"method.target_modules")
+    return [name for name in chosen if name not in bypassed]

@@ -46,6 +46,11 @@ def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ch
     """`next_token_loss` without the full logits: the model returns its final hidden states and no logits (it is
     asked to keep the logits of an empty index list), and the loss goes through the output layer chunk by chunk."""
     head = output_layer(model)
+    whole = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and whole is not None and held_sharded(whole.weight):
+        raise UserError("objective.chunked_loss reads the output layer's weight outside the model's forward, where "
+                        "train.distributed=fsdp holds only a shard of it; set objective.chunked_loss=false or leave "
+                        "it unset (the plain loss then runs)")
     if head is None:
         raise UserError("objective.chunked_loss needs a transformers causal LM whose output layer is a plain Linear "
                         "(leave lm_head out of method.target_modules), or set objective.chunked_loss=false")
@@ -78,7 +83,17 @@ def output_layer(model: nn.Module) -> nn.Linear | None:
     """The model's output layer when it is a plain Linear (the chunked loss multiplies by its weight itself), else
     None (a method wrapped it, or the model has none)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head if type(head) is nn.Linear else None
+    return head if type(head) is nn.Linear and not held_sharded(head.weight) else None
+
+
+def held_sharded(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a DTensor: under train.distributed=fsdp a parameter outside its module's forward holds
+    only this rank's shard, which the chunked loss cannot multiply by (the plain loss runs the layer in forward)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
 
 
 # Model config fields that make a causal LM's forward change its logits after the output layer (Gemma 2/3 cap them

@@ -272,7 +272,7 @@ class TrainingLoop:
             raise self._diverged(f"the loss is {total_loss}", self.state.step + 1)
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (a no-op without fp16)
         if self.cfg.max_grad_norm:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            stats["grad_norm"] = sharding.clip_gradient_norm(params, self.cfg.max_grad_norm)
             if not math.isfinite(stats["grad_norm"]) and not self.scaler.is_enabled():  # fp16: the step is skipped
                 raise self._diverged(f"the gradient norm is {stats['grad_norm']}", self.state.step + 1)
         self.scaler.step(self.optimizer)

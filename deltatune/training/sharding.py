@@ -65,3 +65,26 @@ def local_parameter_bytes(model: nn.Module) -> int:
     if callable(getattr(model, "reshard", None)):  # an FSDP module: free what the last forward gathered
         model.reshard()
     return sum((p.to_local() if is_sharded(p) else p).numel() * p.element_size() for p in model.parameters())
+
+
+def clip_gradient_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
+    """`clip_grad_norm_` over parameters of which FSDP may shard some (DTensor gradients) and not others (an
+    objective's own head, e.g. PPO's value head): torch refuses such a mix in one norm. The total norm is
+    √(‖sharded‖² + ‖whole‖²), the sharded part summed over every rank's shards; every gradient is scaled by the same
+    min(1, max_norm / (norm + 1e-6)) as torch does. Returns the norm before clipping."""
+    sharded = [param for param in parameters if is_sharded(param)]
+    if not sharded or len(sharded) == len(parameters):
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return float(full(norm))
+    squares = 0.0
+    for group in (sharded, [param for param in parameters if not is_sharded(param)]):
+        gradients = [param.grad for param in group if param.grad is not None]
+        if gradients:
+            squares += float(full(torch.nn.utils.get_total_norm(gradients))) ** 2
+    norm = squares ** 0.5
+    coefficient = max_norm / (norm + 1e-6)
+    if coefficient < 1.0:
+        for param in parameters:
+            if param.grad is not None:
+                param.grad.mul_(coefficient)
+    return norm

@@ -1,0 +1,59 @@
+"""FSDP helpers (deltatune.training.sharding) on 2 gloo processes: gradient clipping over a mix of sharded and whole
+parameters (PPO's value head beside an FSDP policy) equals torch's clipping of the same gradients unsharded."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tests.test_distributed import _free_port
+
+
+def _two_layers() -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    return nn.Linear(6, 4), nn.Linear(6, 4)
+
+
+def _backward(sharded: nn.Module, whole: nn.Module) -> None:
+    inputs = torch.arange(12.0).view(2, 6) / 10
+    ((sharded(inputs) * 3).pow(2).sum() + whole(inputs).pow(2).sum()).backward()
+
+
+def _clipping_worker(index: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from deltatune import distributed
+    from deltatune.training import sharding
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.start("cpu")
+    reference, reference_whole = _two_layers()  # the same layers and gradients, not sharded: torch's own clipping
+    _backward(reference, reference_whole)
+    reference_parameters = [*reference.parameters(), *reference_whole.parameters()]
+    expected = float(torch.nn.utils.clip_grad_norm_(reference_parameters, 1.0))
+    layer, whole = _two_layers()
+    fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+    _backward(layer, whole)
+    parameters = [*layer.parameters(), *whole.parameters()]
+    assert sum(sharding.is_sharded(param) for param in parameters) == 2  # a real mix
+    norm = sharding.clip_gradient_norm(parameters, 1.0)
+    clipped = [sharding.full(param.grad) for param in parameters]
+    if distributed.is_main():
+        (Path(out) / "clipping.json").write_text(json.dumps({
+            "norm": norm, "expected": expected,
+            "difference": max(float((mine - theirs.grad).abs().max())
+                              for mine, theirs in zip(clipped, reference_parameters))}))
+    distributed.stop()
+
+
+def test_clipping_a_mix_of_sharded_and_whole_gradients_matches_torch(tmp_path):
+    torch.multiprocessing.spawn(_clipping_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = json.loads((tmp_path / "clipping.json").read_text())
+    assert result["expected"] > 1.0  # the gradients are clipped, not left alone
+    assert abs(result["norm"] - result["expected"]) < 1e-4 * result["expected"], result
+    assert result["difference"] < 1e-6, result

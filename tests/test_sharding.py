@@ -57,3 +57,19 @@ def test_clipping_a_mix_of_sharded_and_whole_gradients_matches_torch(tmp_path):
     assert result["expected"] > 1.0  # the gradients are clipped, not left alone
     assert abs(result["norm"] - result["expected"]) < 1e-4 * result["expected"], result
     assert result["difference"] < 1e-6, result
+
+
+def test_fsdp_self_training_restarts_each_round_as_ddp_does(tmp_path):
+    """With restart, every round begins from the starting weights, kept whole before the model was sharded: under
+    fsdp they are cut into the model's shards on the way back."""
+    from tests.test_distributed import _deltatune, _weights, _workspace
+
+    _workspace(tmp_path)
+    recipe = ["objective={name: self_training, rounds: 3, batches_per_round: 2, restart: true, confidence: 0.01}",
+              "data.labelled_fraction=0.5", "train.max_steps=6", "--nproc", "2"]
+    for name, extra in (("ddp", []), ("fsdp", ["train.distributed=fsdp"])):
+        code, out, err = _deltatune(tmp_path, f"run_name={name}", *recipe, *extra)
+        assert code == 0, err
+    ddp, fsdp = _weights(tmp_path / "runs" / "ddp"), _weights(tmp_path / "runs" / "fsdp")
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0, msg=name)

@@ -148,7 +148,12 @@ class SelfTraining(Objective):
         stats.update(pseudo_labels=int(kept.sum()), pseudo_share=float(kept.float().mean()),
                      mean_confidence=float(confidence.mean()))
         if self.config.restart:
+            from deltatune.training.sharding import like
+
             for name, tensor in _restartable(model):
+                # Under train.distributed=fsdp the model's tensors are shards (DTensors) by now, the start whole:
+                # cut it as they are cut, once, and keep only this rank's shard.
+                self.start[name] = like(self.start[name], tensor)
                 tensor.copy_(self.start[name])
         known = kept & (self.hidden != UNLABELLED) if self.hidden is not None else None
         if known is not None and bool(known.any()):  # rows truly without a label have no accuracy to report

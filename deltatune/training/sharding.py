@@ -40,10 +40,16 @@ def shard_model(model: nn.Module, family: Family, device: torch.device) -> None:
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     _, _, blocks = block_list(model, family, "train.distributed=fsdp")
     for block in blocks:
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, ignored_params=_scalars(block))
     # The root (embeddings, head) would by default stay gathered between forward and backward; sharding it again
     # costs one more all-gather and keeps the per-rank parameter memory at 1/N between steps.
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=_scalars(model))
+
+
+def _scalars(module: nn.Module) -> set[nn.Parameter] | None:
+    """0-d parameters (a dual encoder's logit scale), which FSDP2 cannot shard: they stay whole on every rank, and
+    the training loop averages their gradients as it does any parameter FSDP does not hold."""
+    return {param for param in module.parameters() if param.dim() == 0} or None
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -205,27 +205,6 @@ def test_fsdp_shards_the_parameters_and_trains_as_ddp_does(tmp_path):
         assert summaries["fsdp"]["after"][split] == pytest.approx(summaries["ddp"]["after"][split], abs=1e-4)
 
 
-def test_fsdp_sft_trains_as_ddp_does(tmp_path):
-    """Under ddp the SFT loss goes through the output layer in chunks; under fsdp that layer's weight is a shard
-    outside the forward, so the plain loss runs instead: the same value, so the same weights."""
-    from tests.bad_input import write_jsonl
-
-    _workspace(tmp_path)
-    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"what is {a} plus {b}", "response": f"{a + b}"}
-                                           for a in range(6) for b in range(6)])
-    sft = ["model.name=tests.tiny_models:tiny_chat_llama", "model.task=causal-lm", "data.name=pairs.jsonl",
-           "data.max_length=32", "train.max_steps=4", "--nproc", "2"]
-    for name, extra in (("ddp", []), ("fsdp", ["train.distributed=fsdp"])):
-        code, out, err = _deltatune(tmp_path, f"run_name={name}", *sft, *extra)
-        assert code == 0, err
-    ddp, fsdp = _weights(tmp_path / "runs" / "ddp"), _weights(tmp_path / "runs" / "fsdp")
-    for name in ddp:
-        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0, msg=name)
-    code, out, err = _deltatune(tmp_path, "run_name=insisted", *sft, "train.distributed=fsdp",
-                                "objective.name=sft", "objective.chunked_loss=true")
-    assert code != 0 and "train.distributed=fsdp holds only a shard of it; set objective.chunked_loss=false" in err
-
-
 def test_an_fsdp_run_resumes_exactly_and_on_one_process(tmp_path):
     # Checkpoints of a sharded run hold whole tensors: resumed under fsdp they are cut into shards again (weights
     # and AdamW moments), resumed in one process they load as they are.

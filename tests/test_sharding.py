@@ -1,5 +1,7 @@
-"""FSDP helpers (deltatune.training.sharding) on 2 gloo processes: gradient clipping over a mix of sharded and whole
-parameters (PPO's value head beside an FSDP policy) equals torch's clipping of the same gradients unsharded."""
+"""FSDP (deltatune.training.sharding) on 2 gloo processes: gradient clipping over a mix of sharded and whole
+parameters (PPO's value head beside an FSDP policy) equals torch's clipping of the same gradients unsharded, and
+objectives and models with parts FSDP cannot shard (the SFT loss's output layer, self-training's restart weights, a
+dual encoder's scalar logit scale) train under fsdp to the weights of the same ddp run."""
 
 import json
 import os
@@ -8,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tests.test_distributed import _free_port
+from tests.bad_input import write_jsonl
+from tests.test_distributed import _deltatune, _free_port, _weights, _workspace
 
 
 def _two_layers() -> tuple[nn.Linear, nn.Linear]:
@@ -59,37 +62,53 @@ def test_clipping_a_mix_of_sharded_and_whole_gradients_matches_torch(tmp_path):
     assert result["difference"] < 1e-6, result
 
 
+def ddp_and_fsdp_weights(root: Path, *arguments: str) -> tuple[dict, dict]:
+    """The final weights of the same 2-rank run of root/config.yaml under ddp and under fsdp."""
+    for name, extra in (("ddp", []), ("fsdp", ["train.distributed=fsdp"])):
+        code, out, err = _deltatune(root, f"run_name={name}", *arguments, "--nproc", "2", *extra)
+        assert code == 0, err
+    return _weights(root / "runs" / "ddp"), _weights(root / "runs" / "fsdp")
+
+
+def assert_same_weights(fsdp: dict, ddp: dict, names: list[str] | None = None) -> None:
+    for name in ddp if names is None else names:
+        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_fsdp_sft_trains_as_ddp_does(tmp_path):
+    """Under ddp the SFT loss goes through the output layer in chunks; under fsdp that layer's weight is a shard
+    outside the forward, so the plain loss runs instead: the same value, so the same weights."""
+    _workspace(tmp_path)
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"what is {a} plus {b}", "response": f"{a + b}"}
+                                           for a in range(6) for b in range(6)])
+    sft = ["model.name=tests.tiny_models:tiny_chat_llama", "model.task=causal-lm", "data.name=pairs.jsonl",
+           "data.max_length=32", "train.max_steps=4"]
+    ddp, fsdp = ddp_and_fsdp_weights(tmp_path, *sft)
+    assert_same_weights(fsdp, ddp)
+    code, out, err = _deltatune(tmp_path, "run_name=insisted", *sft, "--nproc", "2", "train.distributed=fsdp",
+                                "objective.name=sft", "objective.chunked_loss=true")
+    assert code != 0 and "train.distributed=fsdp holds only a shard of it; set objective.chunked_loss=false" in err
+
+
 def test_fsdp_self_training_restarts_each_round_as_ddp_does(tmp_path):
     """With restart, every round begins from the starting weights, kept whole before the model was sharded: under
     fsdp they are cut into the model's shards on the way back."""
-    from tests.test_distributed import _deltatune, _weights, _workspace
-
     _workspace(tmp_path)
-    recipe = ["objective={name: self_training, rounds: 3, batches_per_round: 2, restart: true, confidence: 0.01}",
-              "data.labelled_fraction=0.5", "train.max_steps=6", "--nproc", "2"]
-    for name, extra in (("ddp", []), ("fsdp", ["train.distributed=fsdp"])):
-        code, out, err = _deltatune(tmp_path, f"run_name={name}", *recipe, *extra)
-        assert code == 0, err
-    ddp, fsdp = _weights(tmp_path / "runs" / "ddp"), _weights(tmp_path / "runs" / "fsdp")
-    for name in ddp:
-        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0, msg=name)
+    ddp, fsdp = ddp_and_fsdp_weights(
+        tmp_path, "objective={name: self_training, rounds: 3, batches_per_round: 2, restart: true, confidence: 0.01}",
+        "data.labelled_fraction=0.5", "train.max_steps=6")
+    assert_same_weights(fsdp, ddp)
 
 
 def test_fsdp_trains_a_dual_encoder_and_its_scalar_logit_scale_as_ddp_does(tmp_path):
     """FSDP2 cannot shard a 0-d parameter (the CLIP-style logit scale): it stays whole, averaged like the rest."""
-    from tests.bad_input import write_jsonl
-    from tests.test_distributed import _deltatune, _weights
     from tests.test_dual_encoder import labelled_rows, write_config
 
     write_config(tmp_path, write_jsonl(tmp_path / "bars.jsonl", labelled_rows(48)), method={"name": "full"})
-    for name, extra in (("ddp", []), ("fsdp", ["train.distributed=fsdp"])):
-        code, out, err = _deltatune(tmp_path, f"run_name={name}", "train.max_steps=4", "--nproc", "2", *extra)
-        assert code == 0, err
-    ddp, fsdp = _weights(tmp_path / "runs" / "ddp"), _weights(tmp_path / "runs" / "fsdp")
+    ddp, fsdp = ddp_and_fsdp_weights(tmp_path, "train.max_steps=4")
     assert any(tensor.dim() == 0 for tensor in ddp.values())  # the logit scale trained in both
     # The tiny CNN's conv biases feed a BatchNorm, so their true gradient is 0: AdamW turns the rounding noise, which
     # an all-reduce and a reduce-scatter leave differently, into steps of about lr. Every other tensor must agree.
     compared = [name for name in ddp if not (name.startswith("image.backbone.stages.") and name.endswith(".0.bias"))]
     assert len(compared) == len(ddp) - 3
-    for name in compared:
-        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0, msg=name)
+    assert_same_weights(fsdp, ddp, compared)

@@ -47,7 +47,7 @@ def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ch
     asked to keep the logits of an empty index list), and the loss goes through the output layer chunk by chunk."""
     head = output_layer(model)
     whole = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None and whole is not None and held_sharded(whole.weight):
+    if head is None and held_sharded(getattr(whole, "weight", None)):
         raise UserError("objective.chunked_loss reads the output layer's weight outside the model's forward, where "
                         "train.distributed=fsdp holds only a shard of it; set objective.chunked_loss=false or leave "
                         "it unset (the plain loss then runs)")
@@ -86,10 +86,10 @@ def output_layer(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear and not held_sharded(head.weight) else None
 
 
-def held_sharded(weight: torch.Tensor) -> bool:
+def held_sharded(weight: torch.Tensor | None) -> bool:
     """Whether `weight` is a DTensor: under train.distributed=fsdp a parameter outside its module's forward holds
     only this rank's shard, which the chunked loss cannot multiply by (the plain loss runs the layer in forward)."""
-    if not torch.distributed.is_available():
+    if weight is None or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 

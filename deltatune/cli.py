@@ -288,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         resumable = args.command in ("train", "meta-train", "tune") if "args" in locals() else False
         print("interrupted; continue with --resume" if resumable else "interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`deltatune objectives | head -1`): stop quietly, as Unix tools do. Python would
+        # flush stdout again at exit and print a second error, so it is pointed at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

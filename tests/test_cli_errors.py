@@ -77,3 +77,12 @@ def test_tasks_lists_every_registered_task_with_its_roles(capsys):
     assert [line.split()[0] for line in lines] == list(available_tasks())
     classification = next(line for line in lines if line.startswith("classification "))
     assert "data roles: text, [text_pair], label, [task]; objective: classification" in classification
+
+
+def test_a_reader_that_goes_away_stops_the_listing_without_a_traceback():
+    """`deltatune objectives | head -1`: the pipe closes before the listing is written."""
+    process = subprocess.Popen([sys.executable, "-m", "deltatune", "objectives"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and err.decode() == ""

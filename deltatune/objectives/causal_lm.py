@@ -20,6 +20,7 @@ from deltatune.errors import UserError
 from deltatune.models.hf import takes_logits_to_keep
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
+from deltatune.training.sharding import is_sharded
 
 IGNORE_INDEX = -100
 
@@ -46,12 +47,12 @@ def chunked_next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ch
     """`next_token_loss` without the full logits: the model returns its final hidden states and no logits (it is
     asked to keep the logits of an empty index list), and the loss goes through the output layer chunk by chunk."""
     head = output_layer(model)
-    whole = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None and held_sharded(getattr(whole, "weight", None)):
-        raise UserError("objective.chunked_loss reads the output layer's weight outside the model's forward, where "
-                        "train.distributed=fsdp holds only a shard of it; set objective.chunked_loss=false or leave "
-                        "it unset (the plain loss then runs)")
     if head is None:
+        weight = _output_weight(model)
+        if isinstance(weight, torch.Tensor) and is_sharded(weight):
+            raise UserError("objective.chunked_loss reads the output layer's weight outside the model's forward, "
+                            "where train.distributed=fsdp holds only a shard of it; set objective.chunked_loss=false "
+                            "or leave it unset (the plain loss then runs)")
         raise UserError("objective.chunked_loss needs a transformers causal LM whose output layer is a plain Linear "
                         "(leave lm_head out of method.target_modules), or set objective.chunked_loss=false")
     changed_by = logits_changed_after_output_layer(model)
@@ -83,17 +84,15 @@ def output_layer(model: nn.Module) -> nn.Linear | None:
     """The model's output layer when it is a plain Linear (the chunked loss multiplies by its weight itself), else
     None (a method wrapped it, or the model has none)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head if type(head) is nn.Linear and not held_sharded(head.weight) else None
+    # Under train.distributed=fsdp the weight outside the forward is only this rank's shard (a DTensor), which the
+    # chunked loss cannot multiply by; the plain loss runs the layer inside the forward.
+    return head if type(head) is nn.Linear and not is_sharded(head.weight) else None
 
 
-def held_sharded(weight: torch.Tensor | None) -> bool:
-    """Whether `weight` is a DTensor: under train.distributed=fsdp a parameter outside its module's forward holds
-    only this rank's shard, which the chunked loss cannot multiply by (the plain loss runs the layer in forward)."""
-    if weight is None or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(weight, DTensor)
+def _output_weight(model: nn.Module) -> object:
+    """The output layer's `weight`, whatever wraps it (None when it has none)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return getattr(head, "weight", None)
 
 
 # Model config fields that make a causal LM's forward change its logits after the output layer (Gemma 2/3 cap them

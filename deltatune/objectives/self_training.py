@@ -47,6 +47,7 @@ from deltatune.errors import UserError
 from deltatune.objectives import register_objective
 from deltatune.objectives.base import Objective, model_logits
 from deltatune.objectives.classification import classification_metrics
+from deltatune.training.sharding import like
 
 EXAMPLE_INDEX = "example_index"  # a training example's position, to look its pseudo-label up
 
@@ -148,8 +149,6 @@ class SelfTraining(Objective):
         stats.update(pseudo_labels=int(kept.sum()), pseudo_share=float(kept.float().mean()),
                      mean_confidence=float(confidence.mean()))
         if self.config.restart:
-            from deltatune.training.sharding import like
-
             for name, tensor in _restartable(model):
                 # Under train.distributed=fsdp the model's tensors are shards (DTensors) by now, the start whole:
                 # cut it as they are cut, once, and keep only this rank's shard.
